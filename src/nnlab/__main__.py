@@ -1,0 +1,5 @@
+import sys
+
+from nnlab.cli import main
+
+sys.exit(main())

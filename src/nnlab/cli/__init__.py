@@ -1,0 +1,60 @@
+"""The ``nnlab`` command line. Thin: it parses options and calls the library.
+
+Each sub-command lives in its own module ``nnlab.cli.<name>`` exposing ``register(subparsers)``,
+which adds a parser with ``set_defaults(func=..., _parser=<that parser>)``; ``func`` receives the
+parsed namespace. A parser that defines ``--config`` gets YAML defaults under explicit flags.
+Modules are discovered automatically, so adding a command needs no edit here.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from typing import Sequence
+
+from nnlab.config import apply_config_defaults
+from nnlab.errors import NnlabError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line that says where to look for help."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="nnlab", description=__doc__.splitlines()[0])
+    from nnlab import __version__
+
+    parser.add_argument("--version", action="version", version=f"nnlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    sub.required = True
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nnlab`` console script; returns the exit status."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "config", None):  # file values become defaults, explicit flags still win
+            apply_config_defaults(args._parser, args.config)
+            args = parser.parse_args(argv)
+        result = args.func(args)
+    except NnlabError as exc:
+        print(f"nnlab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nnlab: interrupted; run again with --resume to continue", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

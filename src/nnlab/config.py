@@ -1,0 +1,67 @@
+"""Configuration helpers: YAML config files merged under command-line overrides, and run configs.
+
+Precedence (lowest to highest): the dataclass defaults, ``--config FILE.yaml``, explicit flags.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from nnlab.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a :class:`ConfigError` naming the file for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def apply_config_defaults(parser: argparse.ArgumentParser, path: str | Path) -> None:
+    """Make the values in YAML file ``path`` the defaults of ``parser``, so explicit flags still win.
+
+    Keys must be option destinations of ``parser`` (dashes or underscores); others raise ConfigError.
+    """
+    values = load_yaml(path)
+    known = {a.dest for a in parser._actions} - {"help", "config"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"config file {path} has unknown option(s) {', '.join(unknown)}; "
+            f"valid options: {', '.join(sorted(k for k in known if not k.startswith('_')))}"
+        )
+    parser.set_defaults(**values)
+
+
+def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """Build dataclass ``cls`` from ``values``, ignoring keys it lacks and ``None`` values."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in values.items() if k in names and v is not None})
+
+
+def float_list(text: str) -> list[float]:
+    """argparse type: ``"0.1,0.2"`` -> ``[0.1, 0.2]``."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def str_list(text: str) -> list[str]:
+    """argparse type: ``"a,b"`` -> ``["a", "b"]``."""
+    return [x.strip() for x in text.split(",") if x.strip()]

@@ -1,0 +1,29 @@
+"""Data sets as in-memory uint8 image tensors, loaders over them, and batch transforms.
+
+Use :func:`load_dataset` with a name from :data:`DATASETS` (the CLI's ``--data`` choices):
+``mnist-5k`` (embedded, no download), ``mnist``, ``cifar10``, ``celeba64``, ``imagefolder``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from nnlab.data.base import BatchLoader, DatasetSplits, ImageSet, Transform, channel_stats
+from nnlab.data.embedded import load_mnist5k
+from nnlab.registry import Registry
+
+# name -> loader(data_dir: Path | None, **options) -> DatasetSplits
+DATASETS: Registry = Registry("data set")
+DATASETS.register("mnist-5k", load_mnist5k)
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, **options) -> DatasetSplits:
+    """Load data set ``name`` (see :data:`DATASETS`) from ``data_dir`` (a folder or ``.tar.gz``).
+
+    Options are passed to the loader (e.g. ``image_size`` for ``celeba64``, ``download``).
+    """
+    loader = DATASETS.get(name)
+    return loader(Path(data_dir) if data_dir is not None else None, **options)
+
+
+__all__ = ["BatchLoader", "DATASETS", "DatasetSplits", "ImageSet", "Transform", "channel_stats",
+           "load_dataset"]

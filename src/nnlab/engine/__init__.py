@@ -1,0 +1,1 @@
+"""Training engine: run folders, atomic checkpoints, metrics, and the classifier train/eval loop."""

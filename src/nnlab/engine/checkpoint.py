@@ -1,0 +1,90 @@
+"""Checkpoints: model weights in safetensors plus a state file, loaded with ``weights_only=True``.
+
+Layout of a checkpoint folder::
+
+    model-00000123.safetensors   weights (tensors only)
+    state-00000123.pt            optimiser/scheduler state, RNG states, counters (torch.save)
+    latest.json                  {"step": 123, "model": ..., "state": ...}, written last
+
+Both files are written atomically, then ``latest.json`` is replaced atomically, so a kill at any
+moment leaves the previous complete checkpoint in force. Older pairs are removed after.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from nnlab.engine.io import atomic_write, read_json, write_json
+from nnlab.errors import CheckpointError
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint. tensors: name -> tensor; state: the state file's dict."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch (CPU and CUDA) and Python RNG states, in a weights_only-loadable form."""
+    py = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": [py[0], list(py[1]), py[2]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tensor],
+                    state: dict[str, Any], keep: int = 1) -> Path:
+    """Write a checkpoint for ``step`` into ``folder`` and make it the latest; keep ``keep`` of them."""
+    folder = Path(folder)
+    model_name, state_name = f"model-{step:08d}.safetensors", f"state-{step:08d}.pt"
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(folder / model_name, lambda tmp: save_file(flat, tmp))
+    atomic_write(folder / state_name, lambda tmp: torch.save(state, tmp))
+    write_json(folder / "latest.json", {"step": step, "model": model_name, "state": state_name})
+    _prune_old(folder, keep)
+    return folder / model_name
+
+
+def _prune_old(folder: Path, keep: int) -> None:
+    steps = sorted({int(p.stem.split("-")[1]) for p in folder.glob("model-*.safetensors")})
+    for s in steps[:-keep] if keep > 0 else []:
+        (folder / f"model-{s:08d}.safetensors").unlink(missing_ok=True)
+        (folder / f"state-{s:08d}.pt").unlink(missing_ok=True)
+
+
+def has_checkpoint(folder: str | Path) -> bool:
+    return (Path(folder) / "latest.json").is_file()
+
+
+def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load the latest checkpoint in ``folder``; a :class:`CheckpointError` if missing or corrupt."""
+    folder = Path(folder)
+    if not has_checkpoint(folder):
+        raise CheckpointError(f"no checkpoint in {folder} (expected {folder / 'latest.json'}); "
+                              "train first, or point to the run's checkpoint folder")
+    try:
+        meta = read_json(folder / "latest.json")
+        tensors = load_file(folder / meta["model"], device=str(map_location))
+        state = torch.load(folder / meta["state"], map_location=map_location, weights_only=True)
+    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise CheckpointError(f"checkpoint in {folder} is unreadable ({type(exc).__name__}: {exc}); "
+                              "delete the folder to start over") from None
+    return Checkpoint(step=int(meta["step"]), tensors=tensors, state=state)

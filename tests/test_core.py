@@ -1,0 +1,59 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nnlab.config import apply_config_defaults, float_list
+from nnlab.engine.checkpoint import load_checkpoint, save_checkpoint
+from nnlab.errors import CheckpointError, ConfigError
+from nnlab.registry import Registry
+
+
+def test_registry_lists_choices_on_unknown_name():
+    reg = Registry("widget")
+    reg.register("a", 1)
+    assert reg.get("a") == 1 and reg.names() == ["a"]
+    with pytest.raises(ConfigError, match="unknown widget 'b'; choose one of: a"):
+        reg.get("b")
+
+
+def test_checkpoint_roundtrip_keeps_latest_only(tmp_path):
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {"epoch": 0})
+    save_checkpoint(tmp_path, 2, {"w": torch.full((2,), 3.0)}, {"epoch": 1, "buf": torch.arange(3)})
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.step == 2 and torch.equal(ckpt.tensors["w"], torch.full((2,), 3.0))
+    assert ckpt.state["epoch"] == 1 and torch.equal(ckpt.state["buf"], torch.arange(3))
+    assert len(list(tmp_path.glob("model-*.safetensors"))) == 1
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {})
+    (tmp_path / "model-00000001.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing")
+
+
+def test_yaml_config_defaults_and_unknown_keys(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    parser.add_argument("--lr", type=float, default=0.1)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 0.5\n")
+    apply_config_defaults(parser, cfg)
+    assert parser.parse_args([]).lr == 0.5
+    assert parser.parse_args(["--lr", "0.2"]).lr == 0.2
+    cfg.write_text("lr: 0.5\nbogus: 1\n")
+    with pytest.raises(ConfigError, match="unknown option"):
+        apply_config_defaults(parser, cfg)
+    assert float_list("0.1,0.2") == [0.1, 0.2]
+
+
+def test_cli_unknown_command_is_one_line():
+    out = subprocess.run([sys.executable, "-m", "nnlab", "frobnicate"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
