@@ -9,11 +9,18 @@ from pathlib import Path
 
 from nnlab.data.base import BatchLoader, DatasetSplits, ImageSet, Transform, channel_stats
 from nnlab.data.embedded import load_mnist5k
+from nnlab.data.cifar import load_cifar10
+from nnlab.data.idx import load_mnist
+from nnlab.data.imagefolder import load_celeba64, load_imagefolder
 from nnlab.registry import Registry
 
 # name -> loader(data_dir: Path | None, **options) -> DatasetSplits
 DATASETS: Registry = Registry("data set")
 DATASETS.register("mnist-5k", load_mnist5k)
+DATASETS.register("mnist", load_mnist)
+DATASETS.register("cifar10", load_cifar10)
+DATASETS.register("celeba64", load_celeba64)
+DATASETS.register("imagefolder", load_imagefolder)
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, **options) -> DatasetSplits:
@@ -25,5 +32,11 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options) -> Da
     return loader(Path(data_dir) if data_dir is not None else None, **options)
 
 
+def dataset_summary(name: str) -> str:
+    """One line describing data set ``name`` (the first line of its loader's docstring)."""
+    doc = DATASETS.get(name).__doc__ or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
 __all__ = ["BatchLoader", "DATASETS", "DatasetSplits", "ImageSet", "Transform", "channel_stats",
-           "load_dataset"]
+           "dataset_summary", "load_dataset"]

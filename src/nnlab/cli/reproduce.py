@@ -1,0 +1,31 @@
+"""``nnlab reproduce``: run all four studies and write a report beside the seed's numbers."""
+from __future__ import annotations
+
+import sys
+
+from nnlab.config import str_list
+
+
+def register(subparsers) -> None:
+    from nnlab.reproduce.runner import PRESETS, STUDIES
+    import nnlab.reproduce.presets  # noqa: F401  (registers the presets)
+
+    p = subparsers.add_parser("reproduce", help="run all four studies and write a report",
+                              description=__doc__)
+    p.add_argument("--preset", default="quick", choices=PRESETS.names(),
+                   help="quick: embedded digits, <= 15 min on 2 CPU cores (default); "
+                        "cpu: real data from --data-dir, hours; paper: the seed's settings, for a GPU")
+    p.add_argument("--data-dir", help="folder holding mnist/, cifar10/, celeba/ (as ../shared/data)")
+    p.add_argument("--out", default="runs/reproduce", help="report folder (default: runs/reproduce)")
+    p.add_argument("--only", type=str_list, help=f"comma-separated subset of: {','.join(STUDIES)}")
+    p.set_defaults(func=run, _parser=p)
+
+
+def run(args) -> int:
+    from nnlab.reproduce.runner import reproduce
+
+    result = reproduce(args.preset, args.out, data_dir=args.data_dir, only=args.only)
+    print(f"\nreport: {result.report.html}\n        {result.report.markdown}", file=sys.stderr)
+    for o in result.failed:
+        print(f"stage {o.name} {o.status}: {o.error}", file=sys.stderr)
+    return 1 if result.failed else 0

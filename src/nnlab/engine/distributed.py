@@ -1,0 +1,92 @@
+"""Multi-process data-parallel helpers for runs launched by ``torchrun``.
+
+``torchrun --nproc_per_node 2 -m nnlab train ...`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_from_env` reads them and joins the process group
+(gloo on CPU, NCCL on GPU). Without those variables everything here is a cheap single-process no-op,
+so library code can call these helpers unconditionally.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nnlab.errors import ConfigError
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits: rank in [0, world_size), local_rank on its node, its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (the process that writes metrics, checkpoints and summaries)."""
+    return rank() == 0
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> ``cuda:LOCAL_RANK`` if a GPU is present else ``cpu``; ``cuda`` without one -> ConfigError."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no GPU is visible; use --device cpu or auto")
+    return torch.device(device if device.startswith("cuda:") else f"cuda:{local_rank}")
+
+
+def init_from_env(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group if ``WORLD_SIZE`` > 1 (idempotent) and pick this rank's device."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local)
+    if size > 1 and not is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank(), world_size(), local, dev)
+
+
+def shutdown() -> None:
+    """Leave the process group (end of a torchrun job)."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` (any shape) over ranks, in place and returned; identity on one process."""
+    if is_initialized() and world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` (any shape, floating) over ranks, in place and returned."""
+    if is_initialized() and world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= world_size()
+    return tensor
+
+
+def barrier() -> None:
+    if is_initialized() and world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,545 @@
+"""The classifier train/eval loop: any model, any optimiser, resumable, optionally data-parallel.
+
+>>> result = train(TrainConfig(model="lenet5", data="mnist-5k", epochs=3), "runs/quickstart")
+>>> result.summary["test_top1"]
+
+A run folder (:class:`nnlab.engine.runs.RunDir`) gets ``config.yaml`` at the start, ``metrics.jsonl``
+(a record every ``log_every`` steps and one per epoch), a checkpoint every epoch and every
+``checkpoint_every`` steps, and ``summary.json`` at the end. ``train(..., resume=True)`` continues from
+the latest checkpoint, mid-epoch included, and ends with bit-identical weights and the same metrics
+as an uninterrupted run: batch order and augmentation are functions of (seed, epoch, batch index),
+and the checkpoint holds the optimiser, schedule, RNG states, counters, running epoch sums, history
+and the callbacks' states.
+
+Under ``torchrun`` each process trains on its shard of every epoch's batch order (``batch_size`` is
+per process), gradients are averaged by DDP, evaluation sums are reduced over ranks, and only rank 0
+writes files.
+
+Callbacks (:class:`Callback`) see a :class:`TrainContext` at fixed points of the loop; studies use them
+to add probes or proximal steps without copying the loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from nnlab.data import BatchLoader, DatasetSplits, load_dataset
+from nnlab.data.transforms import Normalize, train_transform
+from nnlab.engine import distributed as D
+from nnlab.engine.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from nnlab.engine.io import _jsonable
+from nnlab.engine.metrics import MetricsLogger
+from nnlab.engine.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
+from nnlab.engine.runs import RunDir
+from nnlab.errors import CheckpointError, ConfigError, DivergenceError
+
+# Config keys that may change between a run and its resumption (they do not change the numbers).
+RESUME_MAY_DIFFER = ("device", "data_dir", "progress")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved as ``RUN/config.yaml``.
+
+    batch_size is per process. checkpoint_every counts optimiser steps (0: only at epoch ends);
+    eval_every counts epochs (the last epoch is always evaluated). max_steps stops early (and
+    shortens the schedule); train_limit / test_limit keep a seeded random subset (for tests).
+    schedule_options go to the schedule (``min_factor`` for cosine, ``milestones`` as fractions
+    of training and ``gamma`` for step). grad_clip 0 means no clipping.
+    """
+
+    model: str = "lenet5"
+    model_options: dict = field(default_factory=dict)
+    data: str = "mnist-5k"
+    data_dir: str | None = None
+    data_options: dict = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    optimizer_options: dict = field(default_factory=dict)
+    schedule: str = "cosine"
+    schedule_options: dict = field(default_factory=dict)
+    warmup_steps: int = 0
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0
+    augment: bool = False
+    flip: bool = False
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 0
+    eval_every: int = 1
+    device: str = "auto"
+    bf16: bool = False
+    max_steps: int | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        """Raise a ConfigError naming the first bad value and its valid range; return self."""
+        OPTIMIZERS.get(self.optimizer)
+        SCHEDULES.get(self.schedule)
+        checks = [("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+                  ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
+                  ("lr", math.isfinite(self.lr) and self.lr > 0, "a positive number"),
+                  ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+                  ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                  ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+                  ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+                  ("grad_clip", self.grad_clip >= 0, ">= 0 (0 disables clipping)"),
+                  ("log_every", self.log_every >= 1, ">= 1"),
+                  ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0: only at epoch ends)"),
+                  ("eval_every", self.eval_every >= 1, ">= 1"),
+                  ("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 or unset"),
+                  ("train_limit", self.train_limit is None or self.train_limit >= 1, ">= 1 or unset"),
+                  ("test_limit", self.test_limit is None or self.test_limit >= 1, ">= 1 or unset")]
+        for name, ok, want in checks:
+            if not ok:
+                raise ConfigError(f"{name} must be {want}, got {getattr(self, name)!r}")
+        for name in ("model_options", "data_options", "optimizer_options", "schedule_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"{name} must be a mapping of option: value, got {getattr(self, name)!r}")
+        D.resolve_device(self.device)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-able values, as written to ``config.yaml`` and read back."""
+        return yaml.safe_load(yaml.safe_dump(_jsonable(dataclasses.asdict(self)), sort_keys=False))
+
+
+@dataclass
+class EvalResult:
+    """Mean cross-entropy loss and top-1 / top-5 accuracy (fractions in [0, 1]) over ``count`` images."""
+
+    loss: float
+    top1: float
+    top5: float
+    count: int
+
+
+@dataclass
+class TrainResult:
+    """summary: what ``summary.json`` holds; history: one record per epoch; model: the trained
+    (unwrapped) model on its device; run: the run folder."""
+
+    summary: dict[str, Any]
+    model: nn.Module
+    run: RunDir
+    history: list[dict[str, Any]]
+
+
+@dataclass
+class TrainContext:
+    """What callbacks see. ``model`` is the plain module (never the DDP wrapper); ``x`` (B, C, H, W),
+    ``y`` (B,) and ``loss`` (0-d tensor, with graph until the step ends) are the current batch;
+    ``step`` counts optimiser steps done; ``epoch`` is 0-based; ``lr`` is the first group's lr;
+    ``log(record)`` writes a metrics record (rank 0 only; ``step``/``epoch`` filled in)."""
+
+    config: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    device: torch.device
+    step: int
+    epoch: int
+    x: torch.Tensor | None
+    y: torch.Tensor | None
+    loss: torch.Tensor | None
+    lr: float
+    run: RunDir
+    log: Callable[[dict], None]
+    data: DatasetSplits
+    scheduler: Any = None
+    batch_index: int = 0
+    rank: int = 0
+    world_size: int = 1
+
+
+class Callback:
+    """Hooks into :func:`train`; override any. State returned by :meth:`state_dict` (tensors and
+    plain data only) is saved in checkpoints and handed back to :meth:`load_state_dict` on resume."""
+
+    def on_train_start(self, ctx: TrainContext) -> None: ...
+
+    def on_after_backward(self, ctx: TrainContext) -> None: ...  # grads ready, before optimizer.step()
+
+    def on_step_end(self, ctx: TrainContext) -> None: ...  # after optimizer.step(); ctx.step counts steps done
+
+    def on_epoch_end(self, ctx: TrainContext, record: dict) -> None: ...  # after evaluation; may add keys
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks: Sequence[int]) -> list[int]:
+    """Number of rows of logits (B, K) whose label y (B,) is among the top-k scores, for each k
+    (k is clamped to K). Ties are broken by ``torch.topk``'s order."""
+    kmax = min(max(ks), logits.shape[1])
+    hit = logits.topk(kmax, dim=1).indices.eq(y[:, None])  # (B, kmax)
+    cum = hit.cumsum(1).clamp_(max=1).sum(0)  # (kmax,) rows hit within the first j+1
+    return [int(cum[min(k, kmax) - 1]) for k in ks]
+
+
+def topk_correct_reference(logits: torch.Tensor, y: torch.Tensor, ks: Sequence[int]) -> list[int]:
+    """Plain reference of :func:`topk_correct`: per row, count classes scoring above the label."""
+    out = []
+    for k in ks:
+        k = min(k, logits.shape[1])
+        n = 0
+        for row, label in zip(logits, y):
+            n += int((row > row[label]).sum()) < k
+        out.append(n)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader, device: str | torch.device = "cpu", *,
+             reduce: bool = True, autocast: bool = False) -> EvalResult:
+    """Loss and accuracy of ``model`` (eval mode, restored after) over ``loader``'s (x (B, C, H, W),
+    y (B,)) batches. Under torchrun with ``reduce``, sums are added over ranks first (each rank
+    passing its own shard), so every rank gets the result over the whole set."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, count
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast and device.type == "cuda" else nullcontext()
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with ctx:
+            logits = model(x)
+        logits = logits.float()
+        c1, c5 = topk_correct(logits, y, (1, 5))
+        loss = nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        sums += torch.tensor([loss, c1, c5, len(y)], dtype=torch.float64)
+    model.train(was_training)
+    if reduce:
+        D.all_reduce_sum(sums)
+    n = max(1.0, float(sums[3]))
+    return EvalResult(float(sums[0]) / n, float(sums[1]) / n, float(sums[2]) / n, int(sums[3]))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(config: TrainConfig, out: str | Path, *, resume: bool = False,
+          callbacks: Sequence[Callback] = (), model: nn.Module | None = None,
+          data: DatasetSplits | None = None) -> TrainResult:
+    """Train ``model`` (default: ``create_model(config.model, ...)``) on ``data`` (default:
+    ``load_dataset(config.data, ...)``) into run folder ``out``; see the module docstring.
+
+    Raises CheckpointError when ``out`` already has a checkpoint and ``resume`` is False, ConfigError
+    when resuming with a config that differs from the saved one, DivergenceError on a NaN/inf loss
+    (the last good checkpoint stays in place).
+    """
+    trainer = _Trainer(config.validate(), Path(out), resume, list(callbacks), model, data)
+    return trainer.run()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _subset(split, limit: int | None, seed: int):
+    if limit is None or limit >= len(split):
+        return split
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed)).narrow(0, 0, limit)
+    return split.subset(idx.sort().values)
+
+
+def _config_diff(saved: dict, current: dict) -> list[str]:
+    keys = (set(saved) | set(current)) - set(RESUME_MAY_DIFFER)
+    return sorted(k for k in keys if saved.get(k) != current.get(k))
+
+
+@dataclass
+class _Progress:
+    """Counters and running sums saved in checkpoints. batch: next batch index within ``epoch``."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+    train_time: float = 0.0
+    history: list = field(default_factory=list)
+
+
+class _Trainer:
+    """One run of :func:`train`; methods are the loop's stages."""
+
+    def __init__(self, config: TrainConfig, out: Path, resume: bool, callbacks: list[Callback],
+                 model: nn.Module | None, data: DatasetSplits | None):
+        self.config, self.callbacks = config, callbacks
+        self.dist = D.init_from_env(config.device)
+        self.main = self.dist.rank == 0
+        self.run_dir = RunDir(out)
+        self.resuming = self._check_resume(resume)
+        if config.bf16 and self.dist.device.type != "cuda":
+            warnings.warn("--bf16 autocast needs a GPU; training in float32 on the CPU", stacklevel=3)
+        self.autocast = config.bf16 and self.dist.device.type == "cuda"
+        _seed_everything(config.seed)
+        self.data = self._prepare_data(data)
+        self.model = (model if model is not None else self._create_model()).to(self.dist.device)
+        self.net = self._wrap(self.model)
+        self.optimizer = build_optimizer(config.optimizer, self.model, lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay, **config.optimizer_options)
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.train_loader, self.test_loader = self._loaders()
+        self.total_steps = config.epochs * len(self.train_loader)
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.scheduler = build_scheduler(self.optimizer, config.schedule, total_steps=self.total_steps,
+                                         warmup_steps=config.warmup_steps, **config.schedule_options)
+        self.p = _Progress()
+
+    # ---- set-up
+
+    def _check_resume(self, resume: bool) -> bool:
+        ckpt_dir = self.run_dir.checkpoint_dir
+        if not has_checkpoint(ckpt_dir):
+            return False
+        if not resume:
+            raise CheckpointError(f"{self.run_dir.path} already holds a run with a checkpoint; pass "
+                                  "--resume to continue it, or choose a new --out folder")
+        saved, current = self.run_dir.load_config(), self.config.to_dict()
+        diff = _config_diff(saved, current)
+        if diff:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
+            raise ConfigError(f"cannot resume {self.run_dir.path} with a different config ({detail}); "
+                              "use the original settings, or a new --out folder")
+        return True
+
+    def _prepare_data(self, data: DatasetSplits | None) -> DatasetSplits:
+        c = self.config
+        if data is None:
+            data = load_dataset(c.data, c.data_dir, **c.data_options)
+        return data.replace(train=_subset(data.train, c.train_limit, c.seed),
+                            test=_subset(data.test, c.test_limit, c.seed + 1))
+
+    def _create_model(self) -> nn.Module:
+        from nnlab.models import create_model
+
+        ch, h, _ = self.data.shape
+        try:
+            return create_model(self.config.model, num_classes=self.data.num_classes, in_chans=ch,
+                                image_size=h, **self.config.model_options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"cannot build model {self.config.model!r} for {self.data.name} images "
+                              f"{self.data.shape} with options {self.config.model_options}: {exc}") from None
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.dist.world_size == 1:
+            return model
+        ids = [self.dist.device] if self.dist.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def _loaders(self) -> tuple[BatchLoader, BatchLoader]:
+        c, d, ws, r = self.config, self.data, self.dist.world_size, self.dist.rank
+        tf = train_transform(d.mean, d.std, image_size=d.shape[1], augment=c.augment, flip=c.flip)
+        train = BatchLoader(d.train, c.batch_size, shuffle=True, transform=tf, seed=c.seed, rank=r,
+                            world_size=ws)
+        if len(train) == 0:
+            raise ConfigError(f"{len(d.train)} training images make no batch of {c.batch_size} per "
+                              f"process on {ws} process(es); lower --batch-size")
+        test = BatchLoader(d.test.subset(slice(r, None, ws)), c.eval_batch_size,
+                           transform=Normalize(d.mean, d.std))
+        return train, test
+
+    # ---- checkpoints
+
+    def _save(self) -> None:
+        rng = [rng_state()]
+        if self.dist.world_size > 1:
+            rng = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(rng, rng_state())
+        if not self.main:
+            return
+        state = {"progress": dataclasses.asdict(self.p), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng": rng,
+                 "callbacks": [cb.state_dict() for cb in self.callbacks]}
+        tensors = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        save_checkpoint(self.run_dir.checkpoint_dir, self.p.step, tensors, state)
+
+    def _restore(self) -> None:
+        ckpt = load_checkpoint(self.run_dir.checkpoint_dir, map_location="cpu")
+        try:
+            self.model.load_state_dict(ckpt.tensors)
+            self.optimizer.load_state_dict(ckpt.state["optimizer"])
+            self.scheduler.load_state_dict(ckpt.state["scheduler"])
+            self.p = _Progress(**ckpt.state["progress"])
+            for cb, st in zip(self.callbacks, ckpt.state["callbacks"], strict=True):
+                cb.load_state_dict(st)
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"the checkpoint in {self.run_dir.checkpoint_dir} does not fit this "
+                                  f"model/optimizer/callbacks ({exc}); start a new --out folder") from None
+        rng = ckpt.state["rng"]
+        set_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
+
+    # ---- run
+
+    def run(self) -> TrainResult:
+        if self.resuming:
+            self._restore()
+        elif self.main:
+            self.run_dir.save_config(self.config)
+        self.logger = MetricsLogger(self.run_dir.metrics_path, self.p.step if self.resuming else None) \
+            if self.main else None
+        self.ctx = self._context()
+        try:
+            for cb in self.callbacks:
+                cb.on_train_start(self.ctx)
+            while not self._done():
+                self._run_epoch()
+            summary = self._finish()
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+        return TrainResult(summary, self.model, self.run_dir, list(self.p.history))
+
+    def _done(self) -> bool:
+        c = self.config
+        return self.p.epoch >= c.epochs or (c.max_steps is not None and self.p.step >= c.max_steps)
+
+    def _context(self) -> TrainContext:
+        return TrainContext(
+            config=self.config, model=self.model, optimizer=self.optimizer, loss_fn=self.loss_fn,
+            device=self.dist.device, step=self.p.step, epoch=self.p.epoch, x=None, y=None, loss=None,
+            lr=self.optimizer.param_groups[0]["lr"], run=self.run_dir, log=self._log, data=self.data,
+            scheduler=self.scheduler, batch_index=self.p.batch, rank=self.dist.rank,
+            world_size=self.dist.world_size)
+
+    def _log(self, record: dict) -> None:
+        if self.logger is not None:
+            self.logger.log({"step": self.ctx.step, "epoch": self.ctx.epoch + 1, **record})
+
+    def _run_epoch(self) -> None:
+        c, p = self.config, self.p
+        self.train_loader.set_epoch(p.epoch)
+        self.net.train()
+        bar = tqdm(total=len(self.train_loader), initial=p.batch, desc=f"epoch {p.epoch + 1}/{c.epochs}",
+                   disable=None if (self.main and c.progress) else True, leave=False, dynamic_ncols=True)
+        start = time.perf_counter()
+        try:
+            for x, y in self.train_loader.iter_from(p.batch):
+                loss = self._step(x, y)
+                bar.update(1)
+                if p.step % 10 == 0:
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.ctx.lr:.3g}", refresh=False)
+                if self._done():
+                    break
+                if c.checkpoint_every and p.step % c.checkpoint_every == 0 and p.batch < len(self.train_loader):
+                    self._save()
+        finally:
+            bar.close()
+            p.train_time += time.perf_counter() - start
+        self._end_epoch(time.perf_counter() - start)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimiser step on batch x (B, C, H, W), y (B,); returns the (rank-averaged) loss."""
+        c, p, ctx = self.config, self.p, self.ctx
+        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        ctx.x, ctx.y, ctx.epoch, ctx.batch_index = x, y, p.epoch, p.batch
+        ctx.lr = self.optimizer.param_groups[0]["lr"]
+        with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext():
+            logits = self.net(x)
+            loss = self.loss_fn(logits.float(), y)
+        ctx.loss = loss
+        value = float(D.all_reduce_mean(loss.detach().clone()))
+        if not math.isfinite(value):
+            self._diverged(value)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for cb in self.callbacks:
+            cb.on_after_backward(ctx)
+        if c.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        p.step, p.batch, ctx.step = p.step + 1, p.batch + 1, p.step + 1
+        p.loss_sum += loss.item() * len(y)
+        p.correct += float((logits.argmax(1) == y).sum())
+        p.count += len(y)
+        for cb in self.callbacks:
+            cb.on_step_end(ctx)
+        if p.step % c.log_every == 0:
+            self._log({"loss": value, "lr": ctx.lr})
+        ctx.x = ctx.y = ctx.loss = None
+        return value
+
+    def _diverged(self, value: float) -> None:
+        p = self.p
+        self._log({"event": "diverged", "loss": value, "lr": self.ctx.lr})
+        kept = (f"the last good checkpoint is kept in {self.run_dir.checkpoint_dir}"
+                if has_checkpoint(self.run_dir.checkpoint_dir) else "no checkpoint had been written yet")
+        raise DivergenceError(
+            f"loss became {value} at step {p.step + 1} (epoch {p.epoch + 1}, lr {self.ctx.lr:.4g}); "
+            f"lower --lr or enable gradient clipping (e.g. --grad-clip 1.0), and start a new --out folder "
+            f"or --resume from the checkpoint; {kept}")
+
+    def _end_epoch(self, seconds: float) -> None:
+        c, p = self.config, self.p
+        sums = D.all_reduce_sum(torch.tensor([p.loss_sum, p.correct, p.count], dtype=torch.float64))
+        n = max(1.0, float(sums[2]))
+        record = {"step": p.step, "epoch": p.epoch + 1, "train_loss": float(sums[0]) / n,
+                  "train_top1": float(sums[1]) / n, "lr": self.optimizer.param_groups[0]["lr"],
+                  "epoch_time_s": seconds, "images_per_s": float(sums[2]) / max(seconds, 1e-9)}
+        if (p.epoch + 1) % c.eval_every == 0 or p.epoch + 1 >= c.epochs or self._done():
+            ev = evaluate(self.model, self.test_loader, self.dist.device, autocast=self.autocast)
+            record.update(test_loss=ev.loss, test_top1=ev.top1, test_top5=ev.top5, test_count=ev.count)
+        self.ctx.step, self.ctx.epoch = p.step, p.epoch
+        for cb in self.callbacks:
+            cb.on_epoch_end(self.ctx, record)
+        if self.logger is not None:
+            self.logger.log(record)
+        if self.main and c.progress:
+            keys = ("train_loss", "train_top1", "test_loss", "test_top1", "test_top5")
+            shown = " ".join(f"{k}={record[k]:.4f}" for k in keys if k in record)
+            tqdm.write(f"epoch {p.epoch + 1}/{c.epochs} step {p.step}: {shown}", file=sys.stderr)
+        p.history.append(_jsonable(record))
+        p.epoch, p.batch, p.loss_sum, p.correct, p.count = p.epoch + 1, 0, 0.0, 0.0, 0.0
+        self._save()
+
+    def _finish(self) -> dict[str, Any]:
+        from nnlab.models import count_parameters
+
+        hist = self.p.history
+        evaluated = [r for r in hist if "test_top1" in r]
+        last, best = evaluated[-1], max(evaluated, key=lambda r: r["test_top1"])
+        summary = {
+            "test_top1": last["test_top1"], "test_top5": last["test_top5"], "test_loss": last["test_loss"],
+            "train_loss": hist[-1]["train_loss"], "train_top1": hist[-1]["train_top1"],
+            "best_test_top1": best["test_top1"], "best_epoch": best["epoch"],
+            "epochs": hist[-1]["epoch"], "steps": self.p.step, "train_time_s": self.p.train_time,
+            "params": count_parameters(self.model), "model": self.config.model, "data": self.config.data,
+            "optimizer": self.config.optimizer, "world_size": self.dist.world_size,
+            "device": str(self.dist.device), "run": str(self.run_dir.path),
+        }
+        if self.main:
+            self.run_dir.write_summary(summary)
+        return summary

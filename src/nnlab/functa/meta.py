@@ -1,0 +1,197 @@
+"""Fast batched meta-learning for :class:`LatentModulatedSiren` (no per-image Python loop).
+
+The inner loop needs d(loss_b)/d(z_b) for every image b. Instead of asking autograd for it
+(``autograd.grad(..., create_graph=True)``, which builds a second graph of generic backward
+nodes), :func:`latent_grad` writes the backward pass of the sine MLP by hand with ordinary torch
+ops: sines and cosines come from one forward, no weight gradients are formed, and the first
+layer's ``sin(w0 (W x + b + shift))`` is expanded with the angle-addition formula, because
+``W x + b`` is the same for every image. The hand-written gradient is itself differentiable, so
+the outer ``backward()`` gives the exact second-order meta-gradient (first-order on request).
+
+Loss convention: each image's loss is its own mean squared error over pixels and channels, and
+the inner step uses the gradient of the *sum* over images, so batch size never shrinks the step.
+The outer (meta) loss is the mean over images of the per-image MSE after the inner steps.
+:mod:`nnlab.functa.reference` holds the plain per-image implementation these must match.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint as grad_checkpoint
+
+from nnlab.functa.model import LatentModulatedSiren, coordinate_grid
+
+
+@dataclass
+class InnerResult:
+    """latents: (B, latent_dim) after the inner steps; inner_mse: (B, steps) per-image MSE *before*
+    each step; mse: (B,) per-image MSE after the last step (of the unclamped output)."""
+
+    latents: torch.Tensor
+    inner_mse: torch.Tensor
+    mse: torch.Tensor
+
+
+@dataclass
+class Shared:
+    """Per-resolution quantities shared by all images: coords (P, in_dims); s1, c1 (P, W) the sine
+    and cosine of w0 * (W_1 x + b_1); pre1 (P, W) = W_1 x + b_1."""
+
+    coords: torch.Tensor
+    pre1: torch.Tensor
+    s1: torch.Tensor
+    c1: torch.Tensor
+
+
+def images_to_targets(images: torch.Tensor) -> torch.Tensor:
+    """images (B, C, H, W) in [0, 1] -> targets (B, H*W, C) in the coordinate grid's order."""
+    return images.flatten(2).transpose(1, 2)
+
+
+def shared_terms(model: LatentModulatedSiren, size: tuple[int, ...]) -> Shared:
+    """The first layer's image-independent terms at resolution ``size`` (e.g. (28, 28))."""
+    w = model.out.weight
+    coords = coordinate_grid(size, len(size), device=w.device, dtype=w.dtype)
+    pre1 = model.first(coords)
+    u = model.config.w0 * pre1
+    return Shared(coords, pre1, torch.sin(u), torch.cos(u))
+
+
+def _layer_sin_cos(model, shared, shift, scale, i, h):
+    """Sine layer i for a batch: returns (pre-activation a or None, sin, cos), each (B, P, W)."""
+    w0 = model.config.w0
+    if i == 0 and scale is None:  # sin(A + B) = sin A cos B + cos A sin B with A shared
+        sb, cb = torch.sin(w0 * shift[:, 0]).unsqueeze(1), torch.cos(w0 * shift[:, 0]).unsqueeze(1)
+        return None, shared.s1 * cb + shared.c1 * sb, shared.c1 * cb - shared.s1 * sb
+    if i == 0:
+        a = shared.pre1.unsqueeze(0)
+    else:
+        layer = model.hidden[i - 1]
+        a = torch.matmul(h, layer.weight.t()) + layer.bias
+    u = a * scale[:, None, i] if scale is not None else a
+    if shift is not None:
+        u = u + shift[:, None, i]
+    u = w0 * u
+    return a, torch.sin(u), torch.cos(u)
+
+
+def latent_grad(model: LatentModulatedSiren, shared: Shared, z: torch.Tensor, target: torch.Tensor,
+                create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hand-written gradient of sum_b MSE_b w.r.t. z.
+
+    z (B, D), target (B, P, C) -> (grad (B, D), mse (B,)). With ``create_graph`` the result is
+    differentiable w.r.t. the model's weights and z (for second-order meta-gradients).
+    """
+    c = model.config
+    shift, scale = model.modulations(z)
+    h, saved = None, []
+    for i in range(c.num_modulated):
+        a, h, cos = _layer_sin_cos(model, shared, shift, scale, i, h)
+        saved.append((a, cos))
+    err = torch.matmul(h, model.out.weight.t()) + (model.out.bias + 0.5) - target   # (B, P, C)
+    mse = err.pow(2).mean(dim=(1, 2))
+    g_h = torch.matmul(err * (2.0 / (err.shape[1] * err.shape[2])), model.out.weight)
+    g_shift, g_scale = [], []
+    for i in reversed(range(c.num_modulated)):
+        a, cos = saved[i]
+        g_u = g_h * cos * c.w0                                               # (B, P, W)
+        g_shift.append(g_u.sum(1))
+        if scale is not None:
+            a_full = a if a.shape[0] == g_u.shape[0] else a.expand_as(g_u)
+            g_scale.append((g_u * a_full).sum(1))
+            g_u = g_u * scale[:, None, i]
+        if i > 0:
+            g_h = torch.matmul(g_u, model.hidden[i - 1].weight)
+    g_mod = _stack_mods(c, g_shift[::-1], g_scale[::-1])                      # (B, modulation_dim)
+    return _latent_map_vjp(model, z, g_mod, create_graph), mse
+
+
+def _stack_mods(c, g_shift, g_scale) -> torch.Tensor:
+    parts = []
+    if c.modulate_shift:
+        parts.append(torch.stack(g_shift, 1))
+    if c.modulate_scale:
+        parts.append(torch.stack(g_scale, 1))
+    return torch.stack(parts, 1).flatten(1)
+
+
+def _latent_map_vjp(model, z, g_mod, create_graph):
+    """g_mod (B, modulation_dim) -> g_mod @ d(latent_map)/dz, (B, D)."""
+    net = model.latent_map.net
+    if len(net) == 1:  # linear map: the Jacobian is the weight
+        return torch.matmul(g_mod, net[0].weight)
+    with torch.enable_grad():
+        zz = z if z.requires_grad else z.detach().requires_grad_(True)
+        mods = model.latent_map(zz)
+        (g,) = torch.autograd.grad(mods, zz, g_mod, create_graph=create_graph)
+    return g
+
+
+def predict(model: LatentModulatedSiren, shared: Shared, z: torch.Tensor) -> torch.Tensor:
+    """Batched forward with the shared first-layer terms: z (B, D) -> values (B, P, C)."""
+    shift, scale = model.modulations(z)
+    h = None
+    for i in range(model.config.num_modulated):
+        a, h, _ = _layer_sin_cos(model, shared, shift, scale, i, h)
+    return torch.matmul(h, model.out.weight.t()) + (model.out.bias + 0.5)
+
+
+def inner_loop(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3, *,
+               first_order: bool = False, create_graph: bool | None = None,
+               use_checkpoint: bool = False, shared: Shared | None = None) -> InnerResult:
+    """Fit latents to images (B, C, *size) in [0, 1] with ``steps`` SGD steps from zero.
+
+    ``create_graph`` (default: grad mode is on) keeps the graph for meta-gradients; with
+    ``first_order`` the inner gradients are treated as constants (the learning rates still get
+    gradients); ``use_checkpoint`` recomputes each inner step in the backward pass.
+    """
+    if create_graph is None:
+        create_graph = torch.is_grad_enabled()
+    shared = shared if shared is not None else shared_terms(model, tuple(images.shape[2:]))
+    target = images_to_targets(images)
+    lr = model.inner_lr()
+    z = images.new_zeros(images.shape[0], model.config.latent_dim)
+    second = create_graph and not first_order
+
+    def step(z_in):
+        if second:
+            g, mse = latent_grad(model, shared, z_in, target, create_graph=True)
+        else:
+            with torch.no_grad():
+                g, mse = latent_grad(model, shared, z_in.detach(), target, create_graph=False)
+        return z_in - lr * g, mse
+
+    inner = []
+    for _ in range(steps):
+        if use_checkpoint and create_graph:
+            z, mse = grad_checkpoint(step, z, use_reentrant=False)
+        else:
+            z, mse = step(z)
+        inner.append(mse.detach())
+    err = predict(model, shared, z) - target
+    return InnerResult(z, torch.stack(inner, 1) if inner else err.new_zeros(len(z), 0),
+                       err.pow(2).mean(dim=(1, 2)))
+
+
+def psnr(mse: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for data in [0, 1]: mse (B,) -> (B,)."""
+    return -10.0 * torch.log10(mse.clamp_min(1e-12))
+
+
+@dataclass
+class MetaStepResult:
+    """loss: scalar outer loss (mean per-image MSE); psnr: (B,) per-image PSNR of the unclamped
+    reconstruction after the inner steps; inner_mse: (B, steps)."""
+
+    loss: torch.Tensor
+    psnr: torch.Tensor
+    inner_mse: torch.Tensor
+
+
+def meta_loss(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3, *,
+              first_order: bool = False, use_checkpoint: bool = False) -> MetaStepResult:
+    """Outer loss for images (B, C, *size); call ``.loss.backward()`` for the meta-gradient."""
+    res = inner_loop(model, images, steps, first_order=first_order, use_checkpoint=use_checkpoint,
+                     create_graph=True)
+    return MetaStepResult(res.mse.mean(), psnr(res.mse.detach()), res.inner_mse)

@@ -1,0 +1,157 @@
+"""Latent-modulated SIREN (Dupont et al. 2022, "From data to functa").
+
+One shared SIREN maps coordinates to values; each data point is a latent vector ``z`` that a
+latent map turns into per-layer shift (and optionally scale) modulations::
+
+    h_1 = sin(w0 * (scale_1 * (W_1 x + b_1) + shift_1))
+    h_l = sin(w0 * (scale_l * (W_l h_{l-1} + b_l) + shift_l))      l = 2 .. depth-1
+    out = W_out h_{depth-1} + b_out + 0.5
+
+``depth`` counts linear layers, as in the functa code: ``depth - 1`` modulated sine layers and
+one linear output layer.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from nnlab.errors import ConfigError
+
+
+@dataclass
+class FunctaConfig:
+    """Architecture of a :class:`LatentModulatedSiren`."""
+
+    width: int = 64
+    depth: int = 4                      # linear layers: depth-1 modulated sine layers + output
+    w0: float = 30.0
+    in_dims: int = 2                    # 2 for images, 3 for volumes
+    out_channels: int = 1               # 1 grey, 3 RGB
+    latent_dim: int = 128
+    latent_hidden: list[int] = field(default_factory=list)  # [] = linear latent map, else MLP
+    modulate_shift: bool = True
+    modulate_scale: bool = False
+    meta_sgd: bool = False
+    meta_sgd_init: tuple[float, float] = (0.005, 0.1)
+    inner_lr: float = 1e-2             # plain SGD inner rate (used when meta_sgd is False)
+
+    def __post_init__(self):
+        self.latent_hidden = list(self.latent_hidden)
+        self.meta_sgd_init = tuple(self.meta_sgd_init)
+        for name in ("width", "in_dims", "out_channels", "latent_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"functa {name} must be at least 1, got {getattr(self, name)}")
+        if self.depth < 2:
+            raise ConfigError(f"functa depth must be at least 2 (one sine layer + output), got {self.depth}")
+        if not (self.modulate_shift or self.modulate_scale):
+            raise ConfigError("functa needs shift and/or scale modulations; set modulate_shift=True")
+
+    @property
+    def num_modulated(self) -> int:
+        return self.depth - 1
+
+    @property
+    def modulation_dim(self) -> int:
+        kinds = int(self.modulate_shift) + int(self.modulate_scale)
+        return kinds * self.num_modulated * self.width
+
+
+def coordinate_grid(size: int | tuple[int, ...], dims: int = 2, device=None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Pixel-centre coordinates in [0, 1]: (prod(size), dims), row-major ("ij") order.
+
+    A size of N puts samples at (i + 0.5) / N, so grids of any resolution cover the same square.
+    """
+    sizes = (size,) * dims if isinstance(size, int) else tuple(size)
+    axes = [(torch.arange(n, device=device, dtype=dtype) + 0.5) / n for n in sizes]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(sizes))
+
+
+class LatentMap(nn.Module):
+    """Latent (B, latent_dim) -> modulations (B, modulation_dim): linear, or an MLP with ReLUs."""
+
+    def __init__(self, latent_dim: int, out_dim: int, hidden: list[int]):
+        super().__init__()
+        sizes = [latent_dim, *hidden, out_dim]
+        layers: list[nn.Module] = []
+        for i in range(len(sizes) - 1):
+            layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+        nn.init.zeros_(self.net[-1].bias)  # zero latent -> zero shift (scales get +1 later)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class LatentModulatedSiren(nn.Module):
+    """Shared SIREN with per-datum latent modulations. See the module docstring for the maths."""
+
+    def __init__(self, config: FunctaConfig):
+        super().__init__()
+        c = self.config = config
+        self.first = nn.Linear(c.in_dims, c.width)
+        self.hidden = nn.ModuleList(nn.Linear(c.width, c.width) for _ in range(c.depth - 2))
+        self.out = nn.Linear(c.width, c.out_channels)
+        self.latent_map = LatentMap(c.latent_dim, c.modulation_dim, c.latent_hidden)
+        if c.meta_sgd:
+            lo, hi = c.meta_sgd_init
+            self.meta_lr = nn.Parameter(torch.empty(c.latent_dim).uniform_(lo, hi))
+        self._siren_init()
+
+    @torch.no_grad()
+    def _siren_init(self) -> None:
+        c = self.config
+        for i, layer in enumerate([self.first, *self.hidden, self.out]):
+            fan_in = layer.in_features
+            bound = 1.0 / fan_in if i == 0 else math.sqrt(6.0 / fan_in) / c.w0
+            layer.weight.uniform_(-bound, bound)
+            layer.bias.uniform_(-bound, bound)
+
+    def inner_lr(self) -> torch.Tensor:
+        """Inner-loop learning rate: (latent_dim,) Meta-SGD rates clipped to [0, 1], or a scalar."""
+        if self.config.meta_sgd:
+            return self.meta_lr.clamp(0.0, 1.0)
+        return torch.tensor(self.config.inner_lr, device=self.out.weight.device)
+
+    def modulations(self, z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """z (B, latent_dim) -> (shift, scale), each (B, depth-1, width) or None when not used."""
+        c = self.config
+        m = self.latent_map(z).view(z.shape[0], -1, c.num_modulated, c.width)
+        shift = m[:, 0] if c.modulate_shift else None
+        scale = m[:, -1] + 1.0 if c.modulate_scale else None
+        return shift, scale
+
+    def forward(self, z: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """z (B, latent_dim), coords (P, in_dims) -> values (B, P, out_channels). Plain autograd."""
+        shift, scale = self.modulations(z)
+        h = coords.unsqueeze(0)
+        for i, layer in enumerate([self.first, *self.hidden]):
+            a = layer(h)                                           # (B or 1, P, W)
+            if scale is not None:
+                a = a * scale[:, None, i]
+            if shift is not None:
+                a = a + shift[:, None, i]
+            h = torch.sin(self.config.w0 * a)
+        return self.out(h) + 0.5
+
+    def render(self, z: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+        """z (B, latent_dim) -> images (B, C, H, W) at any resolution (values not clamped)."""
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        coords = coordinate_grid(hw, device=z.device, dtype=z.dtype)
+        out = self(z, coords)                                       # (B, H*W, C)
+        return out.transpose(1, 2).reshape(z.shape[0], -1, *hw)
+
+
+def config_hash(model: LatentModulatedSiren) -> str:
+    """Short hash of the config and weights: functasets record which model made them."""
+    h = hashlib.sha256(repr(sorted(asdict(model.config).items())).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,39 @@
+"""Plain reference meta-learning: one image at a time, inner gradients from autograd.
+
+Slow but obviously right; :mod:`nnlab.functa.meta` must match it (tests/test_functa.py).
+Same conventions: per-image MSE, latents from zero, ``z <- z - lr * dMSE/dz``, outer loss the mean
+over images of the per-image MSE after the inner steps.
+"""
+from __future__ import annotations
+
+import torch
+
+from nnlab.functa.model import LatentModulatedSiren, coordinate_grid
+
+
+def fit_one_reference(model: LatentModulatedSiren, image: torch.Tensor, steps: int = 3, *,
+                      first_order: bool = False, create_graph: bool = True) -> torch.Tensor:
+    """image (C, *size) in [0, 1] -> latent (latent_dim,) after ``steps`` inner SGD steps."""
+    coords = coordinate_grid(tuple(image.shape[1:]), image.dim() - 1, device=image.device, dtype=image.dtype)
+    target = image.flatten(1).t().unsqueeze(0)                       # (1, P, C)
+    z = image.new_zeros(1, model.config.latent_dim, requires_grad=True)
+    lr = model.inner_lr()
+    for _ in range(steps):
+        with torch.enable_grad():
+            zz = z if z.requires_grad else z.detach().requires_grad_(True)
+            loss = (model(zz, coords) - target).pow(2).mean()
+            (g,) = torch.autograd.grad(loss, zz, create_graph=create_graph and not first_order)
+        z = zz - lr * g.detach() if first_order or not create_graph else zz - lr * g
+    return z[0]
+
+
+def meta_loss_reference(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3, *,
+                        first_order: bool = False) -> torch.Tensor:
+    """images (B, C, *size) -> scalar outer loss (mean over images of the per-image MSE)."""
+    losses = []
+    for image in images:
+        z = fit_one_reference(model, image, steps, first_order=first_order)
+        coords = coordinate_grid(tuple(image.shape[1:]), image.dim() - 1, device=image.device, dtype=image.dtype)
+        out = model(z.unsqueeze(0), coords)[0]                       # (P, C)
+        losses.append((out - image.flatten(1).t()).pow(2).mean())
+    return torch.stack(losses).mean()

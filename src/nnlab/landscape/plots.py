@@ -1,0 +1,145 @@
+"""Figures of a landscape sweep, built from its ``RUN/metrics.jsonl`` (never from live objects).
+
+Like the seed's Figs 20-22 and the paper's Fig. 4; BN and no-BN in contrasting colours on the
+same axes, optional log-scale y axes:
+
+- ``curves.png``: training loss (per probe step) and test top-1 (per epoch), every lr;
+- ``loss_band.png``: loss landscape band: over step sizes at one lr (left), across lrs (right);
+- ``gpred_band.png``: gradient predictiveness band, the same two views;
+- ``beta.png``: effective beta-smoothness (left) and the seed's beta_t (right);
+- ``hessian.png``: top Hessian eigenvalue, when it was probed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from nnlab.engine.metrics import read_jsonl  # noqa: E402
+from nnlab.errors import CheckpointError  # noqa: E402
+from nnlab.landscape.bands import GRADDIST, LANDSCAPE, Band, eta_band, lr_band, series  # noqa: E402
+
+COLORS = {"on": "tab:red", "off": "tab:blue"}
+LABELS = {"on": "with BN", "off": "without BN"}
+
+
+def load_records(run: str | Path) -> list[dict]:
+    """All records of a sweep (``RUN/metrics.jsonl``, each with ``bn`` and ``lr_run`` keys)."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: run 'nnlab landscape run --out {run}' first")
+    return read_jsonl(path)
+
+
+def group(records: Sequence[dict]) -> dict[str, dict[float, list[dict]]]:
+    """bn ("on"/"off") -> lr -> that run's records."""
+    out: dict[str, dict[float, list[dict]]] = {}
+    for r in records:
+        out.setdefault(r["bn"], {}).setdefault(float(r["lr_run"]), []).append(r)
+    return {bn: dict(sorted(runs.items())) for bn, runs in sorted(out.items())}
+
+
+def pick_lr(lrs: Sequence[float], target: float = 0.1) -> float:
+    return min(lrs, key=lambda lr: abs(lr - target))
+
+
+def _fill(ax, band: Band, bn: str, label: str) -> None:
+    if band.steps:
+        ax.fill_between(band.steps, band.low, band.high, color=COLORS[bn], alpha=0.35, lw=0, label=label)
+        ax.plot(band.steps, band.low, color=COLORS[bn], lw=0.6)
+        ax.plot(band.steps, band.high, color=COLORS[bn], lw=0.6)
+
+
+def _finish(fig, axes, path: Path, log: bool, log_axes=None) -> Path:
+    for ax in axes:
+        if log and (log_axes is None or ax in log_axes):
+            ax.set_yscale("log")
+        ax.set_xlabel(ax.get_xlabel() or "step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(groups, path: Path, log: bool) -> Path:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for bn, runs in groups.items():
+        for i, (lr, recs) in enumerate(runs.items()):
+            alpha = 0.35 + 0.65 * (i + 1) / len(runs)
+            s = series(recs, LANDSCAPE, "train_loss")
+            a.plot(sorted(s), [s[k] for k in sorted(s)], color=COLORS[bn], alpha=alpha, lw=1,
+                   label=f"{LABELS[bn]}, lr {lr:g}")
+            ep = [r for r in recs if r.get("probe") is None and r.get("test_top1") is not None]
+            b.plot([r["epoch"] for r in ep], [100 * r["test_top1"] for r in ep], "o-", ms=3,
+                   color=COLORS[bn], alpha=alpha, label=f"{LABELS[bn]}, lr {lr:g}")
+    a.set(title="training loss (batch at each probe step)", ylabel="loss")
+    b.set(title="test top-1", ylabel="top-1 (%)", xlabel="epoch")
+    return _finish(fig, [a, b], path, log, log_axes=[a])
+
+
+def plot_band(groups, quantity: str, path: Path, log: bool, lr: float | None) -> Path:
+    """quantity "loss" or "gdist": band over step sizes at ``lr`` and band across lrs."""
+    names = {"loss": ("loss landscape", "loss", "train_loss", LANDSCAPE),
+             "gdist": ("gradient predictiveness", "||g' - g||", "grad_dist", GRADDIST)}
+    title, ylabel, key, probe = names[quantity]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for bn, runs in groups.items():
+        at = pick_lr(list(runs), lr if lr is not None else 0.1)
+        _fill(a, eta_band(runs[at], quantity), bn, f"{LABELS[bn]}, lr {at:g}")
+        _fill(b, lr_band({x: series(r, probe, key) for x, r in runs.items()}), bn,
+              f"{LABELS[bn]}, lrs {', '.join(f'{x:g}' for x in runs)}")
+    a.set(title=f"{title}: over step sizes [0.5, 4] x lr", ylabel=ylabel)
+    b.set(title=f"{title}: across learning rates", ylabel=ylabel)
+    return _finish(fig, [a, b], path, log)
+
+
+def plot_beta(groups, path: Path, log: bool) -> Path:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for bn, runs in groups.items():
+        for i, (lr, recs) in enumerate(runs.items()):
+            alpha = 0.35 + 0.65 * (i + 1) / len(runs)
+            for ax, probe, key in ((a, LANDSCAPE, "land_beta"), (b, GRADDIST, "beta_t")):
+                s = series(recs, probe, key)
+                ax.plot(sorted(s), [s[k] for k in sorted(s)], color=COLORS[bn], alpha=alpha, lw=1,
+                        label=f"{LABELS[bn]}, lr {lr:g}")
+    a.set(title="effective beta-smoothness: max ||g' - g|| / ||eta g||", ylabel="beta")
+    b.set(title="seed's beta_t = ||g_{t+1} - g_t|| / (lr ||g_t||)", ylabel="beta_t")
+    return _finish(fig, [a, b], path, log)
+
+
+def plot_hessian(groups, path: Path, log: bool) -> Path | None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for bn, runs in groups.items():
+        for lr, recs in runs.items():
+            s = series(recs, LANDSCAPE, "hess_top")
+            drawn |= bool(s)
+            ax.plot(sorted(s), [s[k] for k in sorted(s)], "o-", ms=3, color=COLORS[bn],
+                    label=f"{LABELS[bn]}, lr {lr:g}")
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(title="top Hessian eigenvalue (power iteration)", ylabel="lambda_max")
+    return _finish(fig, [ax], path, log)
+
+
+def make_figures(run: str | Path, out: str | Path, *, log: bool = False, lr: float | None = None) -> list[Path]:
+    """Draw every figure of sweep ``run`` into folder ``out``; returns the files written."""
+    groups = group(load_records(run))
+    if not groups:
+        raise CheckpointError(f"{run}/metrics.jsonl has no records yet; let the sweep run longer")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [plot_curves(groups, out / "curves.png", log),
+             plot_band(groups, "loss", out / "loss_band.png", log, lr),
+             plot_band(groups, "gdist", out / "gpred_band.png", log, lr),
+             plot_beta(groups, out / "beta.png", log),
+             plot_hessian(groups, out / "hessian.png", log)]
+    return [p for p in paths if p is not None]

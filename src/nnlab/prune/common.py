@@ -1,0 +1,130 @@
+"""Shared helpers of the pruning study: evaluation, throughput, data, base models, a small fit loop."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from nnlab.data import BatchLoader, DatasetSplits, ImageSet
+from nnlab.data.transforms import Compose, Normalize, Resize
+from nnlab.errors import ConfigError
+
+
+@dataclass
+class Accuracy:
+    """Top-1 / top-5 accuracy in percent over ``n`` images."""
+
+    top1: float
+    top5: float
+    n: int
+
+
+def eval_transform(data: DatasetSplits, image_size: int):
+    """Resize (when the model's input size differs) then normalise with the train statistics."""
+    steps = [] if data.shape[-1] == image_size else [Resize(image_size)]
+    return Compose(steps + [Normalize(data.mean, data.std)])
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: ImageSet, transform, batch_size: int = 256,
+             desc: str = "eval") -> Accuracy:
+    """Top-1 and top-5 of ``model`` ((B, C, H, W) -> (B, K) logits) on ``images``."""
+    model.eval()
+    loader = BatchLoader(images, batch_size, transform=transform)
+    top1 = top5 = n = 0
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=None):
+        logits = model(x)
+        k = min(5, logits.shape[-1])
+        top = logits.topk(k, dim=-1).indices
+        top1 += int((top[:, 0] == y).sum())
+        top5 += int((top == y[:, None]).any(-1).sum())
+        n += len(y)
+    return Accuracy(100.0 * top1 / max(n, 1), 100.0 * top5 / max(n, 1), n)
+
+
+@torch.no_grad()
+def throughput(model: nn.Module, x: torch.Tensor, *, warmup: int = 2, repeats: int = 5,
+               min_time: float = 0.0) -> float:
+    """Images per second of ``model`` on batch ``x`` (B, C, H, W): the median of ``repeats`` timed
+    forward passes after ``warmup`` untimed ones (keeps going until ``min_time`` s are spent)."""
+    model.eval()
+    for _ in range(warmup):
+        model(x)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return x.shape[0] / times[len(times) // 2]
+
+
+def fit(model: nn.Module, params: Iterable[torch.nn.Parameter], batches: Callable[[int], Iterable],
+        *, epochs: int, lr: float, loss_fn: Callable, weight_decay: float = 0.0, desc: str = "fit",
+        clip: float = 1.0) -> list[float]:
+    """A small AdamW loop with cosine decay: ``loss_fn(model, x, y) -> scalar``; returns epoch losses.
+
+    batches(epoch) yields (x, y). Used for P-ViT gate training, fine-tuning and AP-ViT agents.
+    """
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ConfigError("nothing to train: no parameter requires grad")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    total = max(1, epochs * sum(1 for _ in batches(0)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + torch.cos(torch.tensor(s / total * 3.14159265)).item()))
+    losses = []
+    for epoch in range(epochs):
+        model.train()
+        run, count = 0.0, 0
+        for x, y in tqdm(batches(epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None):
+            loss = loss_fn(model, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            sched.step()
+            run, count = run + float(loss), count + 1
+        losses.append(run / max(count, 1))
+    model.eval()
+    return losses
+
+
+def ce_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+def train_loader(data: DatasetSplits, batch_size: int, image_size: int, seed: int = 0,
+                 limit: int | None = None) -> Callable[[int], Iterable]:
+    """batches(epoch) over the train split (random crop + normalise), optionally its first ``limit``."""
+    from nnlab.data.transforms import RandomCrop
+    images = data.train if limit is None else data.train.subset(slice(0, limit))
+    steps = [] if data.shape[-1] == image_size else [Resize(image_size)]
+    t = Compose(steps + [RandomCrop(image_size, padding=max(1, image_size // 8)), Normalize(data.mean, data.std)])
+    loader = BatchLoader(images, batch_size, shuffle=True, transform=t, drop_last=True, seed=seed)
+
+    def batches(epoch: int):
+        loader.set_epoch(epoch)
+        return iter(loader)
+    return batches
+
+
+def calibration_batch(data: DatasetSplits, image_size: int, n: int, seed: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` train images (n, C, S, S), normalised, and their labels (n,) from a fixed random draw."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data.train), generator=g)[:n]
+    x = data.train.images[idx].float().div(255)
+    return eval_transform(data, image_size)(x, g), data.train.labels[idx]
+
+
+def ensure_dir(path: str | Path) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

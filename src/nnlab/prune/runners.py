@@ -1,0 +1,147 @@
+"""Modules that run a :class:`~nnlab.models.vit.ViT` with fewer tokens (the module-side code).
+
+Each runner wraps an unmodified ViT and applies a method's pure functions between its blocks.
+Tokens are *removed* (gathered into a shorter sequence), so the blocks do less work. Every runner
+records the tokens each block processed, for FLOP counts (:meth:`TokenRunner.macs`).
+
+Shapes: images (B, C, H, W) -> logits (B, num_classes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nnlab.models.vit import ViT
+from nnlab.prune import cpvit, tome
+from nnlab.prune.flops import vit_macs
+
+
+@dataclass
+class TokenCounts:
+    """Mean tokens per image (CLS included) in each block's attention and MLP."""
+
+    attn: list[float]
+    mlp: list[float]
+
+
+class TokenRunner(nn.Module):
+    """Base: runs the ViT unchanged (fast attention) and records token counts."""
+
+    method = "base"
+
+    def __init__(self, vit: ViT):
+        super().__init__()
+        self.vit = vit.eval()
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        depth = self.vit.config.depth
+        self._attn, self._mlp, self._images = [0.0] * depth, [0.0] * depth, 0
+
+    def _record(self, layer: int, batch: int, attn_tokens: float, mlp_tokens: float) -> None:
+        self._attn[layer] += batch * attn_tokens
+        self._mlp[layer] += batch * mlp_tokens
+        if layer == 0:
+            self._images += batch
+
+    def token_counts(self) -> TokenCounts:
+        n = max(self._images, 1)
+        return TokenCounts([a / n for a in self._attn], [m / n for m in self._mlp])
+
+    def achieved_ratio(self) -> float:
+        """1 - mean over blocks of (patches in the block's MLP) / N, from the recorded runs."""
+        n = self.vit.config.num_patches
+        mlp = self.token_counts().mlp
+        return 1.0 - sum(t - 1 for t in mlp) / (len(mlp) * n)
+
+    def extra_macs(self) -> float:
+        return 0.0
+
+    def macs(self) -> float:
+        """Mean MACs per image over the recorded runs."""
+        counts = self.token_counts()
+        return vit_macs(self.vit.config, counts.attn, counts.mlp, self.extra_macs())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.vit.embed(images)
+        for layer, block in enumerate(self.vit.blocks):
+            x = block(x)
+            self._record(layer, x.shape[0], x.shape[1], x.shape[1])
+        return self.vit.classify(x)
+
+    def spec(self) -> dict:
+        """What, besides the ViT weights, rebuilds this runner (saved with pruned models)."""
+        return {}
+
+
+class CPViTRunner(TokenRunner):
+    """CP-ViT: cumulative attention scores; block l's MLP keeps ``keep[l]`` patches (+ CLS)."""
+
+    method = "cp-vit"
+
+    def __init__(self, vit: ViT, keep: list[int]):
+        super().__init__(vit)
+        self.keep = [int(k) for k in keep]
+        prev, self.last = vit.config.num_patches, -1
+        for layer, k in enumerate(self.keep):
+            if k < prev:
+                self.last, prev = layer, k
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.vit.embed(images)
+        scores = x.new_zeros(x.shape[:2])
+        for layer, block in enumerate(self.vit.blocks):
+            if layer > self.last:
+                x = block(x)
+                self._record(layer, x.shape[0], x.shape[1], x.shape[1])
+                continue
+            out, probs = block.attn.forward_with_probs(block.norm1(x))
+            x, t_attn = x + out, x.shape[1]
+            scores = scores + cpvit.column_mass(probs)
+            if self.keep[layer] < x.shape[1] - 1:
+                x, scores = cpvit.select_patches(x, scores, self.keep[layer])
+            x = x + block.mlp(block.norm2(x))
+            self._record(layer, x.shape[0], t_attn, x.shape[1])
+        return self.vit.classify(x)
+
+    def spec(self) -> dict:
+        return {"keep": self.keep}
+
+
+class ToMeRunner(TokenRunner):
+    """ToMe: merge ``r`` tokens per block (between attention and MLP), proportional attention."""
+
+    method = "tome"
+
+    def __init__(self, vit: ViT, r: int):
+        super().__init__(vit)
+        self.r = int(r)
+        self._extra = 0.0
+
+    def reset_stats(self) -> None:
+        super().reset_stats()
+        self._extra = 0.0
+
+    def extra_macs(self) -> float:
+        return self._extra / max(self._images, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.vit.embed(images)
+        size, bias = x.new_ones(x.shape[0], x.shape[1], 1), None
+        for layer, block in enumerate(self.vit.blocks):
+            out, keys = block.attn.forward_with_keys(block.norm1(x), bias)
+            x, t_attn = x + out, x.shape[1]
+            r = min(self.r, (t_attn + 1) // 2 - 1)
+            if r > 0:
+                plan = tome.bipartite_soft_matching(keys, r)
+                x, size = tome.merge_weighted(x, size, plan)
+                bias = tome.size_bias(size)
+                self._extra += x.shape[0] * ((t_attn + 1) // 2) * (t_attn // 2) * keys.shape[-1]
+            x = x + block.mlp(block.norm2(x))
+            self._record(layer, x.shape[0], t_attn, x.shape[1])
+        return self.vit.classify(x)
+
+    def spec(self) -> dict:
+        return {"r": self.r}

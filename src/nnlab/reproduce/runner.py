@@ -1,0 +1,67 @@
+"""``reproduce()``: build a preset's stages, run them, and write the report."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Sequence
+
+import yaml
+
+from nnlab.errors import ConfigError
+from nnlab.registry import Registry
+from nnlab.report import ReportFiles, Section, build_report
+from nnlab.reproduce.stages import Stage, StageOutcome, run_stages
+
+# preset name -> builder() -> list of stages, in run order
+PRESETS: Registry = Registry("reproduce preset")
+# study name -> its report section
+SECTIONS: dict[str, Section] = {}
+STUDIES = ("functa", "vit", "bn", "lbi")
+
+
+@dataclass
+class ReproduceResult:
+    outcomes: list[StageOutcome]
+    report: ReportFiles
+
+    @property
+    def failed(self) -> list[StageOutcome]:
+        return [o for o in self.outcomes if o.status in ("failed", "skipped")]
+
+
+def seed_numbers() -> dict:
+    """The seed report's numbers (``seed_numbers.yaml``), with their sources."""
+    text = resources.files("nnlab.reproduce").joinpath("seed_numbers.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _announce(stages: Sequence[Stage]) -> Callable[[int, Stage], None]:
+    print("nnlab reproduce: stages", file=sys.stderr)
+    for i, s in enumerate(stages, 1):
+        print(f"  {i}. [{s.study}] {s.title}", file=sys.stderr)
+
+    def on_stage(i: int, stage: Stage) -> None:
+        print(f"\n==> [{i + 1}/{len(stages)}] {stage.study}: {stage.title}", file=sys.stderr, flush=True)
+
+    return on_stage
+
+
+def reproduce(preset: str, out: str | Path, *, data_dir: str | Path | None = None,
+              only: Sequence[str] | None = None) -> ReproduceResult:
+    """Run preset ``preset`` (``quick``, ``cpu``, ``paper``) into ``out``; studies in ``only`` if given."""
+    unknown = sorted(set(only or ()) - set(STUDIES))
+    if unknown:
+        raise ConfigError(f"unknown stud{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} "
+                          f"for --only; choose from {', '.join(STUDIES)}")
+    stages = PRESETS.get(preset)()
+    out = Path(out)
+    selected = [s for s in stages if not only or s.study in only]
+    outcomes = run_stages(selected, out, data_dir=Path(data_dir) if data_dir else None,
+                          on_stage=_announce(selected))
+    sections = [SECTIONS[s] for s in STUDIES if s in SECTIONS]
+    report = build_report(outcomes, out, sections, seed_numbers(),
+                          title=f"nnlab reproduce: preset {preset}",
+                          preamble=[f"Preset {preset!r}; data: {data_dir or 'embedded mnist-5k only'}."])
+    return ReproduceResult(outcomes, report)

@@ -1,0 +1,118 @@
+"""The stage runner behind ``nnlab reproduce``.
+
+A stage is one unit of a study (train a model, run a sweep, draw figures). Each runs in its own
+folder ``OUT/stages/<name>/`` and is keyed by a hash of its config:
+
+- a stage whose ``done.json`` carries the same key is reused, not re-run;
+- a stage killed mid-way is re-run with ``resume=True``; stage functions pass that to the
+  resumable trainers underneath, so finished epochs/steps are not redone;
+- a stage that raises is recorded as failed (message and traceback kept), and the others still run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from nnlab.engine.io import read_json, write_json
+
+
+@dataclass
+class StageContext:
+    """What a stage function receives. ``dir`` is its own folder; ``resume`` is True when an
+    earlier attempt with the same config was interrupted there."""
+
+    name: str
+    dir: Path
+    config: dict[str, Any]
+    resume: bool
+    data_dir: Path | None
+    results: dict[str, "StageOutcome"]  # outcomes of stages run before this one
+
+
+@dataclass
+class StageResult:
+    """What a stage function returns: headline figures plus files (relative to the stage dir)."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    figures: list[str] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Stage:
+    name: str
+    study: str
+    title: str
+    fn: Callable[[StageContext], StageResult]
+    config: dict[str, Any] = field(default_factory=dict)
+    needs: tuple[str, ...] = ()  # stages whose outcomes this one reads
+
+    def key(self) -> str:
+        blob = json.dumps({"name": self.name, "config": self.config}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    study: str
+    title: str
+    status: str  # "done" | "reused" | "failed" | "skipped"
+    seconds: float
+    dir: Path
+    result: StageResult
+    error: str = ""
+
+
+def _outcome_from_done(stage: Stage, folder: Path, status: str) -> StageOutcome:
+    done = read_json(folder / "done.json")
+    return StageOutcome(stage.name, stage.study, stage.title, status, done["seconds"], folder,
+                        StageResult(**done["result"]))
+
+
+def run_stage(stage: Stage, out: Path, data_dir: Path | None,
+              results: dict[str, StageOutcome]) -> StageOutcome:
+    """Run one stage unless a finished run with the same config key is there to reuse."""
+    folder = out / "stages" / stage.name
+    key = stage.key()
+    done_path, started_path = folder / "done.json", folder / "started.json"
+    if done_path.is_file() and read_json(done_path).get("key") == key:
+        return _outcome_from_done(stage, folder, "reused")
+    missing = [n for n in stage.needs if n not in results or results[n].status == "failed"]
+    if missing:
+        return StageOutcome(stage.name, stage.study, stage.title, "skipped", 0.0, folder, StageResult(),
+                            error=f"needs stage(s) {', '.join(missing)}, which did not finish")
+    resume = started_path.is_file() and read_json(started_path).get("key") == key
+    folder.mkdir(parents=True, exist_ok=True)
+    done_path.unlink(missing_ok=True)
+    write_json(started_path, {"key": key, "config": stage.config})
+    ctx = StageContext(stage.name, folder, stage.config, resume, data_dir, results)
+    t0 = time.perf_counter()
+    try:
+        result = stage.fn(ctx)
+    except Exception as exc:  # a failing stage must not stop the others
+        (folder / "error.txt").write_text(traceback.format_exc())
+        return StageOutcome(stage.name, stage.study, stage.title, "failed", time.perf_counter() - t0,
+                            folder, StageResult(), error=f"{type(exc).__name__}: {exc}")
+    seconds = time.perf_counter() - t0
+    write_json(done_path, {"key": key, "seconds": seconds, "result": result.__dict__})
+    return StageOutcome(stage.name, stage.study, stage.title, "done", seconds, folder, result)
+
+
+def run_stages(stages: Sequence[Stage], out: Path, *, data_dir: Path | None = None,
+               only: Sequence[str] | None = None,
+               on_stage: Callable[[int, Stage], None] | None = None) -> list[StageOutcome]:
+    """Run ``stages`` in order (those of studies in ``only``, if given); return their outcomes."""
+    selected = [s for s in stages if not only or s.study in only]
+    results: dict[str, StageOutcome] = {}
+    for i, stage in enumerate(selected):
+        if on_stage is not None:
+            on_stage(i, stage)
+        results[stage.name] = run_stage(stage, out, data_dir, results)
+    return list(results.values())

@@ -1,0 +1,88 @@
+"""``nnlab train``: flags and YAML config become a TrainConfig; bad input is one line, exit 2."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nnlab.cli import main
+
+FAST = ["--train-limit", "96", "--test-limit", "50", "--batch-size", "32", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_train_writes_summary_and_says_where(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--model", "lenet5", "--data", "mnist-5k", "--epochs", "2", "--optimizer", "adam",
+                 "--lr", "0.001", "--out", str(out), "--optimizer-option", "betas=[0.8, 0.99]", *FAST])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["test_top1"] <= 1 and 0 <= summary["test_top5"] <= 1 and summary["epochs"] == 2
+    assert summary["optimizer"] == "adam"
+    assert f"results in {out}" in capsys.readouterr().out
+    # the saved config is the resolved one, and --resume of the finished run is a no-op success
+    saved = (out / "config.yaml").read_text()
+    assert "optimizer: adam" in saved and "- 0.8" in saved
+    assert main(["train", "--epochs", "2", "--optimizer", "adam", "--lr", "0.001", "--out", str(out),
+                 "--optimizer-option", "betas=[0.8, 0.99]", "--resume", *FAST]) == 0
+
+
+def test_yaml_config_with_flag_overrides(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 1\nlr: 0.02\nschedule: step\nschedule_options: {gamma: 0.5}\nmax-steps: 2\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--lr", "0.03", "--out", str(out), *FAST]) == 0
+    saved = (out / "config.yaml").read_text()
+    assert "lr: 0.03" in saved and "schedule: step" in saved and "gamma: 0.5" in saved
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--model", "nope"], "invalid choice: 'nope'"),
+    (["--epochs", "0"], "expected a number >= 1"),
+    (["--lr", "fast"], "expected a number, got 'fast'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--model-option", "novalue"], "expects KEY=VALUE"),
+])
+def test_argument_errors_are_one_line(tmp_path, capsys, argv, words):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", str(tmp_path / "r"), *argv])
+    assert exc.value.code == 2 and words in one_line_error(capsys)
+
+
+def test_library_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "a"), "--lr", "-1", *FAST]) == 2
+    assert "lr must be a positive number" in one_line_error(capsys)
+    assert main(["train", "--out", str(tmp_path / "b"), "--optimizer-option", "bogus=1", *FAST]) == 2
+    assert "bogus" in one_line_error(capsys)
+    assert main(["train", "--out", str(tmp_path / "m"), "--model-option", "width=3", *FAST]) == 2
+    assert "width" in one_line_error(capsys)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 0.1\n")
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "c"), *FAST]) == 2
+    assert "unknown option(s) learning_rate" in one_line_error(capsys)
+
+
+def test_existing_run_needs_resume_and_same_config(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "--epochs", "1", "--max-steps", "1", "--out", out, *FAST]) == 0
+    capsys.readouterr()
+    assert main(["train", "--epochs", "1", "--max-steps", "1", "--out", out, *FAST]) == 2
+    assert "pass --resume" in one_line_error(capsys)
+    assert main(["train", "--epochs", "1", "--max-steps", "1", "--out", out, "--resume", "--seed", "3",
+                 *FAST]) == 2
+    assert "different config (seed: 0 -> 3)" in one_line_error(capsys)

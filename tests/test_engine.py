@@ -1,0 +1,241 @@
+"""Training engine: evaluation, schedules, optimisers, run folders, resume, divergence, callbacks."""
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from nnlab.data import load_dataset
+from nnlab.data.base import BatchLoader, DatasetSplits, ImageSet
+from nnlab.engine.checkpoint import load_checkpoint
+from nnlab.engine.metrics import read_jsonl
+from nnlab.engine.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
+from nnlab.engine.train import (Callback, TrainConfig, evaluate, topk_correct, topk_correct_reference,
+                                train)
+from nnlab.errors import CheckpointError, ConfigError, DivergenceError
+
+TIME_KEYS = {"epoch_time_s", "images_per_s"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CI machine is shared; one thread is also bit-for-bit stable
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits() -> DatasetSplits:
+    return load_dataset("mnist-5k")
+
+
+def tiny(**changes) -> TrainConfig:
+    base = dict(model="lenet5", data="mnist-5k", epochs=2, batch_size=32, train_limit=192, test_limit=100,
+                lr=0.05, log_every=2, progress=False, device="cpu")
+    return TrainConfig(**{**base, **changes})
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@pytest.mark.parametrize("classes", [3, 10])
+def test_topk_matches_reference(classes):
+    g = torch.Generator().manual_seed(1)
+    logits, y = torch.randn(50, classes, generator=g), torch.randint(0, classes, (50,), generator=g)
+    assert topk_correct(logits, y, (1, 2, 5)) == topk_correct_reference(logits, y, (1, 2, 5))
+
+
+def test_evaluate_fractions_and_top5_clamped_below_five_classes():
+    images = torch.randint(0, 256, (30, 1, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(30) % 3
+    data = ImageSet(images, labels, ["a", "b", "c"])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    res = evaluate(model, BatchLoader(data, 7), "cpu")
+    assert res.count == 30 and res.top5 == 1.0 and 0 <= res.top1 <= 1 and math.isfinite(res.loss)
+    with torch.no_grad():
+        x = images.float() / 255
+        expected = (model(x).argmax(1) == labels).float().mean().item()
+        loss = nn.functional.cross_entropy(model(x), labels).item()
+    assert res.top1 == pytest.approx(expected) and res.loss == pytest.approx(loss, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- optimisers, schedules
+
+
+def test_cosine_schedule_with_warmup_per_step():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, "cosine", total_steps=12, warmup_steps=2)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert lrs[2] == pytest.approx(1.0) and lrs[7] == pytest.approx(0.5)  # half-way through the decay
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 0.05
+
+
+def test_step_and_constant_schedules():
+    f = SCHEDULES.get("step")(total_steps=100, milestones=[0.5, 0.75], gamma=0.1)
+    assert [f(0), f(49), f(50), f(80)] == pytest.approx([1, 1, 0.1, 0.01])
+    assert SCHEDULES.get("constant")(total_steps=10, warmup_steps=4)(2) == pytest.approx(0.75)
+    with pytest.raises(ConfigError, match="unknown option"):
+        SCHEDULES.get("cosine")(total_steps=10, bogus=1)
+
+
+def test_optimizer_registry_and_errors(monkeypatch):
+    model = nn.Linear(3, 2)
+    for name in ("sgd", "adam", "adamw"):
+        opt = build_optimizer(name, model, lr=0.1, momentum=0.9, weight_decay=1e-4)
+        assert isinstance(opt, torch.optim.Optimizer) and opt.param_groups[0]["lr"] == 0.1
+    assert build_optimizer("sgd", model, lr=0.1, momentum=0.9, weight_decay=0, nesterov=True) \
+        .param_groups[0]["nesterov"] is True
+    with pytest.raises(ConfigError, match="bogus"):
+        build_optimizer("sgd", model, lr=0.1, momentum=0.9, weight_decay=0, bogus=1)
+    with pytest.raises(ConfigError, match="choose one of"):
+        OPTIMIZERS.get("lion")
+    monkeypatch.setitem(sys.modules, "nnlab.lbi", None)  # as if nnlab.lbi did not exist
+    with pytest.raises(ConfigError, match="nnlab.lbi"):
+        build_optimizer("slbi", model, lr=0.1, momentum=0.9, weight_decay=0)
+
+
+def test_bad_config_values_are_config_errors():
+    for change, word in [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"optimizer": "x"}, "optimizer"),
+                         ({"schedule": "x"}, "schedule"), ({"device": "tpu"}, "device"),
+                         ({"model_options": [1]}, "model_options")]:
+        with pytest.raises(ConfigError, match=word):
+            tiny(**change).validate()
+
+
+# --------------------------------------------------------------------------- train
+
+
+class Recorder(Callback):
+    """Counts hook calls, adds a key to epoch records, keeps state; can simulate a kill."""
+
+    def __init__(self, kill_at: int | None = None):
+        self.kill_at, self.steps, self.events = kill_at, 0, []
+
+    def on_train_start(self, ctx):
+        self.events.append("start")
+
+    def on_after_backward(self, ctx):
+        assert all(p.grad is not None for p in ctx.model.parameters())
+        self.events.append("backward")
+
+    def on_step_end(self, ctx):
+        self.steps += 1
+        if ctx.step == self.kill_at:
+            raise KeyboardInterrupt("simulated kill")
+
+    def on_epoch_end(self, ctx, record):
+        record["recorder_steps"] = self.steps
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+
+
+def test_train_writes_run_folder(tmp_path, digits):
+    rec = Recorder()
+    result = train(tiny(), tmp_path / "run", callbacks=[rec], data=digits)
+    s = result.summary
+    assert 0 <= s["test_top1"] <= 1 and 0 <= s["test_top5"] <= 1 and s["test_top5"] >= s["test_top1"]
+    assert s["epochs"] == 2 and s["steps"] == 12 and s["params"] == 61706
+    assert result.run.read_summary()["test_top1"] == s["test_top1"]
+    assert result.run.load_config()["lr"] == 0.05
+    records = read_jsonl(result.run.metrics_path)
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8, 10, 12]
+    epochs = [r for r in records if "test_top1" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2] and epochs[-1]["recorder_steps"] == 12
+    assert rec.events[0] == "start" and rec.events.count("backward") == 12
+    assert load_checkpoint(result.run.checkpoint_dir).step == 12
+    assert result.history == epochs
+
+
+def test_same_seed_same_weights_and_different_seed_differs(tmp_path, digits):
+    a = train(tiny(epochs=1), tmp_path / "a", data=digits).model
+    b = train(tiny(epochs=1), tmp_path / "b", data=digits).model
+    c = train(tiny(epochs=1, seed=1), tmp_path / "c", data=digits).model
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path, digits):
+    cfg = tiny(epochs=3, checkpoint_every=4, augment=True, warmup_steps=3)
+    ref = train(cfg, tmp_path / "ref", callbacks=[Recorder()], data=digits)
+    with pytest.raises(KeyboardInterrupt):  # killed mid-epoch 2 (step 10 of 18), last checkpoint step 8
+        train(cfg, tmp_path / "run", callbacks=[Recorder(kill_at=10)], data=digits)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint").step == 8
+    rec = Recorder()
+    res = train(cfg, tmp_path / "run", resume=True, callbacks=[rec], data=digits)
+    assert rec.steps == 18  # callback state came back from the checkpoint
+    ref_w, res_w = weights(ref.model), weights(res.model)
+    assert ref_w.keys() == res_w.keys() and all(torch.equal(ref_w[k], res_w[k]) for k in ref_w)
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in records]
+
+    assert strip(read_jsonl(res.run.metrics_path)) == strip(read_jsonl(ref.run.metrics_path))
+    for key in ("test_top1", "test_top5", "test_loss", "train_loss", "steps", "epochs"):
+        assert res.summary[key] == ref.summary[key]
+
+
+def test_resume_guards(tmp_path, digits):
+    train(tiny(epochs=1), tmp_path / "run", data=digits)
+    with pytest.raises(CheckpointError, match="--resume.*new --out"):
+        train(tiny(epochs=1), tmp_path / "run", data=digits)
+    with pytest.raises(ConfigError, match=r"different config \(epochs: 1 -> 2, lr: 0.05 -> 0.1\)"):
+        train(tiny(epochs=2, lr=0.1), tmp_path / "run", resume=True, data=digits)
+    done = train(tiny(epochs=1), tmp_path / "run", resume=True, data=digits)  # finished: nothing to do
+    assert done.summary["steps"] == 6
+
+
+class BlowUp(Callback):
+    """Sets a huge learning rate from step ``at`` on."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_end(self, ctx):
+        if ctx.step >= self.at:
+            for group in ctx.optimizer.param_groups:
+                group["lr"] = 1e6
+
+
+def test_divergence_stops_with_clear_error_and_keeps_good_checkpoint(tmp_path, digits):
+    with pytest.raises(DivergenceError, match=r"step \d+ .*lr .*--grad-clip"):
+        train(tiny(lr=1e6, schedule="constant"), tmp_path / "a", data=digits)
+    with pytest.raises(DivergenceError, match="last good checkpoint"):
+        train(tiny(epochs=3, checkpoint_every=2), tmp_path / "b", callbacks=[BlowUp(4)], data=digits)
+    ckpt = load_checkpoint(tmp_path / "b" / "checkpoint")
+    assert 2 <= ckpt.step <= 6 and all(torch.isfinite(t).all() for t in ckpt.tensors.values())
+    assert any(r.get("event") == "diverged" for r in read_jsonl(tmp_path / "b" / "metrics.jsonl"))
+
+
+def test_max_steps_eval_every_and_bf16_on_cpu_warns(tmp_path, digits):
+    with pytest.warns(UserWarning, match="bf16"):
+        res = train(tiny(epochs=3, max_steps=8, eval_every=2, bf16=True), tmp_path / "r", data=digits)
+    assert res.summary["steps"] == 8 and res.summary["epochs"] == 2
+    assert [("test_top1" in r) for r in res.history] == [False, True]
+
+
+def test_custom_model_and_three_classes(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (60, 1, 8, 8), dtype=torch.uint8, generator=g)
+    split = ImageSet(imgs, torch.arange(60) % 3, ["a", "b", "c"])
+    data = DatasetSplits("toy", split, split, (0.5,), (0.25,))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    res = train(tiny(epochs=2, batch_size=16, train_limit=None, test_limit=None), tmp_path / "r",
+                model=model, data=data)
+    assert res.model is model and res.summary["test_top5"] == 1.0 and res.summary["params"] == 195

@@ -1,0 +1,49 @@
+"""Data-parallel training: 2 CPU processes through torchrun (gloo) end with identical weights."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from nnlab.engine.metrics import read_jsonl
+
+SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from nnlab.engine import distributed as D
+    from nnlab.engine.train import TrainConfig, train
+
+    out = sys.argv[1]
+    cfg = TrainConfig(epochs=2, batch_size=16, train_limit=128, test_limit=50, log_every=2,
+                      checkpoint_every=3, progress=False, device="cpu")
+    res = train(cfg, out + "/run")
+    r = D.rank()
+    torch.save(res.model.state_dict(), f"{out}/rank{r}.pt")
+    json.dump({"world_size": D.world_size(), "summary": res.summary}, open(f"{out}/rank{r}.json", "w"))
+    D.shutdown()
+""")
+
+
+def test_two_cpu_processes_end_with_identical_weights(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    info = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [i["world_size"] for i in info] == [2, 2]
+    # both ranks see the evaluation reduced over the whole test set, so they agree exactly
+    assert info[0]["summary"]["test_top1"] == info[1]["summary"]["test_top1"]
+    assert info[0]["summary"]["steps"] == 8  # 128 images / 16 per batch / 2 ranks = 4 steps per epoch
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["test_top1"] == info[0]["summary"]["test_top1"]
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]  # rank 0 alone writes
+    assert [r["test_count"] for r in records if "test_top1" in r] == [50, 50]

@@ -1,0 +1,106 @@
+"""Bands, the resumable (bn, lr) sweep, its summary, the figures and the CLI."""
+import csv
+
+import pytest
+import torch
+
+from nnlab.cli import main
+from nnlab.engine.io import read_json
+from nnlab.errors import ConfigError
+from nnlab.landscape.bands import band_medians, eta_band, last_half_median, lr_band
+from nnlab.landscape.sweep import SweepConfig, pair_dir, run_sweep, train_config
+from test_landscape_engine import synthetic
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: far faster than two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def land(step, lo, hi, glo, ghi, beta, loss):
+    return {"probe": "landscape", "step": step, "land_loss_min": lo, "land_loss_max": hi,
+            "land_gdist_min": glo, "land_gdist_max": ghi, "land_beta": beta, "train_loss": loss}
+
+
+def dist(step, d, beta):
+    return {"probe": "graddist", "step": step, "grad_dist": d, "beta_t": beta}
+
+
+def test_bands_and_last_half_medians():
+    a = [land(1, 1.0, 3.0, 0.1, 0.5, 9.0, 2.0), land(31, 1.0, 1.5, 0.1, 0.2, 2.0, 1.0),
+         land(61, 0.5, 0.6, 0.1, 0.3, 4.0, 0.8), dist(2, 1.0, 5.0), dist(62, 0.2, 1.0)]
+    b = [land(1, 1.0, 2.0, 0.0, 0.1, 1.0, 2.5), land(31, 1.0, 1.1, 0.0, 0.1, 1.0, 1.5),
+         land(61, 1.0, 1.2, 0.0, 0.1, 1.0, 0.2), dist(2, 3.0, 7.0), dist(62, 0.4, 3.0), {"step": 60}]
+    band = eta_band(a, "loss")
+    assert band.steps == [1, 31, 61] and band.width == pytest.approx([2.0, 0.5, 0.1])
+    across = lr_band({0.1: {1: 2.0, 31: 1.0}, 0.2: {1: 2.5, 31: 1.5, 61: 0.2}})
+    assert across.steps == [1, 31] and across.low == [2.0, 1.0] and across.high == [2.5, 1.5]
+    assert last_half_median([1, 31, 61], [5.0, 1.0, 3.0], 60) == 3.0
+    assert last_half_median([1], [5.0], 60) is None
+    m = band_medians({0.1: a, 0.2: b}, total_steps=60)
+    assert m["eta_loss_band"] == pytest.approx((0.1 + 0.2) / 2)  # last half: step 61 only
+    assert m["eta_gdist_band"] == pytest.approx((0.2 + 0.1) / 2)
+    assert m["beta_eff"] == pytest.approx((4.0 + 1.0) / 2) and m["beta_t"] == pytest.approx(2.0)
+    assert m["lr_loss_band"] == pytest.approx(0.6) and m["lr_gdist_band"] == pytest.approx(0.2)
+    assert m["hess_top"] is None
+
+
+def tiny_sweep(**kw) -> SweepConfig:
+    base = dict(model="vgg-a", data="synthetic", lrs=[0.05, 0.1], epochs=1, batch_size=64, every=2,
+                eta_count=3, width=0.0625, progress=False, checkpoint_every=2)
+    return SweepConfig(**{**base, **kw})
+
+
+def test_train_config_follows_the_paper_and_picks_the_bn_variant():
+    on, off = train_config(SweepConfig(width=0.25), "on", 0.1), train_config(SweepConfig(), "off", 0.1)
+    assert on.model == "vgg-a-bn" and on.model_options == {"width": 0.25} and off.model == "vgg-a"
+    assert (on.momentum, on.weight_decay, on.schedule, on.optimizer) == (0.0, 0.0, "constant", "sgd")
+    assert train_config(SweepConfig(model="lenet5"), "on", 0.1).model_options == {"bn": True}
+    with pytest.raises(ConfigError, match="bn must be"):
+        SweepConfig(bn="maybe").validate()
+    with pytest.raises(ConfigError, match="duplicates"):
+        SweepConfig(lrs=[0.1, 0.1]).validate()
+
+
+def test_sweep_writes_summary_csv_and_skips_finished_pairs(tmp_path):
+    data = synthetic()
+    first = run_sweep(tiny_sweep(), tmp_path, data=data)
+    assert first.ran == [("off", 0.05), ("off", 0.1), ("on", 0.05), ("on", 0.1)] and not first.skipped
+    summary = read_json(tmp_path / "summary.json")
+    assert summary["complete"] and set(summary["top1"]) == {"off", "on"}
+    assert all(0.0 <= v <= 1.0 for bn in summary["top1"].values() for v in bn.values())
+    assert set(summary["band_medians"]["on"]) >= {"eta_loss_band", "eta_gdist_band", "beta_eff", "lr_loss_band"}
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert {r["bn"] for r in rows} == {"on", "off"} and any(r["probe"] == "landscape" for r in rows)
+    (pair_dir(tmp_path, "on", 0.1) / "summary.json").unlink()  # as if killed before the end
+    again = run_sweep(tiny_sweep(), tmp_path, data=data)
+    assert again.ran == [("on", 0.1)] and len(again.skipped) == 3
+    assert again.summary["top1"] == summary["top1"]  # resumed from its last checkpoint, same result
+    with pytest.raises(ConfigError, match="other settings"):
+        run_sweep(tiny_sweep(epochs=2), tmp_path, data=data)
+
+
+def test_cli_run_and_plot(tmp_path):
+    run = tmp_path / "run"
+    code = main(["landscape", "run", "--model", "vgg-a", "--bn", "both", "--data", "mnist-5k",
+                 "--lrs", "0.05,0.1", "--epochs", "1", "--batch-size", "32", "--every", "2",
+                 "--eta-count", "3", "--width", "0.0625", "--train-subset", "128", "--test-subset", "64",
+                 "--hessian-every", "2", "--hessian-iters", "2", "--no-progress", "--out", str(run)])
+    assert code == 0 and (run / "summary.json").is_file()
+    assert read_json(run / "summary.json")["band_medians"]["on"]["hess_top"] is not None
+    figs = tmp_path / "figs"
+    assert main(["landscape", "plot", str(run), "--out", str(figs), "--log"]) == 0
+    names = {p.name for p in figs.glob("*.png")}
+    assert names == {"curves.png", "loss_band.png", "gpred_band.png", "beta.png", "hessian.png"}
+    assert all(p.stat().st_size > 10_000 for p in figs.glob("*.png"))
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["landscape", "plot", str(tmp_path / "nothing"), "--out", str(tmp_path)]) == 2
+    assert "run 'nnlab landscape run" in capsys.readouterr().err
+    assert main(["landscape", "run", "--data", "mnist-5k", "--eta-range", "0.5", "--out", str(tmp_path)]) == 2
+    assert "--eta-range takes LOW,HIGH" in capsys.readouterr().err

@@ -1,0 +1,175 @@
+"""CP-ViT, ToMe, token runners and FLOP counts."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from nnlab.models import create_model
+from nnlab.prune import cpvit, tome
+from nnlab.prune.flops import vit_macs
+from nnlab.prune.runners import CPViTRunner, ToMeRunner, TokenRunner
+
+
+@pytest.fixture
+def vit():
+    return create_model("vit-test", num_classes=5, in_chans=3, image_size=16).eval()  # 16 patches, depth 3
+
+
+def test_column_mass_and_head_scores():
+    probs = torch.rand(2, 3, 5, 5).softmax(-1)
+    mass = cpvit.column_mass(probs)
+    torch.testing.assert_close(mass.sum(-1), torch.full((2,), 15.0))
+    hs = cpvit.head_scores(probs, mass)
+    assert hs.shape == (2, 3) and bool((hs > 0).all())
+    # A head that only looks at the highest-score token scores higher than a uniform head
+    focused = torch.zeros(1, 2, 4, 4)
+    focused[0, 0, :, 2] = 1.0
+    focused[0, 1] = 0.25
+    s = cpvit.head_scores(focused, torch.tensor([[1.0, 1.0, 5.0, 1.0]]))
+    assert s[0, 0] > s[0, 1]
+
+
+def test_attention_range():
+    peaked = torch.tensor([[10.0, 0.1, 0.1, 0.1]])
+    flat = torch.ones(1, 4)
+    assert cpvit.attention_range(peaked).item() == pytest.approx(0.25)
+    assert cpvit.attention_range(flat).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("target", [0.1, 0.5, 0.8])
+def test_cascade_ratios_meet_target_and_grow(target):
+    ranges = [0.9, 0.8, 0.5, 0.6, 0.4, 0.3]
+    r = cpvit.cascade_ratios(target, ranges, r_max=0.95)
+    assert sum(r) / len(r) == pytest.approx(target, abs=1e-6)
+    assert all(b >= a for a, b in zip(r, r[1:])) and max(r) <= 0.95
+
+
+def test_cascade_ratios_adapt_to_range():
+    wide = cpvit.cascade_ratios(0.3, [0.5, 1.0, 0.5, 0.5], r_max=0.95)
+    narrow = cpvit.cascade_ratios(0.3, [0.5, 0.1, 0.5, 0.5], r_max=0.95)
+    assert narrow[1] > wide[1]
+    with pytest.raises(ValueError):
+        cpvit.cascade_ratios(1.0, [0.5], 0.9)
+
+
+def test_keep_counts_monotone():
+    k = cpvit.keep_counts([0.1, 0.05, 0.5, 0.99], 10)
+    assert k == [9, 9, 5, 1]
+
+
+def test_select_patches_matches_reference():
+    x, s = torch.randn(3, 9, 4), torch.rand(3, 9)
+    fast_x, fast_s = cpvit.select_patches(x, s, 4)
+    ref_x, ref_s = cpvit.select_patches_reference(x, s, 4)
+    order = fast_s[:, 1:].argsort(-1)  # compare as sets: sort both by score
+    torch.testing.assert_close(fast_x[:, 0], x[:, 0])
+    torch.testing.assert_close(fast_s[:, 1:].sort(-1).values, ref_s[:, 1:].sort(-1).values)
+    torch.testing.assert_close(fast_x[:, 1:].gather(1, order[..., None].expand(-1, -1, 4)),
+                               ref_x[:, 1:].gather(1, ref_s[:, 1:].argsort(-1)[..., None].expand(-1, -1, 4)))
+
+
+def test_cpvit_runner_without_pruning_equals_base(vit):
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(CPViTRunner(vit, [16, 16, 16])(x), vit(x), atol=1e-5, rtol=1e-5)
+
+
+def test_cpvit_runner_removes_tokens(vit):
+    keep = cpvit.keep_counts(cpvit.cascade_ratios(0.5, [0.8, 0.7, 0.6], 1 - 1 / 16), 16)
+    run = CPViTRunner(vit, keep)
+    with torch.no_grad():
+        assert run(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+    assert run.token_counts().mlp == [1 + k for k in keep]
+    assert run.achieved_ratio() == pytest.approx(1 - sum(keep) / 48)
+    base = TokenRunner(vit)
+    with torch.no_grad():
+        base(torch.randn(2, 3, 16, 16))
+    assert run.macs() < 0.75 * base.macs()
+
+
+def test_cpvit_pruned_patch_stays_pruned(vit):
+    """A patch whose content is erased (zero) vanishes in layer 0 and never comes back: the kept
+    set of a later layer is a subset of the earlier one by construction (gather from survivors)."""
+    run = CPViTRunner(vit, [8, 4, 2])
+    with torch.no_grad():
+        run(torch.randn(2, 3, 16, 16))
+    assert run.token_counts().attn == [17, 9, 5]
+
+
+def test_bipartite_matching_protects_cls_and_merges_r():
+    metric = torch.randn(2, 9, 4)
+    plan = tome.bipartite_soft_matching(metric, 3)
+    assert plan.src.shape == (2, 3) and plan.unmerged.shape == (2, 2)
+    assert bool((plan.unmerged[:, 0] == 0).all())        # CLS stays first
+    assert not bool((plan.src == 0).any())
+
+
+def test_bipartite_matching_merges_duplicates():
+    base = torch.randn(1, 5, 8)
+    metric = torch.cat([base[:, :1], base[:, 1:2], base[:, 1:2] * 2, base[:, 3:]], 1)  # tokens 1, 2 parallel
+    # token 2 (even -> set A index 1) duplicates token 1 (odd -> set B index 0)
+    plan = tome.bipartite_soft_matching(metric, 1)
+    assert plan.src.tolist() == [[1]] and plan.dst.tolist() == [[0]]
+
+
+def test_merge_weighted_matches_reference():
+    x, size = torch.randn(3, 11, 4), torch.randint(1, 4, (3, 11, 1)).float()
+    plan = tome.bipartite_soft_matching(torch.randn(3, 11, 6), 4)
+    fx, fs = tome.merge_weighted(x, size, plan)
+    rx, rs = tome.merge_weighted_reference(x, size, plan)
+    torch.testing.assert_close(fx, rx)
+    torch.testing.assert_close(fs, rs)
+    torch.testing.assert_close(fs.sum((1, 2)), size.sum((1, 2)))   # sizes are conserved
+    torch.testing.assert_close((fx * fs).sum(1), (x * size).sum(1))  # so is the weighted mass
+
+
+def test_tome_schedule_and_r_for_ratio():
+    assert tome.token_schedule(16, 3, 2) == [14, 12, 10]
+    assert tome.token_schedule(16, 3, 100) == [8, 4, 2]
+    r = tome.r_for_ratio(0.5, 64, 6)
+    achieved = 1 - sum(tome.token_schedule(64, 6, r)) / (6 * 64)
+    assert abs(achieved - 0.5) < 0.05
+    assert tome.r_for_ratio(0.0, 64, 6) == 0
+
+
+def test_tome_runner(vit):
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ToMeRunner(vit, 0)(x), vit(x), atol=1e-5, rtol=1e-5)
+        run = ToMeRunner(vit, 3)
+        assert run(x).shape == (4, 5)
+    assert run.token_counts().mlp == [14, 11, 8]
+
+
+def test_size_bias_is_proportional_attention():
+    """A token of size 2 must act like two identical tokens of size 1 in attention."""
+    from nnlab.models.vit import attention_reference
+    q, k, v = torch.randn(3, 1, 1, 3, 4).unbind(0)
+    dup_k, dup_v = torch.cat([k, k[:, :, 2:]], 2), torch.cat([v, v[:, :, 2:]], 2)
+    out_dup, _ = attention_reference(q, dup_k, dup_v, 0.5)
+    bias = tome.size_bias(torch.tensor([[[1.0], [1.0], [2.0]]]))
+    out_prop, _ = attention_reference(q, k, v, 0.5, bias)
+    torch.testing.assert_close(out_prop, out_dup)
+
+
+def _counted_macs(model, x):
+    # The math backend decomposes fused attention into matmuls the counter sees
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with FlopCounterMode(display=False) as fc, torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        model(x)
+    return fc.get_total_flops() / 2 / x.shape[0]
+
+
+def test_flops_match_torch_counter(vit):
+    x = torch.randn(2, 3, 16, 16)
+    base = TokenRunner(vit)
+    assert _counted_macs(base, x) == pytest.approx(vit_macs(vit.config))
+    assert base.macs() == pytest.approx(vit_macs(vit.config))
+    cp = CPViTRunner(vit, [8, 4, 2])
+    assert _counted_macs(cp, x) == pytest.approx(cp.macs())
+    tm = ToMeRunner(vit, 3)
+    assert _counted_macs(tm, x) == pytest.approx(tm.macs())
+
+
+def test_vit_b16_flops():
+    cfg = create_model("vit-b16", num_classes=1000, in_chans=3, image_size=224).config
+    assert vit_macs(cfg) / 1e9 == pytest.approx(17.58, abs=0.05)  # the published 17.6 GFLOPs

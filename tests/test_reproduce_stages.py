@@ -1,0 +1,55 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from nnlab.report import Section, build_report
+from nnlab.reproduce.stages import Stage, StageResult, run_stages
+
+
+def _make_stages(log: list, fail: bool = False, kill_at: str | None = None):
+    def figure_stage(ctx):
+        log.append((ctx.name, ctx.resume))
+        if kill_at == ctx.name:
+            raise KeyboardInterrupt  # a kill: not caught, like SIGINT
+        if fail and ctx.name == "b":
+            raise RuntimeError("boom")
+        (ctx.dir / "fig.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+        (ctx.dir / "t.csv").write_text("ratio,top1\n0.5,0.9\n")
+        return StageResult(metrics={f"{ctx.name}_x": 0.5}, figures=["fig.png"], tables=["t.csv"])
+
+    return [Stage(n, "lbi", f"stage {n}", figure_stage, {"n": n}) for n in ("a", "b", "c")]
+
+
+def test_killed_run_reuses_finished_stages_and_resumes_the_killed_one(tmp_path):
+    log = []
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(_make_stages(log, kill_at="b"), tmp_path)
+    assert log == [("a", False), ("b", False)]
+    log.clear()
+    outcomes = run_stages(_make_stages(log), tmp_path)
+    assert [o.status for o in outcomes] == ["reused", "done", "done"]
+    assert log == [("b", True), ("c", False)]  # a not redone; b told to resume
+
+
+def test_changed_config_reruns_and_failure_does_not_stop_others(tmp_path):
+    log = []
+    run_stages(_make_stages(log), tmp_path)
+    stages = _make_stages(log, fail=True)
+    stages[1].config["n"] = "changed"
+    outcomes = run_stages(stages, tmp_path)
+    assert [o.status for o in outcomes] == ["reused", "failed", "reused"]
+    assert "boom" in outcomes[1].error and (tmp_path / "stages/b/error.txt").is_file()
+
+
+def test_report_images_and_tables_resolve(tmp_path):
+    outcomes = run_stages(_make_stages([], fail=True), tmp_path)
+    section = Section("lbi", "DessiLBI", "intro", [("a_x", "a metric", "slbi_top1", 100.0)])
+    files = build_report(outcomes, tmp_path, [section], {"lbi": {"slbi_top1": {"value": 98.61}}},
+                         title="t")
+    page = files.html.read_text()
+    srcs = re.findall(r"<img src='([^']+)'", page)
+    assert len(srcs) == 2 and all((tmp_path / s).is_file() for s in srcs)
+    md = files.markdown.read_text()
+    assert "| a metric | 50 | 98.61 |" in md and "boom" in md
+    assert all((tmp_path / m).is_file() for m in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md))
