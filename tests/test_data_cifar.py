@@ -13,9 +13,21 @@ from nnlab.data.cifar import BATCHES, CIFAR10_CLASSES, safe_unpickle
 from nnlab.errors import DataError
 
 
+USER_CACHE = os.environ.get("NNLAB_DATA")
+
+
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NNLAB_DATA", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def user_cache(monkeypatch):
+    """The real data sets use the user's cache, so they are decoded once, not once per test run."""
+    if USER_CACHE is None:
+        monkeypatch.delenv("NNLAB_DATA")
+    else:
+        monkeypatch.setenv("NNLAB_DATA", USER_CACHE)
 
 
 def make_batches(folder, n=4, protocol=2, seed=0):
@@ -52,6 +64,35 @@ def test_python_batches_in_official_tar_gz(tmp_path):
         tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     d = load_dataset("cifar10", archive)
     assert torch.equal(d.test.images.reshape(4, -1), torch.from_numpy(written["test_batch"][b"data"]))
+
+
+class _Py2Dtype:
+    def __reduce__(self):
+        return (np.dtype, (b"u1", 0, 1), (3, b"|", None, None, None, -1, -1, 0))
+
+
+class _Py2Array:
+    """Reduces the way NumPy arrays did in the Python 2 pickles of the official batches."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def __reduce__(self):
+        try:
+            from numpy._core.multiarray import _reconstruct  # NumPy 2
+        except ImportError:
+            from numpy.core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.ndarray, (0,), b"b"), (1, (2, 3072), _Py2Dtype(), False, self.raw))
+
+
+def test_python2_style_pickle_of_the_official_files():
+    raw = np.arange(2 * 3072, dtype=np.uint8).tobytes()
+    blob = pickle.dumps({b"data": _Py2Array(raw), b"labels": [1, 2]}, protocol=2)
+    blob = blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")  # the NumPy 1 name
+    batch = safe_unpickle(blob, "x")
+    assert batch[b"labels"] == [1, 2] and batch[b"data"].tobytes() == raw
+    assert batch[b"data"].dtype == np.uint8 and batch[b"data"].shape == (2, 3072)
 
 
 class Evil:
@@ -114,7 +155,7 @@ def test_image_folder_wrong_class_count_or_size(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_cifar10(shared_data):
+def test_real_cifar10(shared_data, user_cache):
     d = load_dataset("cifar10", shared_data / "cifar10")
     assert (len(d.train), len(d.test), d.shape, d.num_classes) == (50000, 10000, (3, 32, 32), 10)
     assert torch.bincount(d.train.labels).tolist() == [5000] * 10

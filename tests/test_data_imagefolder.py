@@ -1,4 +1,5 @@
 """Image folders with and without classes, celeba64, tar.gz input, the decoded cache, and errors."""
+import os
 import tarfile
 import time
 
@@ -13,9 +14,21 @@ from nnlab.data.imagefolder import decode_image
 from nnlab.errors import DataError
 
 
+USER_CACHE = os.environ.get("NNLAB_DATA")
+
+
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NNLAB_DATA", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def user_cache(monkeypatch):
+    """The real data sets use the user's cache, so they are decoded once, not once per test run."""
+    if USER_CACHE is None:
+        monkeypatch.delenv("NNLAB_DATA")
+    else:
+        monkeypatch.setenv("NNLAB_DATA", USER_CACHE)
 
 
 def save(path, size=(8, 6), mode="RGB", value=None, seed=0):
@@ -102,6 +115,22 @@ def test_cache_is_used_and_invalidated(tmp_path):
     assert uncached.mean == pytest.approx(changed.mean)
 
 
+def test_corrupt_cache_entry_is_rebuilt_and_cli_image_size(tmp_path, capsys):
+    import json
+
+    from nnlab.cli import main
+
+    for i in range(4):
+        save(tmp_path / "d" / f"{i}.png", size=(10, 12), value=10 * i)
+    assert main(["data", "info", "imagefolder", "--data-dir", str(tmp_path / "d"), "--image-size", "5"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["train_size"], info["test_size"], info["shape"], info["num_classes"]) == (3, 1, [3, 5, 5], 0)
+    (entry,) = (cache_dir() / "decoded").glob("imagefolder-*.safetensors")
+    entry.write_bytes(b"garbage")
+    d = load_dataset("imagefolder", tmp_path / "d", image_size=5)
+    assert d.test.images.eq(30).all() and entry.stat().st_size > 100  # rebuilt and rewritten
+
+
 def test_errors_name_the_file_and_fix(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty is empty"):
@@ -156,7 +185,7 @@ def test_bad_image_size_option(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_celeba64(shared_data):
+def test_real_celeba64(shared_data, user_cache):
     d = load_dataset("celeba64", shared_data / "celeba")
     assert (len(d.train), len(d.test), d.shape, d.num_classes) == (9000, 1000, (3, 64, 64), 0)
     assert d.train.images.float().mean() > 50  # real faces, not blank

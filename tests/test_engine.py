@@ -223,6 +223,27 @@ def test_divergence_stops_with_clear_error_and_keeps_good_checkpoint(tmp_path, d
     assert any(r.get("event") == "diverged" for r in read_jsonl(tmp_path / "b" / "metrics.jsonl"))
 
 
+class Poison(Callback):
+    """Makes one weight infinite after step ``at`` (a finite loss until the next forward)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_end(self, ctx):
+        if ctx.step == self.at:
+            with torch.no_grad():
+                ctx.model.fc2.bias[0] = float("inf")
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, digits):
+    with pytest.raises(DivergenceError, match=r"non-finite \(fc2.bias\) by step 6"):
+        train(tiny(epochs=2), tmp_path / "r", callbacks=[Poison(6)], data=digits)  # 6 = end of epoch 1
+    assert not (tmp_path / "r" / "checkpoint" / "latest.json").exists()
+    with pytest.raises(DivergenceError, match="by step 4"):  # caught by the step-4 checkpoint
+        train(tiny(epochs=2, checkpoint_every=2), tmp_path / "s", callbacks=[Poison(4)], data=digits)
+    assert load_checkpoint(tmp_path / "s" / "checkpoint").step == 2
+
+
 def test_max_steps_eval_every_and_bf16_on_cpu_warns(tmp_path, digits):
     with pytest.warns(UserWarning, match="bf16"):
         res = train(tiny(epochs=3, max_steps=8, eval_every=2, bf16=True), tmp_path / "r", data=digits)

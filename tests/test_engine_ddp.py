@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from nnlab.engine.metrics import read_jsonl
@@ -47,3 +48,51 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path):
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]  # rank 0 alone writes
     assert [r["test_count"] for r in records if "test_top1" in r] == [50, 50]
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from nnlab.engine import distributed as D
+    from nnlab.engine.train import Callback, TrainConfig, train
+
+    class Kill(Callback):
+        def __init__(self, at):
+            self.at = at
+
+        def on_step_end(self, ctx):
+            if ctx.step == self.at:
+                raise SystemExit(3)
+
+    out, name, kill_at, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+    cfg = TrainConfig(epochs=2, batch_size=16, train_limit=192, test_limit=50, log_every=1,
+                      checkpoint_every=2, augment=True, progress=False, device="cpu")
+    res = train(cfg, f"{out}/{name}", resume=resume, callbacks=[Kill(kill_at)])
+    torch.save(res.model.state_dict(), f"{out}/{name}-rank{D.rank()}.pt")
+    D.shutdown()
+""")
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_bit_identically(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(RESUME_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(name, kill_at, resume):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(script), str(tmp_path), name, str(kill_at), str(int(resume))]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+
+    assert launch("ref", 0, False).returncode == 0
+    assert launch("cut", 9, False).returncode != 0  # killed at step 9 of 12; checkpoint at step 8
+    out = launch("cut", 0, True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for r in (0, 1):
+        a, b = torch.load(tmp_path / f"ref-rank{r}.pt"), torch.load(tmp_path / f"cut-rank{r}.pt")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def strip(path):
+        return [{k: v for k, v in rec.items() if k not in ("epoch_time_s", "images_per_s")}
+                for rec in read_jsonl(path)]
+
+    assert strip(tmp_path / "ref" / "metrics.jsonl") == strip(tmp_path / "cut" / "metrics.jsonl")

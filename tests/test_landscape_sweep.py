@@ -39,10 +39,10 @@ def test_bands_and_last_half_medians():
     assert band.steps == [1, 31, 61] and band.width == pytest.approx([2.0, 0.5, 0.1])
     across = lr_band({0.1: {1: 2.0, 31: 1.0}, 0.2: {1: 2.5, 31: 1.5, 61: 0.2}})
     assert across.steps == [1, 31] and across.low == [2.0, 1.0] and across.high == [2.5, 1.5]
-    assert last_half_median([1, 31, 61], [5.0, 1.0, 3.0], 60) == 3.0
+    assert last_half_median([1, 31, 61], [5.0, 1.0, 3.0], 60) == 2.0  # steps 31, 61
     assert last_half_median([1], [5.0], 60) is None
-    m = band_medians({0.1: a, 0.2: b}, total_steps=60)
-    assert m["eta_loss_band"] == pytest.approx((0.1 + 0.2) / 2)  # last half: step 61 only
+    m = band_medians({0.1: a, 0.2: b}, total_steps=100)
+    assert m["eta_loss_band"] == pytest.approx((0.1 + 0.2) / 2)  # last half: steps 61, 62 only
     assert m["eta_gdist_band"] == pytest.approx((0.2 + 0.1) / 2)
     assert m["beta_eff"] == pytest.approx((4.0 + 1.0) / 2) and m["beta_t"] == pytest.approx(2.0)
     assert m["lr_loss_band"] == pytest.approx(0.6) and m["lr_gdist_band"] == pytest.approx(0.2)

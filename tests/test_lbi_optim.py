@@ -58,7 +58,7 @@ def test_foreach_matches_reference_over_100_steps(flavour):
     ref_model = copy.deepcopy(fast_model)
     build = build_slbi if flavour == "sgd" else build_slbi_adam
     lr = 0.1 if flavour == "sgd" else 0.01
-    kw = dict(lr=lr, momentum=0.9, weight_decay=1e-3, mu=5.0, lam=0.05, kappa=2.0)
+    kw = dict(lr=lr, momentum=0.9, weight_decay=1e-3, mu=5.0, lam=0.05, kappa=2.0, gamma_lr=0.1)
     fast = build(fast_model, foreach=True, **kw)
     ref = build(ref_model, foreach=False, **kw)
     batches = _batches(100)
@@ -184,7 +184,7 @@ def test_bad_group_override_raises_value_error():
 def test_w_star_masks_and_restores():
     torch.manual_seed(5)
     model = Tiny()
-    opt = build_slbi(model, lr=0.1, mu=5.0, lam=0.2)
+    opt = build_slbi(model, lr=0.1, mu=5.0, lam=0.35)
     _train(model, opt, _batches(40))
     before = model.conv.weight.detach().clone()
     mask = opt.support_mask(model.conv.weight)

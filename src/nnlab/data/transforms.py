@@ -29,7 +29,8 @@ class Normalize:
 
 @dataclass
 class RandomCrop:
-    """Zero-pad by ``padding`` then take a random ``size`` x ``size`` crop per image."""
+    """Zero-pad by ``padding`` then take a random ``size`` x ``size`` crop per image:
+    (B, C, H, W) -> (B, C, size, size). Reference: :func:`random_crop_reference`."""
 
     size: int
     padding: int = 4
@@ -46,6 +47,17 @@ class RandomCrop:
         cols = (left[:, None] + ar)[:, None, :]
         bidx = torch.arange(b)[:, None, None]
         return xp.permute(0, 2, 3, 1)[bidx, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def random_crop_reference(x: torch.Tensor, generator: torch.Generator, size: int,
+                          padding: int) -> torch.Tensor:
+    """Plain per-image loop doing what :class:`RandomCrop` does (same random draws), kept as the
+    reference that the vectorised version is tested against. (B, C, H, W) -> (B, C, size, size)."""
+    b, _, h, w = x.shape
+    xp = F.pad(x, (padding,) * 4)
+    top = torch.randint(0, h + 2 * padding - size + 1, (b,), generator=generator)
+    left = torch.randint(0, w + 2 * padding - size + 1, (b,), generator=generator)
+    return torch.stack([xp[i, :, t:t + size, l:l + size] for i, (t, l) in enumerate(zip(top, left))])
 
 
 @dataclass

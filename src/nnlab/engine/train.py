@@ -374,14 +374,19 @@ class _Trainer:
     # ---- checkpoints
 
     def _save(self) -> None:
-        rng = [rng_state()]
+        bad = [n for n, t in self.model.named_parameters() if not torch.isfinite(t).all()]
+        if bad:  # never replace the last good checkpoint with broken weights
+            self._diverged(f"weights became non-finite ({bad[0]}) by step {self.p.step}", float("nan"))
+        # per-rank state: RNG and this rank's running epoch sums (the rest is the same on all ranks)
+        mine = {"rng": rng_state(), "sums": [self.p.loss_sum, self.p.correct, self.p.count]}
+        ranks = [mine]
         if self.dist.world_size > 1:
-            rng = [None] * self.dist.world_size
-            torch.distributed.all_gather_object(rng, rng_state())
+            ranks = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(ranks, mine)
         if not self.main:
             return
         state = {"progress": dataclasses.asdict(self.p), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "rng": rng,
+                 "scheduler": self.scheduler.state_dict(), "ranks": ranks,
                  "callbacks": [cb.state_dict() for cb in self.callbacks]}
         tensors = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         save_checkpoint(self.run_dir.checkpoint_dir, self.p.step, tensors, state)
@@ -398,8 +403,13 @@ class _Trainer:
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(f"the checkpoint in {self.run_dir.checkpoint_dir} does not fit this "
                                   f"model/optimizer/callbacks ({exc}); start a new --out folder") from None
-        rng = ckpt.state["rng"]
-        set_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
+        ranks = ckpt.state["ranks"]
+        if len(ranks) != self.dist.world_size:
+            raise CheckpointError(f"the checkpoint in {self.run_dir.checkpoint_dir} was written by "
+                                  f"{len(ranks)} process(es); resume it with the same number, not "
+                                  f"{self.dist.world_size}")
+        set_rng_state(ranks[self.dist.rank]["rng"])
+        self.p.loss_sum, self.p.correct, self.p.count = ranks[self.dist.rank]["sums"]
 
     # ---- run
 
@@ -472,7 +482,7 @@ class _Trainer:
         ctx.loss = loss
         value = float(D.all_reduce_mean(loss.detach().clone()))
         if not math.isfinite(value):
-            self._diverged(value)
+            self._diverged(f"loss became {value} at step {p.step + 1}", value)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for cb in self.callbacks:
@@ -492,13 +502,14 @@ class _Trainer:
         ctx.x = ctx.y = ctx.loss = None
         return value
 
-    def _diverged(self, value: float) -> None:
+    def _diverged(self, what: str, value: float) -> None:
+        """Raise DivergenceError (``what`` happened) without writing a checkpoint."""
         p = self.p
         self._log({"event": "diverged", "loss": value, "lr": self.ctx.lr})
         kept = (f"the last good checkpoint is kept in {self.run_dir.checkpoint_dir}"
                 if has_checkpoint(self.run_dir.checkpoint_dir) else "no checkpoint had been written yet")
         raise DivergenceError(
-            f"loss became {value} at step {p.step + 1} (epoch {p.epoch + 1}, lr {self.ctx.lr:.4g}); "
+            f"{what} (epoch {p.epoch + 1}, lr {self.ctx.lr:.4g}); "
             f"lower --lr or enable gradient clipping (e.g. --grad-clip 1.0), and start a new --out folder "
             f"or --resume from the checkpoint; {kept}")
 

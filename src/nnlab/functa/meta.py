@@ -59,17 +59,28 @@ def shared_terms(model: LatentModulatedSiren, size: tuple[int, ...]) -> Shared:
 
 
 def _layer_sin_cos(model, shared, shift, scale, i, h):
-    """Sine layer i for a batch: returns (pre-activation a or None, sin, cos), each (B, P, W)."""
+    """Sine layer i for a batch: returns (pre-activation a or None, sin, cos), each (B, P, W).
+
+    Shift-only layers fold w0 into the weights (u = h (w0 W)^T + w0 (b + shift), one batched
+    GEMM); the first layer uses sin(A + B) = sin A cos B + cos A sin B with A shared by all images.
+    """
     w0 = model.config.w0
-    if i == 0 and scale is None:  # sin(A + B) = sin A cos B + cos A sin B with A shared
+    if scale is None and i == 0:
         sb, cb = torch.sin(w0 * shift[:, 0]).unsqueeze(1), torch.cos(w0 * shift[:, 0]).unsqueeze(1)
-        return None, shared.s1 * cb + shared.c1 * sb, shared.c1 * cb - shared.s1 * sb
+        return None, torch.addcmul(shared.s1 * cb, shared.c1, sb), \
+            torch.addcmul(shared.c1 * cb, shared.s1, sb, value=-1.0)
+    if scale is None:
+        layer = model.hidden[i - 1]
+        bias = (w0 * (layer.bias + shift[:, i])).unsqueeze(1)                    # (B, 1, W)
+        weight_t = (w0 * layer.weight.t()).expand(h.shape[0], -1, -1)          # (B, W, W)
+        u = torch.baddbmm(bias, h, weight_t)
+        return None, torch.sin(u), torch.cos(u)
     if i == 0:
         a = shared.pre1.unsqueeze(0)
     else:
         layer = model.hidden[i - 1]
         a = torch.matmul(h, layer.weight.t()) + layer.bias
-    u = a * scale[:, None, i] if scale is not None else a
+    u = a * scale[:, None, i]
     if shift is not None:
         u = u + shift[:, None, i]
     u = w0 * u
@@ -91,18 +102,22 @@ def latent_grad(model: LatentModulatedSiren, shared: Shared, z: torch.Tensor, ta
         saved.append((a, cos))
     err = torch.matmul(h, model.out.weight.t()) + (model.out.bias + 0.5) - target   # (B, P, C)
     mse = err.pow(2).mean(dim=(1, 2))
-    g_h = torch.matmul(err * (2.0 / (err.shape[1] * err.shape[2])), model.out.weight)
+    g_h = torch.matmul(err, (2.0 / (err.shape[1] * err.shape[2])) * model.out.weight)
     g_shift, g_scale = [], []
     for i in reversed(range(c.num_modulated)):
         a, cos = saved[i]
-        g_u = g_h * cos * c.w0                                               # (B, P, W)
-        g_shift.append(g_u.sum(1))
-        if scale is not None:
-            a_full = a if a.shape[0] == g_u.shape[0] else a.expand_as(g_u)
-            g_scale.append((g_u * a_full).sum(1))
-            g_u = g_u * scale[:, None, i]
+        g_u = g_h * cos                                                      # dL/du, (B, P, W)
+        g_sum = g_u.sum(1)
+        if scale is None:
+            g_shift.append(c.w0 * g_sum)
+            if i > 0:
+                g_h = torch.matmul(g_u, c.w0 * model.hidden[i - 1].weight)
+            continue
+        g_shift.append(c.w0 * g_sum)
+        a_full = a if a.shape[0] == g_u.shape[0] else a.expand_as(g_u)
+        g_scale.append(c.w0 * (g_u * a_full).sum(1))
         if i > 0:
-            g_h = torch.matmul(g_u, model.hidden[i - 1].weight)
+            g_h = torch.matmul(g_u * scale[:, None, i], c.w0 * model.hidden[i - 1].weight)
     g_mod = _stack_mods(c, g_shift[::-1], g_scale[::-1])                      # (B, modulation_dim)
     return _latent_map_vjp(model, z, g_mod, create_graph), mse
 

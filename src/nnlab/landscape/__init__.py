@@ -14,10 +14,14 @@ Every probe restores the weights, buffers (BN running statistics, ``num_batches_
 state it touches, and never calls the optimiser, so training with probes is bit-identical to
 training without them.
 """
+from nnlab.landscape.bands import Band, band_medians, eta_band, lr_band
+from nnlab.landscape.callback import LandscapeProbe
 from nnlab.landscape.hessian import HessianResult, top_hessian_eigenvalue, top_hessian_eigenvalue_reference
 from nnlab.landscape.probe import (ModelSnapshot, StepLandscape, default_etas, gradient_distance,
                                    landscape_step, landscape_step_reference, restore, snapshot)
+from nnlab.landscape.sweep import SweepConfig, SweepResult, run_sweep
 
-__all__ = ["HessianResult", "ModelSnapshot", "StepLandscape", "default_etas", "gradient_distance",
+__all__ = ["Band", "LandscapeProbe", "SweepConfig", "SweepResult", "band_medians", "eta_band", "lr_band",
+           "run_sweep", "HessianResult", "ModelSnapshot", "StepLandscape", "default_etas", "gradient_distance",
            "landscape_step", "landscape_step_reference", "restore", "snapshot",
            "top_hessian_eigenvalue", "top_hessian_eigenvalue_reference"]

@@ -6,7 +6,10 @@
   the 7x7 conv is replaced by three 3x3 convs (widths 32, 32, 64), with the stride-2
   downsampling postponed to the *third* conv (the first two have stride 1), as specified here;
 * ResNet-D shortcut (same paper): a downsampling shortcut is a 2x2 average pool (stride 2)
-  followed by a 1x1 conv (stride 1), instead of a strided 1x1 conv that drops 3/4 of the input;
+  followed by a 1x1 conv (stride 1), instead of a strided 1x1 conv that drops 3/4 of the input
+  (pooling uses ``ceil_mode`` so odd sizes match the strided 3x3 branch: 7 -> 4). Unlike the
+  post-activation ResNet-D there is no BN after the 1x1 conv: its input is already pre-activated
+  and the sum is normalised by the next block's pre-activation;
 * full pre-activation residual blocks (He et al. 2016, "Identity Mappings in Deep Residual
   Networks"): ``x + conv(relu(bn(conv(relu(bn(x))))))``. As in that paper, a projection
   shortcut takes the pre-activated input ``relu(bn1(x))``, and the network ends with BN-ReLU
@@ -18,6 +21,7 @@ Small inputs (``image_size <= 64``, e.g. 28x28 MNIST, 32x32 CIFAR) follow the CI
 convention: the stem keeps stride 1 throughout and has no max-pool, so a 32x32 image reaches
 the stages at 32x32 and leaves them at 4x4 (28x28: 28-14-7-4). Larger inputs use the ImageNet
 schedule: third stem conv stride 2, then a 3x3 max-pool with stride 2 (224x224: 56 -> 7).
+For 3x32x32 inputs and 10 classes it has 11,199,082 parameters.
 
 ``resnet56`` -- the CIFAR ResNet of He et al. (2015, "Deep Residual Learning for Image
 Recognition", Sec. 4.2): a 3x3 conv with 16 filters, then 3 stages of 9 post-activation basic
@@ -26,6 +30,9 @@ average pooling and a linear classifier. Option ``shortcut``: ``"A"`` (default, 
 paper's CIFAR experiments) is a parameter-free identity that subsamples by 2 and zero-pads the
 new channels, giving 853,018 parameters for 10 classes; ``"B"`` projects with a strided 1x1
 conv + BN where the shape changes (855,770 parameters).
+
+Both use He et al. (2015) init for convs (:func:`~nnlab.models.layers.init_kaiming`), BN (1, 0)
+and PyTorch's default init for the final linear layer.
 """
 from __future__ import annotations
 

@@ -22,6 +22,9 @@ the last one is already 1x1), so the 32x32 model is the standard one; a 28x28 MN
 28-14-7-4-2-1 instead of collapsing to 0x0, and larger images are average-pooled after the
 last block.
 
+Init: Kaiming-normal convs (fan_out, ReLU) with zero biases, BN (1, 0), PyTorch's default for
+the linear layers (:func:`~nnlab.models.layers.init_kaiming`).
+
 Layers are named so studies can address them: ``features.conv3_1``, ``features.bn3_1``,
 ``classifier.fc1``, ``classifier.bn_fc1``, ... (see :meth:`VGG.conv_layers`).
 """

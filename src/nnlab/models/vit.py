@@ -250,7 +250,7 @@ VIT_PRESETS: dict[str, dict] = {
     "vit-s16": dict(patch_size=16, dim=384, depth=12, heads=6, mlp_ratio=4.0),
     "vit-tiny-cifar": dict(patch_size=4, dim=192, depth=6, heads=3, mlp_ratio=2.0),
     "vit-small-cifar": dict(patch_size=4, dim=192, depth=9, heads=3, mlp_ratio=2.0),
-    "vit-mnist": dict(patch_size=4, dim=64, depth=6, heads=4, mlp_ratio=2.0),
+    "vit-mnist": dict(patch_size=4, dim=64, depth=4, heads=2, mlp_ratio=2.0),
     "vit-test": dict(patch_size=4, dim=16, depth=3, heads=2, mlp_ratio=2.0),
 }
 DEFAULT_IMAGE_SIZE = {"vit-b16": 224, "vit-s16": 224}

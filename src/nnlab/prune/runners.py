@@ -145,3 +145,47 @@ class ToMeRunner(TokenRunner):
 
     def spec(self) -> dict:
         return {"r": self.r}
+
+
+class APViTRunner(TokenRunner):
+    """AP-ViT: agents in front of blocks ``positions`` drop tokens whose prune probability
+    exceeds ``threshold``. Per-image counts vary; padding is masked in attention."""
+
+    method = "ap-vit"
+
+    def __init__(self, vit: ViT, agents: nn.ModuleList, positions: list[int], threshold: float):
+        super().__init__(vit)
+        self.agents, self.positions, self.threshold = agents, [int(p) for p in positions], float(threshold)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from nnlab.prune import apvit
+        x = self.vit.embed(images)
+        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        bias = None
+        for layer, block in enumerate(self.vit.blocks):
+            if layer in self.positions:
+                prob = torch.sigmoid(self.agents[self.positions.index(layer)](x))
+                keep = valid & (prob <= self.threshold)
+                keep[:, 0] = True
+                x, valid = apvit.compact(x, keep)
+                bias = apvit.padding_bias(valid)
+            x = block(x, bias)
+            t = float(valid.sum()) / x.shape[0]
+            self._record(layer, x.shape[0], t, t)
+        return self.vit.classify(x)
+
+    def spec(self) -> dict:
+        return {"positions": self.positions, "threshold": self.threshold}
+
+
+class PViTRunner(TokenRunner):
+    """P-ViT: a physically slimmed ViT (all tokens), remembering which dimensions it kept."""
+
+    method = "p-vit"
+
+    def __init__(self, vit: ViT, attn_keep: list[list[int]], mlp_keep: list[list[int]]):
+        super().__init__(vit)
+        self.attn_keep, self.mlp_keep = attn_keep, mlp_keep
+
+    def spec(self) -> dict:
+        return {"attn_keep": self.attn_keep, "mlp_keep": self.mlp_keep}

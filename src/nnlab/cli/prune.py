@@ -1,0 +1,73 @@
+"""``nnlab prune``: ViT pruning sweeps (P-ViT, AP-ViT, CP-ViT, ToMe) and pruned-model evaluation."""
+from __future__ import annotations
+
+import argparse
+
+from nnlab.config import float_list, str_list
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("prune", help="ViT pruning: sweep methods x ratios, evaluate pruned models",
+                              description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="prune_command", metavar="ACTION")
+    sub.required = True
+    s = sub.add_parser("sweep", help="every method at every ratio; writes DIR/results.csv, results.md, plots")
+    s.add_argument("--config", metavar="FILE.yaml", help="options as YAML (keys as below); flags win")
+    s.add_argument("--checkpoint", required=True, help="run folder of a trained ViT (nnlab train --out RUN)")
+    s.add_argument("--methods", type=str_list, default=["p-vit", "ap-vit", "cp-vit", "tome"],
+                   help="comma-separated: p-vit,ap-vit,cp-vit,tome")
+    s.add_argument("--ratios", type=float_list, default=[round(0.1 * i, 1) for i in range(1, 10)],
+                   help="comma-separated pruning ratios in [0, 1)")
+    s.add_argument("--data", help="data set (default: the run's)")
+    s.add_argument("--data-dir", help="data folder or .tar.gz")
+    s.add_argument("--out", required=True, help="output folder (resumable: finished rows are skipped)")
+    s.add_argument("--batch-size", type=int, default=64, help="batch size of the throughput timing")
+    s.add_argument("--eval-batch-size", type=int, default=256)
+    s.add_argument("--calib-size", type=int, default=512, help="train images used to calibrate")
+    s.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images")
+    s.add_argument("--timing-repeats", type=int, default=5)
+    s.add_argument("--pvit-gate-epochs", type=int, default=3)
+    s.add_argument("--pvit-l1", type=float, default=1e-4, help="L1 weight on the P-ViT gates")
+    s.add_argument("--pvit-finetune-epochs", type=int, default=0)
+    s.add_argument("--apvit-epochs", type=int, default=30)
+    s.add_argument("--apvit-candidates", type=int, default=16, help="tokens per image with a measured reward")
+    s.add_argument("--no-save-models", dest="save_models", action="store_false")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=run_sweep, _parser=s)
+    e = sub.add_parser("eval", help="evaluate a saved pruned model (DIR/models/METHOD-RATIO)")
+    e.add_argument("--model", required=True, help="folder with pruned.json")
+    e.add_argument("--data", required=True)
+    e.add_argument("--data-dir")
+    e.add_argument("--test-limit", type=int, default=None)
+    e.set_defaults(func=run_eval, _parser=e)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from nnlab.prune import methods, sweep
+
+    config = sweep.SweepConfig(
+        checkpoint=args.checkpoint, out=args.out, methods=args.methods, ratios=args.ratios, data=args.data,
+        data_dir=args.data_dir, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        calib_size=args.calib_size, test_limit=args.test_limit, timing_repeats=args.timing_repeats,
+        save_models=args.save_models, seed=args.seed,
+        pvit=methods.PViTOptions(gate_epochs=args.pvit_gate_epochs, l1_weight=args.pvit_l1,
+                                 finetune_epochs=args.pvit_finetune_epochs),
+        apvit=methods.APViTOptions(epochs=args.apvit_epochs, candidates=args.apvit_candidates))
+    result = sweep.run_sweep(config)
+    print(f"{len(result.rows)} rows in {result.out}/results.csv; table in results.md; "
+          "plots accuracy_vs_ratio.png, accuracy_vs_throughput.png")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from nnlab.data import load_dataset
+    from nnlab.prune.common import accuracy, eval_transform
+    from nnlab.prune.io import load_pruned
+
+    runner = load_pruned(args.model)
+    data = load_dataset(args.data, args.data_dir)
+    test = data.test if args.test_limit is None else data.test.subset(slice(0, args.test_limit))
+    acc = accuracy(runner, test, eval_transform(data, runner.vit.config.image_size))
+    print(f"{runner.method}: top-1 {acc.top1:.2f}%, top-5 {acc.top5:.2f}% on {acc.n} images, "
+          f"{runner.macs() / 1e9:.4f} GFLOPs per image")
+    return 0

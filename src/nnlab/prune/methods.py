@@ -1,0 +1,207 @@
+"""Build a pruned model for each method and ratio from a base ViT and calibration data.
+
+Each ``build_*`` returns a :class:`~nnlab.prune.runners.TokenRunner` (for P-ViT: a base runner over
+the slimmed ViT) ready to evaluate and time. Expensive, ratio-independent preparation (P-ViT gate
+training, AP-ViT agent training and threshold table, CP-ViT attention ranges) is done once by the
+``prepare_*`` functions and reused across ratios.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from nnlab.models.vit import ViT
+from nnlab.prune import apvit, cpvit, pvit, tome
+from nnlab.prune.common import fit
+from nnlab.prune.runners import APViTRunner, CPViTRunner, PViTRunner, ToMeRunner, TokenRunner
+from nnlab.prune.slim import Gates, attach_gates, slim_vit
+
+
+# ----------------------------------------------------------------------------- CP-ViT
+
+
+@torch.no_grad()
+def attention_ranges(vit: ViT, x: torch.Tensor, batch_size: int = 128) -> list[float]:
+    """Mean attention range of each block (:func:`cpvit.attention_range`) over images x (B, C, H, W)."""
+    totals = [0.0] * vit.config.depth
+    for start in range(0, x.shape[0], batch_size):
+        t = vit.embed(x[start:start + batch_size])
+        for layer, block in enumerate(vit.blocks):
+            out, probs = block.attn.forward_with_probs(block.norm1(t))
+            totals[layer] += float(cpvit.attention_range(cpvit.column_mass(probs)[:, 1:]).sum())
+            t = t + out
+            t = t + block.mlp(block.norm2(t))
+    return [s / x.shape[0] for s in totals]
+
+
+def build_cpvit(vit: ViT, ratio: float, ranges: list[float]) -> CPViTRunner:
+    """CP-ViT runner whose cascade meets ``ratio`` (mean fraction of patches removed per block)."""
+    n = vit.config.num_patches
+    return CPViTRunner(vit, cpvit.keep_counts(cpvit.cascade_ratios(ratio, ranges, 1 - 1 / n), n))
+
+
+# ----------------------------------------------------------------------------- ToMe
+
+
+def build_tome(vit: ViT, ratio: float) -> ToMeRunner:
+    c = vit.config
+    return ToMeRunner(vit, tome.r_for_ratio(ratio, c.num_patches, c.depth))
+
+
+# ----------------------------------------------------------------------------- P-ViT
+
+
+@dataclass
+class PViTOptions:
+    """Gate training (sparsity) and the optional fine-tuning after slimming."""
+
+    gate_epochs: int = 3
+    gate_lr: float = 1e-3       # weights and gates are trained together (as in VTP)
+    gate_gate_lr: float = 1e-2  # gates learn faster than the weights
+    l1_weight: float = 1e-4
+    finetune_epochs: int = 0
+    finetune_lr: float = 2e-4
+    train_limit: int | None = None  # use only the first N train images (tests)
+
+
+def train_gates(vit: ViT, batches, options: PViTOptions) -> tuple[ViT, Gates]:
+    """Copy ``vit``, attach gates and train weights + gates with CE + l1_weight * sum |g|."""
+    model = copy.deepcopy(vit)
+    gates = attach_gates(model)
+    params = [{"params": list(model.parameters()), "lr": options.gate_lr},
+              {"params": gates.all(), "lr": options.gate_gate_lr, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(params)
+    for epoch in range(options.gate_epochs):
+        model.train()
+        for x, y in tqdm(batches(epoch), desc=f"p-vit gates {epoch + 1}/{options.gate_epochs}", leave=False,
+                         disable=None):
+            loss = F.cross_entropy(model(x), y) + options.l1_weight * pvit.l1_penalty(gates.all())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval(), gates
+
+
+def build_pvit(gated: ViT, gates: Gates, ratio: float, batches=None,
+               options: PViTOptions | None = None) -> TokenRunner:
+    """Slim the gated model at ``ratio`` (global threshold), optionally fine-tune it."""
+    attn_keep, mlp_keep = pvit.select(list(gates.attn), list(gates.mlp), ratio)
+    slim = slim_vit(gated, gates, attn_keep, mlp_keep)
+    options = options or PViTOptions()
+    if batches is not None and options.finetune_epochs > 0:
+        fit(slim, slim.parameters(), batches, epochs=options.finetune_epochs, lr=options.finetune_lr,
+            loss_fn=lambda m, x, y: F.cross_entropy(m(x), y), desc="p-vit finetune")
+    return PViTRunner(slim.eval(), [k.tolist() for k in attn_keep], [k.tolist() for k in mlp_keep])
+
+
+def pvit_ratio_of(runner: TokenRunner, base: ViT) -> float:
+    """Achieved P-ViT ratio: fraction of gated units (q/k/v dims + MLP units) removed."""
+    b, s = base.config, runner.vit.config
+    return 1.0 - (sum(s.head_dims) + sum(s.mlp_dims)) / (sum(b.head_dims) + sum(b.mlp_dims))
+
+
+# ----------------------------------------------------------------------------- AP-ViT
+
+
+@dataclass
+class APViTOptions:
+    agents: int = 3
+    hidden: int = 64
+    candidates: int = 16        # tokens per image whose drop reward is measured
+    epochs: int = 30
+    lr: float = 3e-3
+    thresholds: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
+
+
+@torch.no_grad()
+def _tokens_at(vit: ViT, x: torch.Tensor, position: int) -> torch.Tensor:
+    t = vit.embed(x)
+    for block in vit.blocks[:position]:
+        t = block(t)
+    return t
+
+
+@torch.no_grad()
+def _true_prob(vit: ViT, t: torch.Tensor, position: int, y: torch.Tensor) -> torch.Tensor:
+    for block in vit.blocks[position:]:
+        t = block(t)
+    return vit.classify(t).softmax(-1).gather(1, y[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def agent_data(vit: ViT, x: torch.Tensor, y: torch.Tensor, position: int, candidates: int,
+               seed: int = 0, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens at ``position`` (B, T, D), candidate patch indices (B, K) and their rewards (B, K)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, cands, rewards = [], [], []
+    for s in tqdm(range(0, x.shape[0], batch_size), desc=f"ap-vit rewards @{position}", leave=False, disable=None):
+        xb, yb = x[s:s + batch_size], y[s:s + batch_size]
+        t = _tokens_at(vit, xb, position)
+        k = min(candidates, t.shape[1] - 1)
+        cand = torch.stack([torch.randperm(t.shape[1] - 1, generator=g)[:k] + 1 for _ in range(t.shape[0])])
+        p_full = _true_prob(vit, t, position, yb)
+        p_drop = _true_prob(vit, apvit.without_token(t, cand), position, yb.repeat_interleave(k))
+        tokens.append(t), cands.append(cand), rewards.append(apvit.drop_rewards(p_full, p_drop.view(-1, k)))
+    return torch.cat(tokens), torch.cat(cands), torch.cat(rewards)
+
+
+def train_agents(vit: ViT, x: torch.Tensor, y: torch.Tensor, options: APViTOptions
+                 ) -> tuple[nn.ModuleList, list[int]]:
+    """Train one agent per position on calibration images x (B, C, H, W), labels y (B,)."""
+    positions = apvit.agent_positions(vit.config.depth, options.agents)
+    agents = nn.ModuleList()
+    for i, pos in enumerate(positions):
+        tokens, cand, rewards = agent_data(vit, x, y, pos, options.candidates, seed=i)
+        targets = apvit.soft_targets(rewards, float(rewards.std().clamp_min(1e-6)))
+        agent = apvit.Agent(vit.config.dim, options.hidden)
+
+        def batches(epoch, n=tokens.shape[0]):
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
+            return [(perm[s:s + 64], None) for s in range(0, n, 64)]
+
+        def loss_fn(model, idx, _):
+            logits = model(tokens[idx]).gather(1, cand[idx])
+            return F.binary_cross_entropy_with_logits(logits, targets[idx])
+        fit(agent, agent.parameters(), batches, epochs=options.epochs, lr=options.lr, loss_fn=loss_fn,
+            desc=f"ap-vit agent @{pos}")
+        agents.append(agent.eval())
+    return agents, positions
+
+
+@torch.no_grad()
+def threshold_table(vit: ViT, agents: nn.ModuleList, positions: list[int], x: torch.Tensor,
+                    thresholds: list[float]) -> list[tuple[float, float]]:
+    """(threshold, achieved ratio) on images x, as in the seed's Table 2."""
+    table = []
+    for thr in thresholds:
+        runner = APViTRunner(vit, agents, positions, thr)
+        runner(x)
+        table.append((thr, runner.achieved_ratio()))
+    return table
+
+
+@torch.no_grad()
+def threshold_for(vit: ViT, agents: nn.ModuleList, positions: list[int], x: torch.Tensor,
+                  ratio: float, iters: int = 14) -> float:
+    """Bisection on [0, 1] for the threshold whose ratio on images x is closest to ``ratio``
+    (the ratio falls as the threshold rises)."""
+    lo, hi, tried = 0.0, 1.0, []
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        runner = APViTRunner(vit, agents, positions, mid)
+        runner(x)
+        got = runner.achieved_ratio()
+        tried.append((mid, got))
+        lo, hi = (mid, hi) if got > ratio else (lo, mid)
+    return apvit.threshold_for_ratio([t for t, _ in tried], [r for _, r in tried], ratio)
+
+
+def build_apvit(vit: ViT, agents: nn.ModuleList, positions: list[int], ratio: float,
+                x: torch.Tensor) -> APViTRunner:
+    """AP-ViT runner whose threshold meets ``ratio`` on calibration images x (B, C, H, W)."""
+    return APViTRunner(vit, agents, positions, threshold_for(vit, agents, positions, x, ratio))

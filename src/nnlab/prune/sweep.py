@@ -1,0 +1,169 @@
+"""The ratio sweep: every method at every ratio on one base ViT; CSV, Markdown table, plots, models.
+
+``DIR/results.csv``: ``method,ratio,top1,top5,gflops,images_per_s,achieved_ratio`` (one row per
+method and ratio, plus ``base`` at ratio 0). Rows are appended as they finish and skipped when
+the sweep is run again (resumable). ``DIR/apvit_thresholds.csv``: AP-ViT threshold -> ratio.
+``DIR/models/METHOD-RATIO/``: each pruned model (:func:`nnlab.prune.io.save_pruned`).
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nnlab.data import DatasetSplits, load_dataset
+from nnlab.engine.checkpoint import load_checkpoint
+from nnlab.engine.runs import RunDir
+from nnlab.errors import CheckpointError, ConfigError
+from nnlab.models import create_model
+from nnlab.models.vit import ViT
+from nnlab.prune import methods as M
+from nnlab.prune.common import accuracy, calibration_batch, ensure_dir, eval_transform, throughput, train_loader
+from nnlab.prune.io import save_pruned
+from nnlab.prune.plots import write_plots, write_table
+from nnlab.prune.runners import TokenRunner
+
+METHODS = ("p-vit", "ap-vit", "cp-vit", "tome")
+COLUMNS = ["method", "ratio", "top1", "top5", "gflops", "images_per_s", "achieved_ratio"]
+
+
+@dataclass
+class SweepConfig:
+    checkpoint: str
+    out: str
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    ratios: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
+    data: str | None = None          # default: the run's data set
+    data_dir: str | None = None
+    batch_size: int = 64             # timing batch
+    eval_batch_size: int = 256
+    calib_size: int = 512            # train images for CP-ViT ranges, AP-ViT agents and thresholds
+    test_limit: int | None = None
+    timing_repeats: int = 5
+    save_models: bool = True
+    pvit: M.PViTOptions = field(default_factory=M.PViTOptions)
+    apvit: M.APViTOptions = field(default_factory=M.APViTOptions)
+    seed: int = 0
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict]
+    out: Path
+
+
+def load_base(checkpoint: str | Path, data: str | None = None, data_dir: str | None = None
+              ) -> tuple[ViT, DatasetSplits]:
+    """The trained ViT of run folder ``checkpoint`` (from ``nnlab train``) and its data set."""
+    run = RunDir(checkpoint) if Path(checkpoint).is_dir() else None
+    if run is None:
+        raise CheckpointError(f"run folder {checkpoint} does not exist; train one with "
+                              "'nnlab train --config configs/vit-mnist.yaml --out RUN'")
+    cfg = run.load_config()
+    splits = load_dataset(data or cfg["data"], data_dir or cfg.get("data_dir"), **(cfg.get("data_options") or {}))
+    ch, h, _ = splits.shape
+    model = create_model(cfg["model"], num_classes=splits.num_classes, in_chans=ch, image_size=h,
+                         **(cfg.get("model_options") or {}))
+    if not isinstance(model, ViT):
+        raise ConfigError(f"run {checkpoint} trained {cfg['model']!r}, not a ViT; prune a vit-* model")
+    try:
+        model.load_state_dict(load_checkpoint(run.checkpoint_dir).tensors)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint of {checkpoint} does not fit model {cfg['model']} ({exc})") from None
+    return model.eval(), splits
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: (v if k == "method" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def _append(path: Path, row: dict) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
+
+
+class _Sweep:
+    """State shared by the methods of one sweep (data, timing batch, prepared gates/agents)."""
+
+    def __init__(self, config: SweepConfig):
+        self.c = config
+        bad = sorted(set(config.methods) - set(METHODS))
+        if bad:
+            raise ConfigError(f"unknown pruning method(s) {bad}; choose from {', '.join(METHODS)}")
+        if any(not 0 <= r < 1 for r in config.ratios):
+            raise ConfigError(f"ratios must be in [0, 1), got {config.ratios}")
+        self.vit, self.data = load_base(config.checkpoint, config.data, config.data_dir)
+        size = self.vit.config.image_size
+        self.transform = eval_transform(self.data, size)
+        self.test = self.data.test if config.test_limit is None else self.data.test.subset(slice(0, config.test_limit))
+        self.timing_x, _ = calibration_batch(self.data, size, config.batch_size, seed=config.seed + 1)
+        self.calib_x, self.calib_y = calibration_batch(self.data, size, config.calib_size, seed=config.seed)
+        self.out = ensure_dir(config.out)
+        self.csv = self.out / "results.csv"
+        self._prepared: dict = {}
+
+    def measure(self, runner: TokenRunner, method: str, ratio: float) -> dict:
+        runner.reset_stats()
+        acc = accuracy(runner, self.test, self.transform, self.c.eval_batch_size, desc=f"{method} {ratio}")
+        achieved = M.pvit_ratio_of(runner, self.vit) if method == "p-vit" else runner.achieved_ratio()
+        macs = runner.macs()
+        ips = throughput(runner, self.timing_x, repeats=self.c.timing_repeats)
+        return {"method": method, "ratio": ratio, "top1": acc.top1, "top5": acc.top5, "gflops": macs / 1e9,
+                "images_per_s": ips, "achieved_ratio": achieved}
+
+    def build(self, method: str, ratio: float) -> TokenRunner:
+        if method == "cp-vit":
+            if "ranges" not in self._prepared:
+                self._prepared["ranges"] = M.attention_ranges(self.vit, self.calib_x)
+            return M.build_cpvit(self.vit, ratio, self._prepared["ranges"])
+        if method == "tome":
+            return M.build_tome(self.vit, ratio)
+        if method == "p-vit":
+            batches = train_loader(self.data, 64, self.vit.config.image_size, seed=self.c.seed,
+                                   limit=self.c.pvit.train_limit)
+            if "gates" not in self._prepared:
+                self._prepared["gates"] = M.train_gates(self.vit, batches, self.c.pvit)
+            gated, gates = self._prepared["gates"]
+            return M.build_pvit(gated, gates, ratio, batches, self.c.pvit)
+        if "agents" not in self._prepared:
+            self._prepared["agents"] = M.train_agents(self.vit, self.calib_x, self.calib_y, self.c.apvit)
+            self._write_threshold_table(*self._prepared["agents"])
+        agents, positions = self._prepared["agents"]
+        return M.build_apvit(self.vit, agents, positions, ratio, self.calib_x)
+
+    def _write_threshold_table(self, agents: nn.ModuleList, positions: list[int]) -> None:
+        table = M.threshold_table(self.vit, agents, positions, self.calib_x, self.c.apvit.thresholds)
+        with open(self.out / "apvit_thresholds.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["threshold", "achieved_ratio"])
+            w.writerows([(t, round(r, 4)) for t, r in table])
+
+
+def run_sweep(config: SweepConfig) -> SweepResult:
+    """Run (or finish) the sweep described by ``config``; returns all rows of results.csv."""
+    s = _Sweep(config)
+    done = {(r["method"], round(r["ratio"], 4)) for r in read_rows(s.csv)}
+    todo = [("base", 0.0)] + [(m, float(r)) for m in config.methods for r in config.ratios]
+    for method, ratio in todo:
+        if (method, round(ratio, 4)) in done:
+            continue
+        runner = TokenRunner(s.vit) if method == "base" else s.build(method, ratio)
+        with torch.no_grad():
+            row = s.measure(runner, method, ratio)
+        _append(s.csv, row)
+        if config.save_models and method != "base":
+            save_pruned(runner, s.out / "models" / f"{method}-{ratio:g}", ratio=ratio, top1=row["top1"])
+    rows = read_rows(s.csv)
+    write_table(rows, s.out / "results.md")
+    write_plots(rows, s.out)
+    return SweepResult(rows=rows, out=s.out)

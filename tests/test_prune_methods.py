@@ -1,0 +1,195 @@
+"""P-ViT gates and slimming, AP-ViT agents, saving/loading pruned models, the sweep and its CLI."""
+import csv
+
+import pytest
+import torch
+
+from nnlab.cli import main
+from nnlab.errors import CheckpointError, ConfigError
+from nnlab.models import create_model
+from nnlab.prune import apvit, methods, pvit
+from nnlab.prune.io import load_pruned, save_pruned
+from nnlab.prune.runners import APViTRunner, CPViTRunner, TokenRunner
+from nnlab.prune.slim import attach_gates, gated_copy, slim_vit
+
+
+@pytest.fixture
+def vit():
+    return create_model("vit-test", num_classes=5, in_chans=3, image_size=16).eval()
+
+
+def test_global_threshold_and_kept_indices():
+    gates = [torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0.2, 0.05, 0.7, 0.3])]
+    t = pvit.global_threshold(gates, 3 / 7)
+    assert t == pytest.approx(0.2)
+    assert pvit.kept_indices(gates[0], t).tolist() == [1, 2]
+    assert pvit.kept_indices(torch.tensor([0.01, 0.02]), 1.0).tolist() == [1]  # at least one
+    assert pvit.global_threshold(gates, 0.0) == float("-inf")
+    with pytest.raises(ValueError):
+        pvit.global_threshold(gates, 1.0)
+
+
+def test_gates_change_output_and_slim_matches_gated_model(vit):
+    x = torch.randn(2, 3, 16, 16)
+    gated, gates = gated_copy(vit)
+    with torch.no_grad():
+        torch.testing.assert_close(gated(x), vit(x))           # gates start at 1
+        for g in gates.all():
+            g.uniform_(0, 1)
+        attn_keep, mlp_keep = pvit.select(list(gates.attn), list(gates.mlp), 0.4)
+        for g, keep in zip(gates.all(), attn_keep + mlp_keep):  # zero the pruned gates
+            mask = torch.ones_like(g, dtype=torch.bool)
+            mask[keep] = False
+            g[mask] = 0.0
+        slim = slim_vit(gated, gates, attn_keep, mlp_keep)
+        torch.testing.assert_close(slim(x), gated(x), atol=1e-5, rtol=1e-5)
+    removed = 1 - (sum(slim.config.head_dims) + sum(slim.config.mlp_dims)) / (3 * 8 + 3 * 32)
+    assert removed == pytest.approx(0.4, abs=0.02)
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in vit.parameters())
+
+
+def test_gate_training_l1_shrinks_gates(vit):
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 5, (16,))
+    opts = methods.PViTOptions(gate_epochs=3, l1_weight=0.05, gate_gate_lr=0.05)
+    gated, gates = methods.train_gates(vit, lambda e: [(x, y)] * 4, opts)
+    assert float(torch.cat([g.detach() for g in gates.all()]).abs().mean()) < 0.9
+    runner = methods.build_pvit(gated, gates, 0.5)
+    assert methods.pvit_ratio_of(runner, vit) == pytest.approx(0.5, abs=0.02)
+
+
+def test_agent_positions():
+    assert apvit.agent_positions(6) == [1, 3, 5]
+    assert apvit.agent_positions(12) == [1, 6, 11]
+    assert apvit.agent_positions(3) == [1, 2]
+
+
+def test_without_token_and_rewards():
+    x = torch.arange(2 * 4 * 1, dtype=torch.float32).view(2, 4, 1)
+    out = apvit.without_token(x, torch.tensor([[1, 3], [2, 1]]))
+    assert out.squeeze(-1).tolist() == [[0, 2, 3], [0, 1, 2], [4, 5, 7], [4, 6, 7]]
+    r = apvit.drop_rewards(torch.tensor([0.5, 0.9]), torch.tensor([[0.6, 0.4], [0.9, 0.1]]))
+    torch.testing.assert_close(r, torch.tensor([[0.1, -0.1], [0.0, -0.8]]))
+    t = apvit.soft_targets(r, 0.1)
+    assert t[0, 0] > 0.5 > t[0, 1] and t[1, 0] == pytest.approx(0.5)
+
+
+def test_compact_and_padding_bias():
+    x = torch.arange(10, dtype=torch.float32).view(2, 5, 1)
+    keep = torch.tensor([[1, 0, 1, 0, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    out, valid = apvit.compact(x, keep)
+    assert out.squeeze(-1).tolist()[0] == [0, 2, 4] and valid.tolist() == [[True] * 3, [True, False, False]]
+    bias = apvit.padding_bias(valid)
+    assert bias.shape == (2, 1, 1, 3) and bias[1, 0, 0, 1] == float("-inf")
+    assert apvit.padding_bias(torch.ones(2, 3, dtype=torch.bool)) is None
+
+
+def test_apvit_runner_matches_per_image_reference(vit):
+    """Batched (padded + masked) AP-ViT equals running each image alone with its tokens removed."""
+    agents = torch.nn.ModuleList(apvit.Agent(16, 8) for _ in range(2))
+    run = APViTRunner(vit, agents, [1, 2], threshold=0.5)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        batched = run(x)
+        single = torch.cat([run(x[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(APViTRunner(vit, agents, [1, 2], threshold=1.0)(x), vit(x),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_agents_train_and_threshold_meets_ratio(vit):
+    x, y = torch.randn(24, 3, 16, 16), torch.randint(0, 5, (24,))
+    agents, pos = methods.train_agents(vit, x, y, methods.APViTOptions(epochs=2, candidates=4))
+    assert pos == [1, 2] and len(agents) == 2
+    table = methods.threshold_table(vit, agents, pos, x, [0.0, 0.5, 1.0])
+    assert table[0][1] >= table[1][1] >= table[2][1] == 0.0
+    run = methods.build_apvit(vit, agents, pos, 0.3, x)
+    with torch.no_grad():
+        run(x)
+    assert run.achieved_ratio() == pytest.approx(0.3, abs=0.1)
+
+
+def test_threshold_for_ratio():
+    assert apvit.threshold_for_ratio([0.2, 0.5, 0.8], [0.7, 0.4, 0.1], 0.45) == 0.5
+
+
+@pytest.mark.parametrize("kind", ["cp-vit", "tome", "p-vit", "ap-vit"])
+def test_pruned_models_save_and_load(vit, tmp_path, kind):
+    x = torch.randn(2, 3, 16, 16)
+    if kind == "cp-vit":
+        run = CPViTRunner(vit, [8, 4, 2])
+    elif kind == "tome":
+        run = methods.build_tome(vit, 0.4)
+    elif kind == "p-vit":
+        gated, gates = gated_copy(vit)
+        with torch.no_grad():
+            for g in gates.all():
+                g.uniform_(0, 1)
+        run = methods.build_pvit(gated, gates, 0.5)
+    else:
+        run = APViTRunner(vit, torch.nn.ModuleList(apvit.Agent(16, 8) for _ in range(2)), [1, 2], 0.5)
+    save_pruned(run, tmp_path / kind, ratio=0.5)
+    back = load_pruned(tmp_path / kind)
+    assert type(back) is type(run) and back.spec() == run.spec()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), run(x), atol=0, rtol=0)
+
+
+def test_load_pruned_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="pruned.json"):
+        load_pruned(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from nnlab.engine.train import TrainConfig, train
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(model="vit-test", data="mnist-5k", epochs=1, max_steps=3, train_limit=256,
+                      test_limit=64, optimizer="adamw", lr=1e-3, progress=False), out)
+    return out
+
+
+def test_sweep_cli_writes_results_and_models(tiny_run, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["prune", "sweep", "--checkpoint", str(tiny_run), "--methods", "p-vit,ap-vit,cp-vit,tome",
+            "--ratios", "0.3,0.6", "--out", str(out), "--test-limit", "64", "--calib-size", "32",
+            "--timing-repeats", "1", "--batch-size", "8", "--pvit-gate-epochs", "1", "--apvit-epochs", "1",
+            "--apvit-candidates", "2"]
+    from nnlab.prune import sweep
+    sweep_limit = sweep.SweepConfig.__dataclass_fields__  # noqa: F841 (the CLI builds the config)
+    methods.PViTOptions.train_limit = 128  # keep the gate epoch short in this test
+    try:
+        assert main(args) == 0
+    finally:
+        methods.PViTOptions.train_limit = None
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:6] == ["method", "ratio", "top1", "top5", "gflops", "images_per_s"]
+    assert len(rows) == 1 + 4 * 2 and rows[0]["method"] == "base"
+    base_gflops = float(rows[0]["gflops"])
+    for r in rows[1:]:
+        assert float(r["gflops"]) < base_gflops
+    for name in ("results.md", "accuracy_vs_ratio.png", "accuracy_vs_throughput.png", "apvit_thresholds.csv"):
+        assert (out / name).is_file()
+    assert "CP-ViT top-1" in (out / "results.md").read_text()
+    # a saved model evaluates to the accuracy the sweep recorded
+    cp = next(r for r in rows if r["method"] == "cp-vit" and float(r["ratio"]) == 0.3)
+    from nnlab.data import load_dataset
+    from nnlab.prune.common import accuracy, eval_transform
+    data = load_dataset("mnist-5k")
+    acc = accuracy(load_pruned(out / "models" / "cp-vit-0.3"), data.test.subset(slice(0, 64)),
+                   eval_transform(data, 28))
+    assert acc.top1 == pytest.approx(float(cp["top1"]), abs=1e-6)
+    # resumable: a second run finds every row and adds none
+    assert main(args) == 0
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_sweep_rejects_bad_input(tiny_run, tmp_path):
+    assert main(["prune", "sweep", "--checkpoint", str(tiny_run), "--methods", "foo", "--out",
+                 str(tmp_path)]) == 2
+    assert main(["prune", "sweep", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    from nnlab.prune.sweep import SweepConfig, run_sweep
+    with pytest.raises(ConfigError, match="ratios"):
+        run_sweep(SweepConfig(checkpoint=str(tiny_run), out=str(tmp_path), ratios=[1.5]))
