@@ -245,8 +245,14 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, digits):
 
 
 def test_max_steps_eval_every_and_bf16_on_cpu_warns(tmp_path, digits):
-    with pytest.warns(UserWarning, match="bf16"):
-        res = train(tiny(epochs=3, max_steps=8, eval_every=2, bf16=True), tmp_path / "r", data=digits)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        with pytest.warns(UserWarning, match="bf16"):
+            res = train(tiny(epochs=3, max_steps=8, eval_every=2, bf16=True, deterministic=True),
+                        tmp_path / "r", data=digits)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was)
     assert res.summary["steps"] == 8 and res.summary["epochs"] == 2
     assert [("test_top1" in r) for r in res.history] == [False, True]
 

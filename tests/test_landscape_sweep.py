@@ -47,6 +47,8 @@ def test_bands_and_last_half_medians():
     assert m["beta_eff"] == pytest.approx((4.0 + 1.0) / 2) and m["beta_t"] == pytest.approx(2.0)
     assert m["lr_loss_band"] == pytest.approx(0.6) and m["lr_gdist_band"] == pytest.approx(0.2)
     assert m["hess_top"] is None
+    blown = [land(1, 1.0, 9.0, 0.0, 9.0, 99.0, 9.0), {"event": "diverged", "step": 5}]
+    assert band_medians({0.1: a, 0.2: b, 9.0: blown}, total_steps=100) == m  # diverged run left out
 
 
 def tiny_sweep(**kw) -> SweepConfig:
@@ -86,12 +88,17 @@ def test_sweep_writes_summary_csv_and_skips_finished_pairs(tmp_path):
 
 def test_cli_run_and_plot(tmp_path):
     run = tmp_path / "run"
-    code = main(["landscape", "run", "--model", "vgg-a", "--bn", "both", "--data", "mnist-5k",
-                 "--lrs", "0.05,0.1", "--epochs", "1", "--batch-size", "32", "--every", "2",
-                 "--eta-count", "3", "--width", "0.0625", "--train-subset", "128", "--test-subset", "64",
+    config = tmp_path / "sweep.yaml"
+    config.write_text("lrs: [0.05, 0.1]\nwidth: 0.0625\neta_count: 3\nepochs: 5\n")
+    code = main(["landscape", "run", "--config", str(config), "--model", "vgg-a", "--bn", "both",
+                 "--data", "mnist-5k", "--epochs", "1", "--batch-size", "32", "--every", "2",
+                 "--train-subset", "128", "--test-subset", "64",
                  "--hessian-every", "2", "--hessian-iters", "2", "--no-progress", "--out", str(run)])
     assert code == 0 and (run / "summary.json").is_file()
-    assert read_json(run / "summary.json")["band_medians"]["on"]["hess_top"] is not None
+    summary = read_json(run / "summary.json")
+    assert summary["settings"]["lrs"] == [0.05, 0.1] and summary["settings"]["width"] == 0.0625
+    assert summary["settings"]["epochs"] == 1  # the explicit flag beats the config file
+    assert summary["band_medians"]["on"]["hess_top"] is not None
     figs = tmp_path / "figs"
     assert main(["landscape", "plot", str(run), "--out", str(figs), "--log"]) == 0
     names = {p.name for p in figs.glob("*.png")}
@@ -104,3 +111,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "run 'nnlab landscape run" in capsys.readouterr().err
     assert main(["landscape", "run", "--data", "mnist-5k", "--eta-range", "0.5", "--out", str(tmp_path)]) == 2
     assert "--eta-range takes LOW,HIGH" in capsys.readouterr().err
+
+
+def test_diverged_pair_is_recorded_and_the_sweep_goes_on(tmp_path):
+    result = run_sweep(tiny_sweep(bn="off", lrs=[0.05, 1e4]), tmp_path, data=synthetic())
+    runs = {r["lr"]: r for r in result.summary["runs"]}
+    assert runs[1e4]["diverged"] and runs[1e4]["test_top1"] is None
+    assert not runs[0.05]["diverged"] and runs[0.05]["test_top1"] is not None
+    assert run_sweep(tiny_sweep(bn="off", lrs=[0.05, 1e4]), tmp_path, data=synthetic()).ran == []

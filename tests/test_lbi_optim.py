@@ -134,11 +134,11 @@ def test_weight_decay_does_not_leak_into_momentum():
 
 def test_default_groups_couple_conv_and_linear_weights_only():
     model = Tiny(norm=True)
-    groups = param_groups(model, weight_decay=1e-4)
-    coupled = {id(p) for p in groups[0]["params"]}
-    assert coupled == {id(model.conv.weight), id(model.fc.weight)}
-    assert groups[0]["coupled"] is True and groups[1]["coupled"] is False
-    assert groups[1]["weight_decay"] == 0.0
+    groups = param_groups(model, weight_decay=1e-4, conv_lam=3.0)
+    assert [[id(p) for p in g["params"]] for g in groups[:2]] == [[id(model.conv.weight)], [id(model.fc.weight)]]
+    assert [g["coupled"] for g in groups] == [True, True, False]
+    assert groups[0]["lam"] == 3.0 and "lam" not in groups[1]
+    assert groups[2]["weight_decay"] == 0.0 and groups[0]["weight_decay"] == 1e-4
     opt = build_slbi(model, lr=0.1)
     _train(model, opt, _batches(1))
     assert "gamma" in opt.state[model.conv.weight] and "gamma" not in opt.state[model.conv.bias]
@@ -196,3 +196,22 @@ def test_w_star_masks_and_restores():
     per_filter = mask.reshape(4, -1)
     assert torch.all((per_filter.min(1).values == per_filter.max(1).values))
     assert layer_sparsity(model, opt)["conv.weight"] == pytest.approx(per_filter[:, 0].mean().item())
+
+
+@pytest.mark.slow
+def test_compiled_path_matches_reference():
+    """The torch.compile'd fused step (about a minute to compile on a CPU) against the reference."""
+    torch.manual_seed(6)
+    fast_model = Tiny()
+    ref_model = copy.deepcopy(fast_model)
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, mu=5.0, lam=0.05, kappa=2.0)
+    fast = build_slbi(fast_model, compiled=True, **kw)
+    ref = build_slbi(ref_model, foreach=False, **kw)
+    for i, batch in enumerate(_batches(100)):
+        for model, opt in ((fast_model, fast), (ref_model, ref)):
+            for g in opt.param_groups:
+                g["lr"] = 0.1 * 0.99 ** i  # a changing lr must not recompile or go stale
+            _train(model, opt, [batch])
+    for (n, a), b in zip(fast_model.named_parameters(), ref_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), n
+    assert layer_sparsity(fast_model, fast) == layer_sparsity(ref_model, ref)

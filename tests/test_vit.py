@@ -179,3 +179,17 @@ def test_npz_errors(tmp_path):
     np.savez(tmp_path / "other.npz", w=np.zeros(3))
     with pytest.raises(CheckpointError, match="lacks"):
         config_from_npz(dict(np.load(tmp_path / "other.npz")))
+
+
+@pytest.mark.parametrize("name", ["vit-cifar", "vit-mnist"])
+def test_training_configs_are_valid(name):
+    from pathlib import Path
+
+    from nnlab.config import from_dict, load_yaml
+    from nnlab.engine.train import TrainConfig
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    config = from_dict(TrainConfig, load_yaml(path)).validate()
+    assert config.model.startswith("vit-") and config.optimizer == "adamw"
+    model = create_model(config.model, num_classes=10, in_chans=3 if "cifar" in name else 1,
+                         image_size=32 if "cifar" in name else 28, **config.model_options)
+    assert isinstance(model, ViT)

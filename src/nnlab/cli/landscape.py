@@ -76,6 +76,8 @@ def _register_run(sub) -> None:
     p.add_argument("--checkpoint-every", type=_int(0), default=100, help="steps; 0 = epoch ends only")
     p.add_argument("--threads", type=_int(1), help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", required=True, help="sweep folder RUN")
+    p.add_argument("--resume", action="store_true",
+                   help="accepted for symmetry with 'nnlab train': a sweep always continues where it stopped")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run, _parser=p)
 

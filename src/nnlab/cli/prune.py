@@ -29,6 +29,7 @@ def register(subparsers) -> None:
     s.add_argument("--pvit-gate-epochs", type=int, default=3)
     s.add_argument("--pvit-l1", type=float, default=1e-4, help="L1 weight on the P-ViT gates")
     s.add_argument("--pvit-finetune-epochs", type=int, default=0)
+    s.add_argument("--train-limit", type=int, default=None, help="P-ViT trains on the first N train images")
     s.add_argument("--apvit-epochs", type=int, default=30)
     s.add_argument("--apvit-candidates", type=int, default=16, help="tokens per image with a measured reward")
     s.add_argument("--no-save-models", dest="save_models", action="store_false")
@@ -51,7 +52,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         calib_size=args.calib_size, test_limit=args.test_limit, timing_repeats=args.timing_repeats,
         save_models=args.save_models, seed=args.seed,
         pvit=methods.PViTOptions(gate_epochs=args.pvit_gate_epochs, l1_weight=args.pvit_l1,
-                                 finetune_epochs=args.pvit_finetune_epochs),
+                                 finetune_epochs=args.pvit_finetune_epochs, train_limit=args.train_limit),
         apvit=methods.APViTOptions(epochs=args.apvit_epochs, candidates=args.apvit_candidates))
     result = sweep.run_sweep(config)
     print(f"{len(result.rows)} rows in {result.out}/results.csv; table in results.md; "

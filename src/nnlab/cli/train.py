@@ -50,33 +50,40 @@ class KeyValues(argparse.Action):
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a classifier; writes RUN/summary.json",
-                              description=__doc__.splitlines()[0])
+                              description="Train a classifier from the model zoo on a data set; writes "
+                              "RUN/config.yaml, metrics.jsonl, checkpoint/ and summary.json.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", metavar="FILE.yaml", help="options as YAML (keys as below); flags win")
-    p.add_argument("--model", choices=MODELS.names(), default="lenet5")
-    p.add_argument("--data", choices=DATASETS.names(), default="mnist-5k")
+    p.add_argument("--model", choices=MODELS.names(), default="lenet5", metavar="MODEL",
+                   help=f"one of {', '.join(MODELS.names())}")
+    p.add_argument("--data", choices=DATASETS.names(), default="mnist-5k", metavar="NAME",
+                   help=f"one of {', '.join(DATASETS.names())}")
     p.add_argument("--data-dir", help="data folder or .tar.gz (not needed for mnist-5k)")
     p.add_argument("--out", required=True, help="run folder (config, metrics, checkpoints, summary)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--epochs", type=_positive_int, default=10)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint (starts fresh when it has none)")
+    p.add_argument("--epochs", type=_positive_int, default=10, help="passes over the train split")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="per process")
-    p.add_argument("--eval-batch-size", type=_positive_int, default=1000)
-    p.add_argument("--optimizer", choices=OPTIMIZERS.names(), default="sgd")
-    p.add_argument("--lr", type=_float, default=0.05)
-    p.add_argument("--momentum", type=_float, default=0.9)
-    p.add_argument("--weight-decay", type=_float, default=5e-4)
-    p.add_argument("--schedule", choices=SCHEDULES.names(), default="cosine")
-    p.add_argument("--warmup-steps", type=_nonneg_int, default=0)
-    p.add_argument("--label-smoothing", type=_float, default=0.0)
+    p.add_argument("--eval-batch-size", type=_positive_int, default=1000, help="per process")
+    p.add_argument("--optimizer", choices=OPTIMIZERS.names(), default="sgd", help="%(choices)s")
+    p.add_argument("--lr", type=_float, default=0.05, help="peak learning rate")
+    p.add_argument("--momentum", type=_float, default=0.9, help="SGD momentum / Adam beta1")
+    p.add_argument("--weight-decay", type=_float, default=5e-4, help="L2 (decoupled for adamw)")
+    p.add_argument("--schedule", choices=SCHEDULES.names(), default="cosine", help="per-step lr schedule")
+    p.add_argument("--warmup-steps", type=_nonneg_int, default=0, help="linear lr warm-up")
+    p.add_argument("--label-smoothing", type=_float, default=0.0, help="in [0, 1)")
     p.add_argument("--grad-clip", type=_float, default=0.0, help="max grad norm; 0 = off")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                    help="random crop with padding (and --flip)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False,
+                   help="random horizontal flips with --augment (not for digits)")
+    p.add_argument("--seed", type=int, default=0, help="model init, batch order, augmentation")
     p.add_argument("--log-every", type=_positive_int, default=50, help="steps between metric records")
     p.add_argument("--checkpoint-every", type=_nonneg_int, default=0, help="steps; 0 = epoch ends only")
     p.add_argument("--eval-every", type=_positive_int, default=1, help="epochs")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: GPU if any")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU only)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels (slower)")
     p.add_argument("--max-steps", type=_positive_int, default=None)
     p.add_argument("--train-limit", type=_positive_int, default=None, help="use N random train images")
     p.add_argument("--test-limit", type=_positive_int, default=None, help="use N random test images")

@@ -44,7 +44,7 @@ def is_main() -> bool:
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:LOCAL_RANK`` if a GPU is present else ``cpu``; ``cuda`` without one -> ConfigError."""
+    """``auto``: ``cuda:LOCAL_RANK`` if a GPU is present, else ``cpu``. ``cuda`` without a GPU: ConfigError."""
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda")
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):

@@ -9,7 +9,8 @@ A run folder (:class:`nnlab.engine.runs.RunDir`) gets ``config.yaml`` at the sta
 the latest checkpoint, mid-epoch included, and ends with bit-identical weights and the same metrics
 as an uninterrupted run: batch order and augmentation are functions of (seed, epoch, batch index),
 and the checkpoint holds the optimiser, schedule, RNG states, counters, running epoch sums, history
-and the callbacks' states.
+and the callbacks' states. A NaN/inf loss, or non-finite weights when a checkpoint is due, raises
+:class:`nnlab.errors.DivergenceError` before anything is saved, so the last good checkpoint stays.
 
 Under ``torchrun`` each process trains on its shard of every epoch's batch order (``batch_size`` is
 per process), gradients are averaged by DDP, evaluation sums are reduced over ranks, and only rank 0
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import sys
 import time
@@ -58,6 +60,8 @@ class TrainConfig:
     batch_size is per process. checkpoint_every counts optimiser steps (0: only at epoch ends);
     eval_every counts epochs (the last epoch is always evaluated). max_steps stops early (and
     shortens the schedule); train_limit / test_limit keep a seeded random subset (for tests).
+    deterministic asks torch for deterministic kernels (GPU runs bit-identical across resumes, slower);
+    CPU runs are deterministic without it.
     schedule_options go to the schedule (``min_factor`` for cosine, ``milestones`` as fractions
     of training and ``gamma`` for step). grad_clip 0 means no clipping.
     """
@@ -88,6 +92,7 @@ class TrainConfig:
     eval_every: int = 1
     device: str = "auto"
     bf16: bool = False
+    deterministic: bool = False
     max_steps: int | None = None
     train_limit: int | None = None
     test_limit: int | None = None
@@ -181,7 +186,7 @@ class Callback:
 
     def on_after_backward(self, ctx: TrainContext) -> None: ...  # grads ready, before optimizer.step()
 
-    def on_step_end(self, ctx: TrainContext) -> None: ...  # after optimizer.step(); ctx.step counts steps done
+    def on_step_end(self, ctx: TrainContext) -> None: ...  # after optimizer.step(); ctx.step = steps done
 
     def on_epoch_end(self, ctx: TrainContext, record: dict) -> None: ...  # after evaluation; may add keys
 
@@ -225,7 +230,8 @@ def evaluate(model: nn.Module, loader: BatchLoader, device: str | torch.device =
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, count
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast and device.type == "cuda" else nullcontext()
+    use_bf16 = autocast and device.type == "cuda"
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with ctx:
@@ -258,7 +264,11 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False,
     return trainer.run()
 
 
-def _seed_everything(seed: int) -> None:
+def _seed_everything(seed: int, deterministic: bool = False) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -303,7 +313,7 @@ class _Trainer:
         if config.bf16 and self.dist.device.type != "cuda":
             warnings.warn("--bf16 autocast needs a GPU; training in float32 on the CPU", stacklevel=3)
         self.autocast = config.bf16 and self.dist.device.type == "cuda"
-        _seed_everything(config.seed)
+        _seed_everything(config.seed, config.deterministic)
         self.data = self._prepare_data(data)
         self.model = (model if model is not None else self._create_model()).to(self.dist.device)
         self.net = self._wrap(self.model)
@@ -454,7 +464,7 @@ class _Trainer:
         self.net.train()
         bar = tqdm(total=len(self.train_loader), initial=p.batch, desc=f"epoch {p.epoch + 1}/{c.epochs}",
                    disable=None if (self.main and c.progress) else True, leave=False, dynamic_ncols=True)
-        start = time.perf_counter()
+        start, start_count = time.perf_counter(), p.count
         try:
             for x, y in self.train_loader.iter_from(p.batch):
                 loss = self._step(x, y)
@@ -463,12 +473,13 @@ class _Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.ctx.lr:.3g}", refresh=False)
                 if self._done():
                     break
-                if c.checkpoint_every and p.step % c.checkpoint_every == 0 and p.batch < len(self.train_loader):
+                mid_epoch = p.batch < len(self.train_loader)  # epoch ends save after evaluation
+                if c.checkpoint_every and p.step % c.checkpoint_every == 0 and mid_epoch:
                     self._save()
         finally:
             bar.close()
             p.train_time += time.perf_counter() - start
-        self._end_epoch(time.perf_counter() - start)
+        self._end_epoch(time.perf_counter() - start, (p.count - start_count) * self.dist.world_size)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimiser step on batch x (B, C, H, W), y (B,); returns the (rank-averaged) loss."""
@@ -480,7 +491,8 @@ class _Trainer:
             logits = self.net(x)
             loss = self.loss_fn(logits.float(), y)
         ctx.loss = loss
-        value = float(D.all_reduce_mean(loss.detach().clone()))
+        local = float(loss.detach())
+        value = local if self.dist.world_size == 1 else float(D.all_reduce_mean(loss.detach().clone()))
         if not math.isfinite(value):
             self._diverged(f"loss became {value} at step {p.step + 1}", value)
         self.optimizer.zero_grad(set_to_none=True)
@@ -492,7 +504,7 @@ class _Trainer:
         self.optimizer.step()
         self.scheduler.step()
         p.step, p.batch, ctx.step = p.step + 1, p.batch + 1, p.step + 1
-        p.loss_sum += loss.item() * len(y)
+        p.loss_sum += local * len(y)
         p.correct += float((logits.argmax(1) == y).sum())
         p.count += len(y)
         for cb in self.callbacks:
@@ -513,13 +525,15 @@ class _Trainer:
             f"lower --lr or enable gradient clipping (e.g. --grad-clip 1.0), and start a new --out folder "
             f"or --resume from the checkpoint; {kept}")
 
-    def _end_epoch(self, seconds: float) -> None:
+    def _end_epoch(self, seconds: float, images: float) -> None:
+        """Evaluate, call callbacks, log the epoch record, checkpoint. seconds / images: this
+        process's time in the epoch's loop and the images all ranks trained on in it (for speed)."""
         c, p = self.config, self.p
         sums = D.all_reduce_sum(torch.tensor([p.loss_sum, p.correct, p.count], dtype=torch.float64))
         n = max(1.0, float(sums[2]))
         record = {"step": p.step, "epoch": p.epoch + 1, "train_loss": float(sums[0]) / n,
                   "train_top1": float(sums[1]) / n, "lr": self.optimizer.param_groups[0]["lr"],
-                  "epoch_time_s": seconds, "images_per_s": float(sums[2]) / max(seconds, 1e-9)}
+                  "epoch_time_s": seconds, "images_per_s": images / max(seconds, 1e-9)}
         if (p.epoch + 1) % c.eval_every == 0 or p.epoch + 1 >= c.epochs or self._done():
             ev = evaluate(self.model, self.test_loader, self.dist.device, autocast=self.autocast)
             record.update(test_loss=ev.loss, test_top1=ev.top1, test_top5=ev.top5, test_count=ev.count)

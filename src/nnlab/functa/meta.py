@@ -91,7 +91,7 @@ def latent_grad(model: LatentModulatedSiren, shared: Shared, z: torch.Tensor, ta
                 create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Hand-written gradient of sum_b MSE_b w.r.t. z.
 
-    z (B, D), target (B, P, C) -> (grad (B, D), mse (B,)). With ``create_graph`` the result is
+    z (B, D) or (1, D) shared by all images, target (B, P, C) -> (grad (B, D), mse (B,)). With ``create_graph`` the result is
     differentiable w.r.t. the model's weights and z (for second-order meta-gradients).
     """
     c = model.config
@@ -136,6 +136,8 @@ def _latent_map_vjp(model, z, g_mod, create_graph):
     net = model.latent_map.net
     if len(net) == 1:  # linear map: the Jacobian is the weight
         return torch.matmul(g_mod, net[0].weight)
+    if z.shape[0] != g_mod.shape[0]:  # step 0: one shared zero latent, per-image errors
+        z = z.detach().expand(g_mod.shape[0], -1).clone()
     with torch.enable_grad():
         zz = z if z.requires_grad else z.detach().requires_grad_(True)
         mods = model.latent_map(zz)
@@ -166,7 +168,8 @@ def inner_loop(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3
     shared = shared if shared is not None else shared_terms(model, tuple(images.shape[2:]))
     target = images_to_targets(images)
     lr = model.inner_lr()
-    z = images.new_zeros(images.shape[0], model.config.latent_dim)
+    # Every latent starts at zero, so step 0's forward pass is one image's (B=1, broadcast).
+    z = images.new_zeros(1, model.config.latent_dim)
     second = create_graph and not first_order
 
     def step(z_in):
@@ -184,6 +187,7 @@ def inner_loop(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3
         else:
             z, mse = step(z)
         inner.append(mse.detach())
+    z = z.expand(images.shape[0], -1) if z.shape[0] != images.shape[0] else z
     err = predict(model, shared, z) - target
     return InnerResult(z, torch.stack(inner, 1) if inner else err.new_zeros(len(z), 0),
                        err.pow(2).mean(dim=(1, 2)))

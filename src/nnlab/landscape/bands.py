@@ -66,6 +66,11 @@ def lr_band(per_lr: Mapping[float, Mapping[int, float]]) -> Band:
     return Band(steps, [min(r[s] for r in runs) for s in steps], [max(r[s] for r in runs) for s in steps])
 
 
+def diverged(records: Iterable[dict]) -> bool:
+    """True if the run's records hold the engine's ``"event": "diverged"`` record (NaN/inf loss)."""
+    return any(r.get("event") == "diverged" for r in records)
+
+
 def last_half_median(steps: list[int], values: list[float], total_steps: int) -> float | None:
     """Median of ``values`` at steps > total_steps / 2; None if there are none."""
     tail = [v for s, v in zip(steps, values) if s > total_steps / 2]
@@ -83,8 +88,10 @@ def band_medians(runs: Mapping[float, list[dict]], total_steps: int) -> dict[str
     eta_loss_band, eta_gdist_band, beta_eff: medians over lrs of each run's last-half median of the
     per-step band over step sizes / of the effective beta. lr_loss_band, lr_gdist_band: last-half
     median of the width of the band across lrs. beta_t: median over lrs of the seed's beta_t.
-    hess_top: the same for the top Hessian eigenvalue (None when not probed).
+    hess_top: the same for the top Hessian eigenvalue (None when not probed). Diverged runs are
+    left out (their records stop early and end in huge values).
     """
+    runs = {lr: r for lr, r in runs.items() if not diverged(r)}
     out: dict[str, float | None] = {}
     for name, quantity in (("eta_loss_band", "loss"), ("eta_gdist_band", "gdist")):
         bands = [eta_band(r, quantity) for r in runs.values()]

@@ -5,7 +5,11 @@ Every ``every`` steps (at ``on_after_backward``: gradients ready, before ``optim
 logs one ``"probe": "landscape"`` record; at the next step one ``"probe": "graddist"`` record (the
 seed's ||g_{t+1} - g_t|| and beta_t). Records carry ``step`` = the 1-based index of the step being
 taken (= steps done once it ends), so a run resumed from a checkpoint after S steps drops and redoes
-exactly the records of steps > S (the engine adds the 1-based ``epoch``). The callback never changes training (see the probe module).
+exactly the records of steps > S (the engine adds the 1-based ``epoch``). The callback never
+changes training (see the probe module).
+
+Single process is the intended use. Under torchrun every rank probes its own batch on the unwrapped
+model (no collectives, so no hang), but g there is DDP's all-reduced gradient while g' is local.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from nnlab.engine.metrics import read_jsonl  # noqa: E402
 from nnlab.errors import CheckpointError  # noqa: E402
-from nnlab.landscape.bands import GRADDIST, LANDSCAPE, Band, eta_band, lr_band, series  # noqa: E402
+from nnlab.landscape.bands import GRADDIST, LANDSCAPE, Band, diverged, eta_band, lr_band, series  # noqa: E402
 
 COLORS = {"on": "tab:red", "off": "tab:blue"}
 LABELS = {"on": "with BN", "off": "without BN"}
@@ -93,7 +93,7 @@ def plot_band(groups, quantity: str, path: Path, log: bool, lr: float | None) ->
     for bn, runs in groups.items():
         at = pick_lr(list(runs), lr if lr is not None else 0.1)
         _fill(a, eta_band(runs[at], quantity), bn, f"{LABELS[bn]}, lr {at:g}")
-        _fill(b, lr_band({x: series(r, probe, key) for x, r in runs.items()}), bn,
+        _fill(b, lr_band({x: series(r, probe, key) for x, r in runs.items() if not diverged(r)}), bn,
               f"{LABELS[bn]}, lrs {', '.join(f'{x:g}' for x in runs)}")
     a.set(title=f"{title}: over step sizes [0.5, 4] x lr", ylabel=ylabel)
     b.set(title=f"{title}: across learning rates", ylabel=ylabel)

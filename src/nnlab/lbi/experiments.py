@@ -12,7 +12,7 @@ from nnlab.errors import ConfigError
 from nnlab.lbi.callback import LBICallback
 
 LBI_OPTIMIZERS = ("slbi", "slbi-adam")
-LBI_OPTION_NAMES = ("kappa", "mu", "lam", "gamma_lr")
+LBI_OPTION_NAMES = ("kappa", "mu", "lam", "conv_lam", "layer_lam", "gamma_lr")
 
 
 @dataclass
@@ -22,6 +22,8 @@ class LBIOptions:
     kappa: float = 1.0
     mu: float = 20.0
     lam: float = 1.0
+    conv_lam: float | None = None
+    layer_lam: dict | None = None
     gamma_lr: float | None = None
 
     def as_options(self) -> dict[str, Any]:
@@ -33,8 +35,8 @@ def lbi_train_config(lbi: LBIOptions | None = None, **config: Any) -> TrainConfi
     cfg = TrainConfig(**config)
     if cfg.optimizer in LBI_OPTIMIZERS:
         cfg.optimizer_options = {**(lbi or LBIOptions()).as_options(), **cfg.optimizer_options}
-    elif lbi is not None and lbi != LBIOptions():
-        raise ConfigError(f"--kappa/--mu/--lam/--gamma-lr apply to {' or '.join(LBI_OPTIMIZERS)}, "
+    elif lbi is not None:
+        raise ConfigError(f"--kappa/--mu/--lam/--conv-lam/--gamma-lr apply to {' or '.join(LBI_OPTIMIZERS)}, "
                           f"not to optimizer {cfg.optimizer!r}; drop them or choose slbi")
     return cfg
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nnlab.errors import ConfigError
 from nnlab.lbi.optim import DessiLBI, DessiLBIAdam, _LBIBase, support
 
 COUPLED_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -16,30 +17,47 @@ def coupled_names(model: nn.Module) -> list[str]:
             if isinstance(m, COUPLED_MODULES) and getattr(m, "weight", None) is not None]
 
 
-def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
-    """Two groups: conv/linear weights (``coupled=True``, with ``weight_decay``) and the rest
-    (biases, norm parameters: ``coupled=False``, no weight decay). Empty groups are dropped."""
-    names = set(coupled_names(model))
-    params = dict(model.named_parameters())
-    coupled = [p for n, p in params.items() if n in names and p.requires_grad]
-    rest = [p for n, p in params.items() if n not in names and p.requires_grad]
-    groups = [dict(params=coupled, coupled=True, weight_decay=weight_decay),
-              dict(params=rest, coupled=False, weight_decay=0.0)]
+def param_groups(model: nn.Module, weight_decay: float = 0.0, conv_lam: float | None = None,
+                 layer_lam: dict[str, float] | None = None) -> list[dict]:
+    """Groups: conv weights and linear weights (``coupled=True``, with ``weight_decay``) and the
+    rest (biases, norm parameters: ``coupled=False``, no weight decay). Conv weights get
+    ``lam=conv_lam`` when given; ``layer_lam`` ({module name: lam}) puts those layers' weights in
+    groups of their own with that lam. Empty groups are dropped."""
+    names = coupled_names(model)
+    layer_lam = dict(layer_lam or {})
+    unknown = sorted(set(layer_lam) - {n.removesuffix(".weight") for n in names})
+    if unknown:
+        raise ConfigError(f"layer_lam names {', '.join(unknown)}, not conv/linear layers of this model; "
+                          f"choose from {', '.join(n.removesuffix('.weight') for n in names)}")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    own = {n: p for n, p in params.items() if n.removesuffix(".weight") in layer_lam and n in names}
+    conv = [p for n, p in params.items() if n in names and n not in own and p.ndim >= 3]
+    linear = [p for n, p in params.items() if n in names and n not in own and p.ndim < 3]
+    groups = [dict(params=conv, coupled=True, weight_decay=weight_decay),
+              dict(params=linear, coupled=True, weight_decay=weight_decay)]
+    if conv_lam is not None:
+        groups[0]["lam"] = conv_lam
+    groups += [dict(params=[p], coupled=True, weight_decay=weight_decay, lam=float(layer_lam[n[:-7]]))
+               for n, p in own.items()]
+    groups.append(dict(params=[p for n, p in params.items() if n not in names], coupled=False,
+                       weight_decay=0.0))
     return [g for g in groups if g["params"]]
 
 
 def build_slbi(model: nn.Module, *, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-               **options) -> DessiLBI:
-    """:class:`DessiLBI` over :func:`param_groups` of ``model``; options: kappa, mu, lam, gamma_lr,
-    dampening, shrink, foreach."""
-    return DessiLBI(param_groups(model, weight_decay), lr=lr, momentum=momentum, **options)
+               conv_lam: float | None = None, layer_lam: dict | None = None, **options) -> DessiLBI:
+    """:class:`DessiLBI` over :func:`param_groups` of ``model``; options: kappa, mu, lam (conv_lam:
+    lam of conv weights, default lam), gamma_lr, dampening, shrink, foreach."""
+    return DessiLBI(param_groups(model, weight_decay, conv_lam, layer_lam), lr=lr, momentum=momentum,
+                    **options)
 
 
 def build_slbi_adam(model: nn.Module, *, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                    conv_lam: float | None = None, layer_lam: dict | None = None,
                     **options) -> DessiLBIAdam:
     """:class:`DessiLBIAdam` over :func:`param_groups`; ``momentum`` is beta1 unless ``betas`` given."""
     options.setdefault("betas", (momentum, 0.999))
-    return DessiLBIAdam(param_groups(model, weight_decay), lr=lr, **options)
+    return DessiLBIAdam(param_groups(model, weight_decay, conv_lam, layer_lam), lr=lr, **options)
 
 
 def _named_coupled(model: nn.Module, optimizer: _LBIBase) -> list[tuple[str, torch.Tensor, dict]]:

@@ -208,11 +208,11 @@ class DessiLBI(_LBIBase):
     def __init__(self, params, lr: float = 0.1, kappa: float = 1.0, mu: float = 100.0,
                  momentum: float = 0.9, weight_decay: float = 0.0, lam: float = 1.0,
                  dampening: float = 0.0, gamma_lr: float | None = None, coupled: bool | None = None,
-                 shrink: str = "auto", foreach: bool = True):
+                 shrink: str = "auto", foreach: bool = True, compiled: bool = False):
         _check("momentum", momentum, 0 <= momentum < 1, "in [0, 1)")
         defaults = dict(lr=lr, kappa=kappa, mu=mu, momentum=momentum, weight_decay=weight_decay,
                         lam=lam, dampening=dampening, gamma_lr=gamma_lr, coupled=coupled,
-                        shrink=shrink, foreach=foreach)
+                        shrink=shrink, foreach=foreach, compiled=compiled)
         _check_group(defaults)
         super().__init__(params, defaults)
 
@@ -231,12 +231,26 @@ class DessiLBI(_LBIBase):
             params, grads, states = self._grads(group)
             if not params:
                 continue
-            if group["foreach"]:
+            if group.get("compiled") and all("momentum_buffer" in s or group["momentum"] == 0 for s in states):
+                self._step_compiled(group, params, grads, states)
+            elif group["foreach"] or group.get("compiled"):
                 self._step_foreach(group, params, grads, states)
             else:
                 for p, g, s in zip(params, grads, states):
                     sgd_step_reference(p, g, s, group, self.shrink_kind(p, group))
         return loss
+
+    def _step_compiled(self, group: dict, params: list, grads: list, states: list) -> None:
+        """The whole step as one ``torch.compile``d function (fused loops; first step is eager)."""
+        glr = group["lr"] if group["gamma_lr"] is None else group["gamma_lr"]
+        scalars = torch.tensor([group["momentum"], 1 - group["dampening"], group["lr"] * group["kappa"],
+                                group["mu"], glr, group["lam"], group["kappa"], group["weight_decay"]],
+                               dtype=torch.float64)
+        kinds = tuple("none" if "gamma" not in s else self.shrink_kind(p, group) for p, s in zip(params, states))
+        bufs = [s.get("momentum_buffer", g) for s, g in zip(states, grads)]
+        vs = [s.get("V", p) for s, p in zip(states, params)]  # placeholders where uncoupled (unused)
+        gs = [s.get("gamma", p) for s, p in zip(states, params)]
+        _compiled_sgd()(params, grads, bufs, vs, gs, scalars, kinds, group["momentum"] != 0)
 
     def _momentum(self, group: dict, grads: list, states: list) -> list:
         """Update momentum buffers (loss gradients only) and return the directions d."""
@@ -270,6 +284,41 @@ class DessiLBI(_LBIBase):
         torch._foreach_add_(params, d, alpha=-lrk)
         if c:
             self._gamma_update(group, pc, [states[i] for i in c])
+
+
+def _fused_sgd(ws: list, grads: list, bufs: list, vs: list, gs: list, scalars: torch.Tensor,
+               kinds: tuple, use_momentum: bool) -> None:
+    """The SGD-flavour rule per tensor, written for ``torch.compile`` (scalars as a tensor so that a
+    changing lr does not recompile): [momentum, 1 - dampening, lr*kappa, mu, gamma_lr, lam, kappa, wd]."""
+    m, keep, lrk, mu, glr, lam, kappa, wd = (scalars[i].to(ws[0].dtype) for i in range(8))
+    for w, g, b, v, gam, kind in zip(ws, grads, bufs, vs, gs, kinds):
+        d = g
+        if use_momentum:
+            b.copy_(b * m + g * keep)
+            d = b
+        if kind == "none":
+            w.copy_(w - lrk * (d + wd * w))
+            continue
+        diff = w - gam
+        v_new = v + (glr / mu) * diff
+        v.copy_(v_new)
+        w.copy_(w - lrk * (d + wd * w + diff / mu))
+        if kind == "group":
+            norms = v_new.reshape(v_new.shape[0], -1).norm(dim=1).clamp_min(1e-30)
+            factor = (1 - lam / norms).clamp_min(0).view(-1, *([1] * (v_new.ndim - 1)))
+            gam.copy_(kappa * v_new * factor)
+        else:
+            gam.copy_(kappa * (v_new - v_new.clamp(-lam, lam)))
+
+
+_COMPILED: list = []
+
+
+def _compiled_sgd():
+    """``torch.compile(_fused_sgd)``, built on first use."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_fused_sgd, dynamic=False))
+    return _COMPILED[0]
 
 
 @torch.no_grad()

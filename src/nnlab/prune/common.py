@@ -90,7 +90,7 @@ def fit(model: nn.Module, params: Iterable[torch.nn.Parameter], batches: Callabl
             torch.nn.utils.clip_grad_norm_(params, clip)
             opt.step()
             sched.step()
-            run, count = run + float(loss), count + 1
+            run, count = run + float(loss.detach()), count + 1
         losses.append(run / max(count, 1))
     model.eval()
     return losses

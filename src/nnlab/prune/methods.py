@@ -50,7 +50,7 @@ def build_cpvit(vit: ViT, ratio: float, ranges: list[float]) -> CPViTRunner:
 
 def build_tome(vit: ViT, ratio: float) -> ToMeRunner:
     c = vit.config
-    return ToMeRunner(vit, tome.r_for_ratio(ratio, c.num_patches, c.depth))
+    return ToMeRunner(vit, tome.r_schedule_for_ratio(ratio, c.num_patches, c.depth))
 
 
 # ----------------------------------------------------------------------------- P-ViT

@@ -111,13 +111,15 @@ class CPViTRunner(TokenRunner):
 
 
 class ToMeRunner(TokenRunner):
-    """ToMe: merge ``r`` tokens per block (between attention and MLP), proportional attention."""
+    """ToMe: merge ``r`` tokens per block (``r[l]`` in block l when a list) between attention and
+    MLP, with proportional attention."""
 
     method = "tome"
 
-    def __init__(self, vit: ViT, r: int):
+    def __init__(self, vit: ViT, r: int | list[int]):
         super().__init__(vit)
-        self.r = int(r)
+        depth = vit.config.depth
+        self.r = [int(r)] * depth if isinstance(r, int) else [int(v) for v in r]
         self._extra = 0.0
 
     def reset_stats(self) -> None:
@@ -133,7 +135,7 @@ class ToMeRunner(TokenRunner):
         for layer, block in enumerate(self.vit.blocks):
             out, keys = block.attn.forward_with_keys(block.norm1(x), bias)
             x, t_attn = x + out, x.shape[1]
-            r = min(self.r, (t_attn + 1) // 2 - 1)
+            r = min(self.r[layer], (t_attn + 1) // 2 - 1)
             if r > 0:
                 plan = tome.bipartite_soft_matching(keys, r)
                 x, size = tome.merge_weighted(x, size, plan)

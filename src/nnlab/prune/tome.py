@@ -6,12 +6,13 @@ metric. Merged tokens are size-weighted averages; their size enters the next att
 ``log(size)`` bias on the keys (proportional attention). Training-free.
 
 "Pruning ratio" for ToMe: as for CP-ViT, ``1 - mean_l(tokens in block l's MLP, patches) / N``:
-a constant number r of tokens merged per block is chosen so that the mean meets the ratio
-(each block can merge at most half of its tokens, so very high ratios are capped).
+r tokens merged per block (one more in the first blocks where needed) are chosen so that the mean
+meets the ratio (each block can merge at most half of its tokens, so very high ratios are capped).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -78,17 +79,35 @@ def size_bias(size: torch.Tensor) -> torch.Tensor:
     return size.log().transpose(1, 2)[:, None]
 
 
-def token_schedule(num_patches: int, depth: int, r: int) -> list[int]:
-    """Patches left after merging in each block with r per block (at most half the tokens)."""
+def token_schedule(num_patches: int, depth: int, r: int | Sequence[int]) -> list[int]:
+    """Patches left after merging in each block, merging r (or r[l] in block l) tokens per block,
+    at most half of them (set A holds ceil((1 + t) / 2) tokens including CLS, which never merges)."""
+    rs = [r] * depth if isinstance(r, int) else list(r)
     out, t = [], num_patches
-    for _ in range(depth):
-        t -= min(r, t // 2)  # |A| = ceil((1 + t) / 2) tokens with CLS, which never merges
+    for r_l in rs:
+        t -= min(r_l, t // 2)
         out.append(t)
     return out
 
 
+def achieved_ratio(num_patches: int, depth: int, r: int | Sequence[int]) -> float:
+    """1 - mean(token_schedule) / N."""
+    return 1 - sum(token_schedule(num_patches, depth, r)) / (depth * num_patches)
+
+
 def r_for_ratio(ratio: float, num_patches: int, depth: int) -> int:
-    """The r whose achieved ratio (1 - mean(schedule) / N) is closest to ``ratio``."""
-    def achieved(r: int) -> float:
-        return 1 - sum(token_schedule(num_patches, depth, r)) / (depth * num_patches)
-    return min(range(num_patches + 1), key=lambda r: (abs(achieved(r) - ratio), r))
+    """The constant r whose achieved ratio is closest to ``ratio``."""
+    return min(range(num_patches + 1), key=lambda r: (abs(achieved_ratio(num_patches, depth, r) - ratio), r))
+
+
+def r_schedule_for_ratio(ratio: float, num_patches: int, depth: int) -> list[int]:
+    """Per-block merge counts: the largest constant r not above ``ratio``, plus one more merge in
+    the first blocks, as many as needed to reach it (or the ceiling of what merging allows)."""
+    r = max([k for k in range(num_patches + 1) if achieved_ratio(num_patches, depth, k) <= ratio] or [0])
+    rs = [r] * depth
+    for layer in range(depth):
+        if achieved_ratio(num_patches, depth, rs) >= ratio - 1e-9:
+            break
+        rs[layer] += 1
+    best = min([rs, [r] * depth], key=lambda s: abs(achieved_ratio(num_patches, depth, s) - ratio))
+    return best

@@ -1,0 +1,125 @@
+"""Real speed-up of token pruning: CP-ViT and ToMe at ratio 0.5 against the unpruned ViT, one run.
+
+    python benchmarks/bench_prune_speed.py                                   # vit-small-cifar, random weights
+    python benchmarks/bench_prune_speed.py --checkpoint runs/vit-cifar --json runs/bench_prune_speed.json
+    python benchmarks/bench_prune_speed.py --model vit-test --repeats 2      # quick check of the script
+
+Target: at batch 64 on CPU, the pruned model's throughput at ratio 0.5 is at least 1.6x the unpruned
+model's, for CP-ViT and for ToMe. The reference is the unpruned model (fused attention) measured in
+the same process on the same batch; the variants are timed in interleaved rounds (base, cp-vit, tome,
+base, ...) and each figure is the median over rounds of the best of ``--inner`` passes, so load from
+other processes hits all of them alike. GFLOPs (1e9 MACs per image, :mod:`nnlab.prune.flops`) and
+the FLOP ratio (the ideal speed-up) are printed beside the measured ones. Timing does not depend on
+the weights (only which tokens go does), so random weights are fine without ``--checkpoint``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from nnlab.engine.io import write_json
+from nnlab.errors import NnlabError
+from nnlab.models import create_model
+from nnlab.prune import methods
+from nnlab.prune.runners import TokenRunner
+
+TARGET = 1.6
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vit-small-cifar", help="ViT preset (ignored with --checkpoint)")
+    p.add_argument("--checkpoint", default=None, help="run folder of a trained ViT (nnlab train --out)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
+    p.add_argument("--inner", type=int, default=3, help="passes per round (best is kept)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    return p.parse_args(argv)
+
+
+def machine() -> dict:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "load_avg_1min": load, "torch": torch.__version__}
+
+
+def build(args):
+    """The base ViT, its images (B, C, H, W) and the three runners to time."""
+    if args.checkpoint:
+        from nnlab.prune.sweep import load_base
+        from nnlab.prune.common import calibration_batch
+        vit, data = load_base(args.checkpoint)
+        x, _ = calibration_batch(data, vit.config.image_size, args.batch_size)
+    else:
+        vit = create_model(args.model, num_classes=10, in_chans=args.in_chans, image_size=args.image_size).eval()
+        x = torch.randn(args.batch_size, args.in_chans, args.image_size, args.image_size)
+    ranges = methods.attention_ranges(vit, x)
+    runners = {"base": TokenRunner(vit), "cp-vit": methods.build_cpvit(vit, args.ratio, ranges),
+               "tome": methods.build_tome(vit, args.ratio)}
+    return vit, x, runners
+
+
+@torch.no_grad()
+def time_interleaved(runners: dict, x: torch.Tensor, repeats: int, inner: int) -> dict[str, float]:
+    """Median over ``repeats`` rounds of the best of ``inner`` passes: images per second per runner."""
+    for r in runners.values():  # warm-up
+        r(x)
+    samples: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(repeats):
+        for name, r in runners.items():
+            best = float("inf")
+            for _ in range(inner):
+                t0 = time.perf_counter()
+                r(x)
+                best = min(best, time.perf_counter() - t0)
+            samples[name].append(x.shape[0] / best)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        vit, x, runners = build(args)
+    except NnlabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with torch.no_grad():
+        for r in runners.values():
+            r.reset_stats()
+            r(x)
+    gflops = {k: r.macs() / 1e9 for k, r in runners.items()}
+    achieved = {k: r.achieved_ratio() for k, r in runners.items()}
+    ips = time_interleaved(runners, x, args.repeats, args.inner)
+    report = {"model": args.checkpoint or args.model, "batch_size": args.batch_size, "ratio": args.ratio,
+              "machine": machine(), "target_speedup": TARGET, "methods": {}}
+    print(f"{report['model']}, batch {args.batch_size}, ratio {args.ratio}, machine {report['machine']}")
+    print(f"{'method':8s} {'img/s':>9s} {'speed-up':>9s} {'GFLOPs':>9s} {'FLOP ratio':>10s} {'achieved':>9s}")
+    ok = True
+    for name in runners:
+        speed, flop = ips[name] / ips["base"], gflops["base"] / gflops[name]
+        passed = name == "base" or speed >= TARGET
+        ok &= passed
+        report["methods"][name] = {"images_per_s": ips[name], "speedup": speed, "gflops": gflops[name],
+                                   "flop_ratio": flop, "achieved_ratio": achieved[name], "meets_target": passed}
+        print(f"{name:8s} {ips[name]:9.1f} {speed:8.2f}x {gflops[name]:9.4f} {flop:9.2f}x {achieved[name]:9.3f}"
+              + ("" if name == "base" else ("  ok" if passed else f"  below {TARGET}x")))
+    if args.json:
+        write_json(args.json, report)
+    print("target met" if ok else f"target NOT met (>= {TARGET}x for cp-vit and tome)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

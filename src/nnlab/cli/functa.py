@@ -1,0 +1,155 @@
+"""``nnlab functa``: meta-train a latent-modulated SIREN, fit functasets, reconstruct, classify."""
+from __future__ import annotations
+
+import json
+import sys
+
+from nnlab.errors import ConfigError
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard takes i/n (e.g. 0/4), got {text!r}") from None
+    return i, n
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def register(subparsers) -> None:
+    from nnlab.functa.presets import PRESETS
+
+    p = subparsers.add_parser("functa", help="functa: images as latent-modulated SIRENs", description=__doc__)
+    sub = p.add_subparsers(dest="functa_command", metavar="ACTION", parser_class=type(p))
+    sub.required = True
+    t = sub.add_parser("train", help="meta-train a preset; writes RUN/summary.json with test_psnr")
+    t.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    t.add_argument("--data", required=True, help="data set name (mnist, mnist-5k, celeba64, cifar10, ...)")
+    t.add_argument("--data-dir", help="folder or .tar.gz of the data set")
+    t.add_argument("--steps", type=int, help="outer steps (default: the preset's)")
+    t.add_argument("--latent-dim", type=int, help="latent size (default: the preset's)")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--outer-lr", type=float)
+    t.add_argument("--inner-steps", type=int)
+    t.add_argument("--time-limit", type=float, dest="time_limit_min", help="stop meta-training after MIN minutes")
+    t.add_argument("--first-order", action="store_const", const=True, help="first-order meta-gradients")
+    t.add_argument("--checkpointing", action="store_const", const=True, dest="use_checkpoint",
+                   help="recompute inner steps in the backward pass (saves memory)")
+    t.add_argument("--val-every", type=int)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--out", required=True)
+    t.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint")
+    t.set_defaults(func=run_train, _parser=t)
+
+    f = sub.add_parser("fit", help="fit latents for a whole split into a safetensors functaset")
+    f.add_argument("run", metavar="RUN")
+    f.add_argument("--data", required=True)
+    f.add_argument("--data-dir")
+    f.add_argument("--split", choices=["train", "test"], default="test")
+    f.add_argument("--out", required=True, help="output .safetensors file")
+    f.add_argument("--chunk-size", type=int, default=1000, help="images per resumable chunk")
+    f.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: fit every n-th chunk from i")
+    f.add_argument("--inner-steps", type=int, help="default: the run's")
+    f.set_defaults(func=run_fit, _parser=f)
+
+    r = sub.add_parser("reconstruct", help="PNG grid of originals over reconstructions at --size")
+    r.add_argument("run", metavar="RUN")
+    r.add_argument("--data", required=True)
+    r.add_argument("--data-dir")
+    r.add_argument("--split", choices=["train", "test"], default="test")
+    r.add_argument("--count", type=int, default=8)
+    r.add_argument("--size", type=_ints, default=None, help="output size(s), e.g. 28,64,128 (default: data size)")
+    r.add_argument("--out", required=True, help="output folder")
+    r.set_defaults(func=run_reconstruct, _parser=r)
+
+    c = sub.add_parser("classify", help="MLP on latents; writes RUN/summary.json with test_top1")
+    c.add_argument("train_set", metavar="TRAIN_FUNCTASET")
+    c.add_argument("test_set", metavar="TEST_FUNCTASET")
+    c.add_argument("--hidden", type=_ints, help="hidden widths (default 1024,1024,1024)")
+    c.add_argument("--dropout", type=float)
+    c.add_argument("--epochs", type=int)
+    c.add_argument("--lr", type=float)
+    c.add_argument("--latent-noise", type=float)
+    c.add_argument("--no-normalize", dest="normalize", action="store_const", const=False)
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=run_classify, _parser=c)
+    _register_extra(sub)
+
+
+def _register_extra(sub) -> None:
+    b = sub.add_parser("baseline", help="ResNet-18 CD-PreAct on the pixels of the same split")
+    b.add_argument("--data", required=True)
+    b.add_argument("--data-dir")
+    b.add_argument("--epochs", type=int, default=10)
+    b.add_argument("--out", required=True)
+    b.set_defaults(func=run_baseline, _parser=b)
+    p = sub.add_parser("plot", help="figures: PSNR/inner-MSE histograms, learning curves, latent sweep")
+    p.add_argument("--functaset", help="functaset for the PSNR and inner-MSE histograms")
+    p.add_argument("--classify-run", help="functa classifier run (learning curve)")
+    p.add_argument("--baseline-run", help="pixel baseline run (learning curve)")
+    p.add_argument("--sweep", nargs="+", help="train runs of a latent-size sweep (PSNR vs latent size)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=run_plot, _parser=p)
+
+
+def run_train(args) -> int:
+    from nnlab.functa.presets import get_preset
+    from nnlab.functa.trainer import train_functa
+
+    preset = get_preset(args.preset, latent_dim=args.latent_dim, steps=args.steps, batch_size=args.batch_size,
+                        outer_lr=args.outer_lr, inner_steps=args.inner_steps, time_limit_min=args.time_limit_min,
+                        first_order=args.first_order, use_checkpoint=args.use_checkpoint, val_every=args.val_every)
+    summary = train_functa(preset, args.data, args.out, data_dir=args.data_dir, resume=args.resume, device=args.device)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def run_fit(args) -> int:
+    from nnlab.functa.functaset import fit_split
+
+    path = fit_split(args.run, args.data, args.split, args.out, data_dir=args.data_dir,
+                     chunk_size=args.chunk_size, shard=args.shard, inner_steps=args.inner_steps)
+    print(path if path else "shard done; other shards still running", file=sys.stderr)
+    return 0
+
+
+def run_reconstruct(args) -> int:
+    from nnlab.functa.reconstruct import reconstruct_run
+
+    for path in reconstruct_run(args.run, args.data, args.out, data_dir=args.data_dir, split=args.split,
+                                count=args.count, sizes=args.size):
+        print(path)
+    return 0
+
+
+def run_classify(args) -> int:
+    from dataclasses import replace
+
+    from nnlab.functa.classify import ClassifyConfig, train_classifier
+
+    opts = {k: getattr(args, k) for k in ("hidden", "dropout", "epochs", "lr", "latent_noise", "normalize")}
+    config = replace(ClassifyConfig(), **{k: v for k, v in opts.items() if v is not None})
+    print(json.dumps(train_classifier(args.train_set, args.test_set, args.out, config), indent=1))
+    return 0
+
+
+def run_baseline(args) -> int:
+    from nnlab.functa.classify import pixel_baseline
+
+    print(json.dumps(pixel_baseline(args.data, args.out, data_dir=args.data_dir, epochs=args.epochs), indent=1))
+    return 0
+
+
+def run_plot(args) -> int:
+    from nnlab.functa.plots import make_figures
+
+    for path in make_figures(args.out, functaset=args.functaset, classify_run=args.classify_run,
+                             baseline_run=args.baseline_run, sweep=args.sweep):
+        print(path)
+    return 0

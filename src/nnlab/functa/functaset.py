@@ -1,0 +1,169 @@
+"""Functasets: the latents of a whole split, fitted in batches, saved as safetensors.
+
+File layout (one safetensors file; metadata holds the JSON model config and model hash)::
+
+    latents (N, latent_dim) float32    labels (N,) int64    psnr (N,) float32    inner_mse (N, steps)
+
+Fitting is resumable: finished chunks go to ``FILE.parts/chunk-XXXXX.safetensors`` (atomic), and
+the final file is assembled from them. ``shard=(i, n)`` fits only chunks ``i, i+n, ...`` into the
+shared parts folder, so n processes can split a split; the last one to finish (or a later call
+with no shard) assembles the file.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from nnlab.engine.io import atomic_write
+from nnlab.errors import CheckpointError, ConfigError, DataError
+from nnlab.functa import meta
+from nnlab.functa.model import LatentModulatedSiren, config_hash
+
+
+@dataclass
+class FitResult:
+    """latents (N, D); psnr (N,) per-image PSNR in dB of the clamped reconstruction; inner_mse
+    (N, steps) MSE before each inner step; mse (N,) after the last step."""
+
+    latents: torch.Tensor
+    psnr: torch.Tensor
+    inner_mse: torch.Tensor
+    mse: torch.Tensor
+
+
+def _fit_chunk(model: LatentModulatedSiren, shared: meta.Shared, x: torch.Tensor, steps: int):
+    """x (B, C, H, W) -> (latents (B, D), psnr (B,), inner_mse (B, steps), mse (B,))."""
+    res = meta.inner_loop(model, x, steps, create_graph=False, shared=shared)
+    out = meta.predict(model, shared, res.latents).clamp(0, 1)
+    mse = (out - meta.images_to_targets(x)).pow(2).mean(dim=(1, 2))
+    return res.latents, meta.psnr(mse), res.inner_mse, res.mse
+
+
+_COMPILED = {}
+
+
+def _chunk_fn(compile: bool):
+    if not compile:
+        return _fit_chunk
+    if "fit" not in _COMPILED:
+        _COMPILED["fit"] = torch.compile(_fit_chunk, dynamic=False)
+    return _COMPILED["fit"]
+
+
+@torch.no_grad()
+def fit_batch(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3, chunk: int = 8,
+              shared: meta.Shared | None = None, compile: bool = False) -> FitResult:
+    """Fit latents to float images (B, C, H, W) in [0, 1], ``chunk`` images at a time (small
+    chunks keep the activations in cache). ``compile`` uses torch.compile (fused elementwise
+    loops; the first call compiles for a while); a short last chunk is padded to keep one shape."""
+    shared = shared if shared is not None else meta.shared_terms(model, tuple(images.shape[2:]))
+    fn, parts = _chunk_fn(compile), []
+    for x in images.split(chunk):
+        n = len(x)
+        if compile and n < chunk:
+            x = torch.cat([x, x[-1:].expand(chunk - n, *x.shape[1:])])
+        parts.append([t[:n] for t in fn(model, shared, x, steps)])
+    return FitResult(*(torch.cat(t) for t in zip(*parts)))
+
+
+def fit_images(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3,
+               batch_size: int = 256, progress: bool = True, compile: bool = False) -> FitResult:
+    """Fit uint8 images (N, C, H, W) batch by batch -> :class:`FitResult` over all N."""
+    model.eval()
+    with torch.no_grad():
+        shared = meta.shared_terms(model, tuple(images.shape[2:]))
+    device = model.out.weight.device
+    results = [fit_batch(model, images[i:i + batch_size].to(device).float().div_(255), steps, shared=shared,
+                         compile=compile)
+               for i in tqdm(range(0, len(images), batch_size), desc="fit", disable=None if progress else True)]
+    return FitResult(*(torch.cat([getattr(r, f) for r in results]) for f in FitResult.__dataclass_fields__))
+
+
+def _chunk_path(parts: Path, i: int) -> Path:
+    return parts / f"chunk-{i:05d}.safetensors"
+
+
+def fit_functaset(model: LatentModulatedSiren, images: torch.Tensor, labels: torch.Tensor,
+                  out: str | Path, *, steps: int = 3, chunk_size: int = 1000,
+                  shard: tuple[int, int] = (0, 1), meta_info: dict | None = None) -> Path | None:
+    """Fit a split (images (N, C, H, W) uint8, labels (N,)) into the functaset ``out``.
+
+    Returns ``out`` once the file is complete, or None when other shards still have chunks to do.
+    """
+    index, count = shard
+    if not (count >= 1 and 0 <= index < count):
+        raise ConfigError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
+    out = Path(out)
+    parts = out.with_name(out.name + ".parts")
+    n_chunks = -(-len(images) // chunk_size)
+    todo = [i for i in range(index, n_chunks, count) if not _chunk_path(parts, i).exists()]
+    for i in tqdm(todo, desc=f"functaset {out.name}", disable=None):
+        sl = slice(i * chunk_size, (i + 1) * chunk_size)
+        r = fit_images(model, images[sl], steps, progress=False)
+        tensors = {"latents": r.latents, "psnr": r.psnr, "inner_mse": r.inner_mse, "labels": labels[sl]}
+        atomic_write(_chunk_path(parts, i), lambda tmp, t=tensors: save_file(
+            {k: v.contiguous().cpu() for k, v in t.items()}, tmp))
+    if any(not _chunk_path(parts, i).exists() for i in range(n_chunks)):
+        return None
+    chunks = [load_file(_chunk_path(parts, i)) for i in range(n_chunks)]
+    tensors = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+    info = {"model_config": json.dumps(asdict(model.config)), "model_hash": config_hash(model),
+            "inner_steps": str(steps), **{k: str(v) for k, v in (meta_info or {}).items()}}
+    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=info))
+    for i in range(n_chunks):
+        _chunk_path(parts, i).unlink()
+    parts.rmdir()
+    return out
+
+
+@dataclass
+class Functaset:
+    """A loaded functaset: latents (N, D), labels (N,), psnr (N,), inner_mse (N, steps), metadata."""
+
+    latents: torch.Tensor
+    labels: torch.Tensor
+    psnr: torch.Tensor
+    inner_mse: torch.Tensor
+    metadata: dict
+
+
+def load_functaset(path: str | Path) -> Functaset:
+    """Read a functaset written by :func:`fit_functaset`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"functaset {path} does not exist; make it with 'nnlab functa fit'")
+    try:
+        t = load_file(path)
+        with safe_open(path, "pt") as f:
+            metadata = dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise CheckpointError(f"functaset {path} is unreadable ({exc}); fit it again") from None
+    missing = {"latents", "labels", "psnr"} - set(t)
+    if missing:
+        raise DataError(f"{path} is not a functaset (missing {sorted(missing)})")
+    return Functaset(t["latents"], t["labels"], t["psnr"], t.get("inner_mse", torch.zeros(0)), metadata)
+
+
+def fit_split(run: str | Path, data: str, split: str, out: str | Path, *, data_dir: str | Path | None = None,
+              chunk_size: int = 1000, shard: tuple[int, int] = (0, 1), inner_steps: int | None = None,
+              device: str = "cpu") -> Path | None:
+    """Fit split ``split`` of data set ``data`` with the model of run folder ``run`` into ``out``."""
+    from nnlab.data import load_dataset
+    from nnlab.functa.reconstruct import load_model, load_train_config
+
+    if split not in ("train", "test"):
+        raise ConfigError(f"split must be train or test, got {split!r}")
+    model = load_model(run, device)
+    steps = inner_steps if inner_steps is not None else int(load_train_config(run).get("inner_steps", 3))
+    images = getattr(load_dataset(data, data_dir), split)
+    if images.shape[0] != model.config.out_channels:
+        raise ConfigError(f"{data} has {images.shape[0]} channel(s) but run {run} models "
+                          f"{model.config.out_channels}; use a run trained on this data set")
+    return fit_functaset(model, images.images, images.labels, out, steps=steps, chunk_size=chunk_size,
+                         shard=shard, meta_info={"data": data, "split": split, "run": str(run)})

@@ -1,0 +1,92 @@
+"""Figures built from files: functasets (safetensors) and run folders (metrics.jsonl, summary.json)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from nnlab.engine.io import read_json  # noqa: E402
+from nnlab.engine.metrics import read_jsonl  # noqa: E402
+from nnlab.functa.functaset import load_functaset  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_histograms(functaset: str | Path, out: Path) -> list[Path]:
+    """Per-image PSNR histogram and inner-loop MSE histograms (one series per inner step)."""
+    fs = load_functaset(functaset)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(fs.psnr.numpy(), bins=60)
+    ax.set(xlabel="PSNR (dB)", ylabel="images", title=f"mean {fs.psnr.mean():.2f} dB, n={len(fs.psnr)}")
+    paths = [_save(fig, out / "psnr-hist.png")]
+    if fs.inner_mse.numel():
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for k in range(fs.inner_mse.shape[1]):
+            ax.hist(fs.inner_mse[:, k].clamp_min(1e-6).log10().numpy(), bins=60, alpha=0.5, label=f"before step {k + 1}")
+        ax.set(xlabel="log10 inner-loop MSE", ylabel="images")
+        ax.legend()
+        paths.append(_save(fig, out / "inner-mse-hist.png"))
+    return paths
+
+
+def plot_learning_curves(classify_run: str | Path | None, baseline_run: str | Path | None, out: Path) -> Path:
+    """Test top-1 against epoch for the latent MLP and the pixel baseline, in one plot."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for run, label in ((classify_run, "MLP on functa latents"), (baseline_run, "ResNet-18 CD-PreAct on pixels")):
+        if run is None:
+            continue
+        recs = [r for r in read_jsonl(Path(run) / "metrics.jsonl") if "test_top1" in r]
+        ax.plot([r["epoch"] for r in recs], [100 * r["test_top1"] for r in recs], marker="o", label=label)
+    ax.set(xlabel="epoch", ylabel="test top-1 (%)")
+    ax.legend()
+    return _save(fig, out / "learning-curves.png")
+
+
+def plot_sweep(runs: list[str | Path], out: Path) -> list[Path]:
+    """Test PSNR against latent size from train runs' summary.json; also writes sweep.csv."""
+    rows = sorted((read_json(Path(r) / "summary.json") for r in runs), key=lambda s: s["latent_dim"])
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "sweep.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["latent_dim", "test_psnr", "steps", "train_minutes"])
+        for s in rows:
+            w.writerow([s["latent_dim"], s["test_psnr"], s["steps"], s["train_minutes"]])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([s["latent_dim"] for s in rows], [s["test_psnr"] for s in rows], marker="o")
+    ax.set(xscale="log", xlabel="latent size", ylabel="test PSNR (dB)")
+    return [out / "sweep.csv", _save(fig, out / "latent-sweep.png")]
+
+
+def plot_psnr_curve(run: str | Path, out: Path) -> Path:
+    """Train and validation PSNR against meta-training minutes of one run."""
+    recs = read_jsonl(Path(run) / "metrics.jsonl")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key in ("train_psnr", "val_psnr"):
+        pts = [(r["minutes"], r[key]) for r in recs if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=key)
+    ax.set(xlabel="meta-training minutes", ylabel="PSNR (dB)")
+    ax.legend()
+    return _save(fig, out / f"psnr-{Path(run).name}.png")
+
+
+def make_figures(out: str | Path, *, functaset=None, classify_run=None, baseline_run=None, sweep=None) -> list[Path]:
+    out, paths = Path(out), []
+    if functaset:
+        paths += plot_histograms(functaset, out)
+    if classify_run or baseline_run:
+        paths.append(plot_learning_curves(classify_run, baseline_run, out))
+    if sweep:
+        paths += plot_sweep(sweep, out)
+        paths += [plot_psnr_curve(r, out) for r in sweep]
+    return paths

@@ -1,0 +1,169 @@
+"""Meta-training of a :class:`LatentModulatedSiren` on an image data set.
+
+``RUN/`` holds config.yaml, metrics.jsonl (train PSNR every ``log_every`` steps, validation PSNR
+on images held out from the train split every ``val_every``), checkpoint/ (atomic, resumable) and
+summary.json with ``test_psnr``: the mean per-image PSNR (dB, data in [0, 1], reconstruction
+clamped to [0, 1]) over the whole test split after the inner steps.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nnlab.data import BatchLoader, ImageSet, load_dataset
+from nnlab.engine import distributed as dist
+from nnlab.engine.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from nnlab.engine.metrics import MetricsLogger
+from nnlab.engine.runs import RunDir
+from nnlab.errors import CheckpointError, ConfigError, DivergenceError
+from nnlab.functa import meta
+from nnlab.functa.functaset import fit_images
+from nnlab.functa.model import FunctaConfig, LatentModulatedSiren
+from nnlab.functa.presets import MetaTrainConfig, Preset
+
+
+@dataclass
+class TrainState:
+    model: LatentModulatedSiren
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    elapsed: float = 0.0        # seconds of meta-training so far (over resumes)
+
+
+def check_data(model_cfg: FunctaConfig, shape: tuple[int, ...], name: str) -> None:
+    if shape[0] != model_cfg.out_channels:
+        raise ConfigError(f"data set {name} has {shape[0]} channel(s) but the model outputs "
+                          f"{model_cfg.out_channels}; pick a preset for this data set")
+
+
+def build_state(preset: Preset, device: torch.device) -> TrainState:
+    torch.manual_seed(preset.train.seed)
+    model = LatentModulatedSiren(preset.model).to(device)
+    cfg = preset.train
+    rates = [p for n, p in model.named_parameters() if n == "meta_lr"]
+    groups = [{"params": [p for n, p in model.named_parameters() if n != "meta_lr"]}]
+    if rates:  # no weight decay on the learning rates
+        groups.append({"params": rates, "lr": cfg.outer_lr * cfg.meta_lr_mult, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=cfg.outer_lr, weight_decay=cfg.weight_decay)
+    return TrainState(model, opt)
+
+
+def resume_state(state: TrainState, folder: Path) -> None:
+    ckpt = load_checkpoint(folder)
+    try:
+        state.model.load_state_dict(ckpt.tensors)
+        state.optimizer.load_state_dict(ckpt.state["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint in {folder} does not match this preset ({exc}); "
+                              "use the run's own preset or a new --out") from None
+    state.step, state.elapsed = ckpt.step, float(ckpt.state["elapsed"])
+    set_rng_state(ckpt.state["rng"])
+
+
+def save_state(state: TrainState, run: RunDir) -> None:
+    if dist.is_main():
+        save_checkpoint(run.checkpoint_dir, state.step, state.model.state_dict(),
+                        {"optimizer": state.optimizer.state_dict(), "elapsed": state.elapsed,
+                         "rng": rng_state()})
+
+
+def meta_step(state: TrainState, x: torch.Tensor, cfg: MetaTrainConfig) -> meta.MetaStepResult:
+    """One outer Adam step on a batch x (B, C, H, W) in [0, 1]; DivergenceError on NaN/inf."""
+    res = meta.meta_loss(state.model, x, cfg.inner_steps, first_order=cfg.first_order,
+                         use_checkpoint=cfg.use_checkpoint)
+    if not torch.isfinite(res.loss):
+        raise DivergenceError(f"meta-training diverged at step {state.step + 1} (loss {res.loss.item()}); "
+                              "lower --outer-lr or resume from the last checkpoint")
+    state.optimizer.zero_grad(set_to_none=True)
+    res.loss.backward()
+    for p in state.model.parameters():
+        if p.grad is not None:
+            dist.all_reduce_mean(p.grad)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+    state.optimizer.step()
+    state.step += 1
+    return res
+
+
+def evaluate_psnr(model: LatentModulatedSiren, images: torch.Tensor, steps: int, batch: int) -> dict:
+    """Mean per-image PSNR (dB) and inner MSE of uint8 images (N, C, H, W) after ``steps``."""
+    r = fit_images(model, images, steps, batch_size=batch, progress=False)
+    return {"psnr": r.psnr.mean().item(), "psnr_std": r.psnr.std().item() if len(r.psnr) > 1 else 0.0,
+            "mse": r.mse.mean().item()}
+
+
+def _loader(train: ImageSet, cfg: MetaTrainConfig) -> BatchLoader:
+    return BatchLoader(train, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
+                       rank=dist.rank(), world_size=dist.world_size())
+
+
+def _batches(loader: BatchLoader, step: int):
+    """Endless batches continuing from global step ``step`` (resume lands on the same batch)."""
+    per_epoch = len(loader)
+    epoch, start = divmod(step, per_epoch)
+    while True:
+        loader.set_epoch(epoch)
+        for x, _ in loader.iter_from(start):
+            yield x
+        epoch, start = epoch + 1, 0
+
+
+def train_functa(preset: Preset, data: str, out: str | Path, *, data_dir: str | Path | None = None,
+                 resume: bool = False, device: str = "auto", progress: bool = True) -> dict:
+    """Meta-train ``preset`` on data set ``data``; returns (and writes) the summary dict."""
+    info = dist.init_from_env(device)
+    run, cfg = RunDir(out), preset.train
+    splits = load_dataset(data, data_dir)
+    check_data(preset.model, splits.shape, data)
+    if len(splits.train) <= cfg.val_images + cfg.batch_size:
+        raise ConfigError(f"{data} has {len(splits.train)} train images; need more than val_images + batch_size")
+    train = splits.train.subset(slice(0, len(splits.train) - cfg.val_images))
+    val = splits.train.images[len(splits.train) - cfg.val_images:]
+    state = build_state(preset, info.device)
+    if resume and has_checkpoint(run.checkpoint_dir):
+        resume_state(state, run.checkpoint_dir)
+    elif dist.is_main():
+        run.save_config({"model": asdict(preset.model), "train": asdict(cfg), "data": data})
+    log = MetricsLogger(run.metrics_path, resume_step=state.step if resume else None) if dist.is_main() else None
+    _meta_train(state, cfg, _loader(train, cfg), val, log, run, info.device, progress)
+    test = evaluate_psnr(state.model, splits.test.images, cfg.inner_steps, cfg.eval_batch)
+    summary = {"test_psnr": test["psnr"], "test_psnr_std": test["psnr_std"], "test_mse": test["mse"],
+               "test_images": len(splits.test), "steps": state.step, "train_minutes": state.elapsed / 60,
+               "data": data, "latent_dim": preset.model.latent_dim, "inner_steps": cfg.inner_steps}
+    if log is not None:
+        log.log({"step": state.step, "test_psnr": test["psnr"]})
+        log.close()
+        run.write_summary(summary)
+    return summary
+
+
+def _meta_train(state, cfg, loader, val, log, run, device, progress) -> None:
+    limit = cfg.time_limit_min * 60 if cfg.time_limit_min > 0 else float("inf")
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="meta-train", disable=None if progress else True)
+    window: list[torch.Tensor] = []
+    batches = _batches(loader, state.step)
+    while state.step < cfg.steps and state.elapsed < limit:
+        t0 = time.perf_counter()
+        state.model.train()
+        res = meta_step(state, next(batches).to(device), cfg)
+        state.elapsed += time.perf_counter() - t0
+        window.append(res.psnr)
+        bar.update(1)
+        if state.step % cfg.log_every == 0 and log is not None:
+            psnr = torch.cat(window).mean().item()
+            window.clear()
+            bar.set_postfix(psnr=f"{psnr:.2f}")
+            log.log({"step": state.step, "minutes": state.elapsed / 60, "train_psnr": psnr,
+                     "inner_mse": res.inner_mse.mean(0).tolist()})
+        if state.step % cfg.val_every == 0 and log is not None:
+            v = evaluate_psnr(state.model, val, cfg.inner_steps, cfg.eval_batch)
+            log.log({"step": state.step, "minutes": state.elapsed / 60, "val_psnr": v["psnr"]})
+        if state.step % cfg.ckpt_every == 0:
+            save_state(state, run)
+    bar.close()
+    save_state(state, run)

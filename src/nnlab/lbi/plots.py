@@ -1,0 +1,123 @@
+"""Figures of DessiLBI runs, built only from the run files (``metrics.jsonl``, ``config.yaml``,
+the checkpoint): loss/accuracy curves, per-layer sparsity curves, Gamma paths and weight images."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from nnlab.engine.checkpoint import load_checkpoint  # noqa: E402
+from nnlab.engine.metrics import read_jsonl  # noqa: E402
+from nnlab.engine.runs import RunDir  # noqa: E402
+from nnlab.errors import CheckpointError  # noqa: E402
+
+
+def epoch_records(run: str | Path) -> list[dict]:
+    """The per-epoch records of a run (those with ``train_loss``), in order."""
+    path = RunDir(run).metrics_path
+    if not path.is_file():
+        raise CheckpointError(f"{run} has no metrics.jsonl; pass run folders of `nnlab lbi train`")
+    return [r for r in read_jsonl(path) if "train_loss" in r]
+
+
+def run_label(run: str | Path) -> str:
+    """``<optimizer>`` from the run's config, e.g. ``slbi-adam``, else the folder name."""
+    try:
+        return str(RunDir(run).load_config().get("optimizer", Path(run).name))
+    except CheckpointError:
+        return Path(run).name
+
+
+def plot_curves(runs: list[str | Path], out: Path) -> Path:
+    """Train loss, test top-1 (dense W, and W* dashed) against epoch, one line per run."""
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
+    for run in runs:
+        recs, label = epoch_records(run), run_label(run)
+        ep = [r["epoch"] for r in recs]
+        line, = ax_l.plot(ep, [r["train_loss"] for r in recs], label=label)
+        tested = [r for r in recs if "test_top1" in r]
+        ax_a.plot([r["epoch"] for r in tested], [100 * r["test_top1"] for r in tested], color=line.get_color(),
+                  label=label)
+        star = [r for r in recs if "test_top1_wstar" in r]
+        if star:
+            ax_a.plot([r["epoch"] for r in star], [100 * r["test_top1_wstar"] for r in star], "--",
+                      color=line.get_color(), label=f"{label} W*")
+    ax_l.set(xlabel="epoch", ylabel="train loss", yscale="log", title="training loss")
+    ax_a.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
+    for ax in (ax_l, ax_a):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return _save(fig, out / "curves.png")
+
+
+def plot_sparsity(runs: list[str | Path], out: Path) -> Path | None:
+    """Per-layer fraction of Gamma non-zero against epoch; one panel per layer, a line per run."""
+    data = {run_label(r): epoch_records(r) for r in runs}
+    data = {k: v for k, v in data.items() if v and "sparsity" in v[-1]}
+    if not data:
+        return None
+    layers = list(next(iter(data.values()))[-1]["sparsity"])
+    fig, axes = plt.subplots(1, len(layers), figsize=(3 * len(layers), 3), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        for label, recs in data.items():
+            pts = [(r["epoch"], r["sparsity"][layer]) for r in recs if layer in r.get("sparsity", {})]
+            ax.plot(*zip(*pts), label=label) if pts else None
+        ax.set(title=layer.removesuffix(".weight"), xlabel="epoch", ylim=(-0.03, 1.03))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("fraction of Gamma non-zero")
+    axes[0][0].legend(fontsize=8)
+    return _save(fig, out / "sparsity.png")
+
+
+def plot_gamma_paths(run: str | Path, out: Path) -> Path | None:
+    """Sampled Gamma entries (filter norms for conv) against epoch, one panel per layer."""
+    recs = [r for r in epoch_records(run) if "gamma_path" in r]
+    if not recs:
+        return None
+    layers = list(recs[-1]["gamma_path"])
+    fig, axes = plt.subplots(1, len(layers), figsize=(3 * len(layers), 3), squeeze=False)
+    ep = [r["epoch"] for r in recs]
+    for ax, layer in zip(axes[0], layers):
+        values = torch.tensor([r["gamma_path"][layer] for r in recs])  # (epochs, K)
+        ax.plot(ep, values.numpy(), lw=1)
+        ax.set(title=layer.removesuffix(".weight"), xlabel="epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("Gamma (filter norm for conv)")
+    fig.suptitle(f"Gamma paths: {run_label(run)}")
+    return _save(fig, out / f"gamma_paths_{Path(run).name}.png")
+
+
+def plot_weights(runs: list[str | Path], out: Path, layer: str = "conv3") -> Path:
+    """Weights of ``layer`` per run as an image: one row per filter (C_out, C_in*kh*kw)."""
+    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 4), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        w = load_checkpoint(RunDir(run).checkpoint_dir).tensors.get(f"{layer}.weight")
+        if w is None:
+            raise CheckpointError(f"{run}'s model has no {layer}.weight; choose another --layer")
+        mat = w.reshape(w.shape[0], -1).float()
+        lim = float(mat.abs().max()) or 1.0
+        ax.imshow(mat.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+        zero = int((mat.abs().sum(1) == 0).sum())
+        ax.set(title=f"{run_label(run)} ({zero} zero filters)", xlabel="input x kernel", ylabel="filter")
+    return _save(fig, out / f"weights_{layer.replace('.', '_')}.png")
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_runs(runs: list[str | Path], out: str | Path, layer: str = "conv3") -> list[Path]:
+    """All figures for ``runs`` into ``out``; returns the written paths."""
+    out = Path(out)
+    paths = [plot_curves(runs, out), plot_sparsity(runs, out)]
+    paths += [plot_gamma_paths(r, out) for r in runs]
+    paths.append(plot_weights(runs, out, layer))
+    return [p for p in paths if p is not None]

@@ -1,0 +1,100 @@
+"""Functa: model, fast vs reference meta-learning, trainer, functasets, CLI."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nnlab.cli import main
+from nnlab.errors import ConfigError, DivergenceError
+from nnlab.functa import meta, reference
+from nnlab.functa.model import FunctaConfig, LatentModulatedSiren, coordinate_grid
+
+VARIANTS = [dict(), dict(meta_sgd=True), dict(modulate_scale=True), dict(latent_hidden=[12], meta_sgd=True),
+            dict(modulate_scale=True, modulate_shift=False, out_channels=3)]
+
+
+def tiny(dtype=torch.float64, **kw) -> LatentModulatedSiren:
+    kw = {"width": 16, "depth": 4, "latent_dim": 8, **kw}
+    return LatentModulatedSiren(FunctaConfig(**kw)).to(dtype)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_fast_matches_reference_latents_and_meta_gradients(kw, first_order):
+    model = tiny(**kw)
+    x = torch.rand(3, model.config.out_channels, 5, 6, dtype=torch.float64)
+    fast = meta.meta_loss(model, x, 3, first_order=first_order)
+    g_fast = torch.autograd.grad(fast.loss, list(model.parameters()))
+    ref = reference.meta_loss_reference(model, x, 3, first_order=first_order)
+    g_ref = torch.autograd.grad(ref, list(model.parameters()))
+    assert torch.allclose(fast.loss, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_fast, g_ref):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+    with torch.no_grad():
+        z_fast = meta.inner_loop(model, x, 3).latents
+    z_ref = torch.stack([reference.fit_one_reference(model, im, 3, create_graph=False) for im in x])
+    assert torch.allclose(z_fast, z_ref.detach(), rtol=1e-9, atol=1e-12)
+
+
+def test_second_order_differs_from_first_order():
+    model = tiny(meta_sgd=True)
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64)
+    g2 = torch.autograd.grad(meta.meta_loss(model, x).loss, model.first.weight)[0]
+    g1 = torch.autograd.grad(meta.meta_loss(model, x, first_order=True).loss, model.first.weight)[0]
+    assert not torch.allclose(g1, g2)
+
+
+def test_checkpointing_gives_same_gradients():
+    model = tiny(meta_sgd=True)
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64)
+    g = torch.autograd.grad(meta.meta_loss(model, x).loss, list(model.parameters()))
+    gc = torch.autograd.grad(meta.meta_loss(model, x, use_checkpoint=True).loss, list(model.parameters()))
+    for a, b in zip(g, gc):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_batch_size_does_not_shrink_inner_step():
+    model = tiny()
+    x = torch.rand(5, 1, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        alone = meta.inner_loop(model, x[:1], 3).latents
+        batch = meta.inner_loop(model, x, 3).latents
+    assert torch.allclose(alone[0], batch[0], rtol=1e-10, atol=1e-13)
+    assert batch[0].abs().max() > 0
+
+
+def test_siren_init_and_output_offset():
+    model = tiny(dtype=torch.float32, width=64, w0=30.0)
+    assert model.first.weight.abs().max() <= 1 / 2
+    assert model.hidden[0].weight.abs().max() <= math.sqrt(6 / 64) / 30
+    assert model.hidden[0].weight.abs().max() > 0.8 * math.sqrt(6 / 64) / 30
+    out = model(torch.zeros(1, 8), coordinate_grid(8))
+    assert out.shape == (1, 64, 1)
+    assert (out - 0.5).abs().mean() < 0.5
+
+
+def test_coordinate_grid_pixel_centres_any_size():
+    g = coordinate_grid(4)
+    assert g.shape == (16, 2)
+    assert torch.allclose(g[:4, 1], torch.tensor([0.125, 0.375, 0.625, 0.875]))
+    assert torch.allclose(g[::4, 0], torch.tensor([0.125, 0.375, 0.625, 0.875]))
+    assert coordinate_grid((2, 3, 4), 3).shape == (24, 3)
+    img = tiny(dtype=torch.float32).render(torch.zeros(2, 8), 13)
+    assert img.shape == (2, 1, 13, 13)
+
+
+def test_meta_sgd_rates_are_clipped():
+    model = tiny(meta_sgd=True)
+    with torch.no_grad():
+        model.meta_lr[:2] = torch.tensor([-1.0, 5.0], dtype=torch.float64)
+    lr = model.inner_lr()
+    assert lr[0] == 0 and lr[1] == 1 and ((lr >= 0) & (lr <= 1)).all()
+
+
+def test_bad_config_raises_config_error():
+    with pytest.raises(ConfigError, match="depth"):
+        FunctaConfig(depth=1)
+    with pytest.raises(ConfigError, match="modulate_shift"):
+        FunctaConfig(modulate_shift=False, modulate_scale=False)

@@ -1,0 +1,96 @@
+"""Functa runs end to end on the embedded digits: train/resume/NaN, functasets, reconstruct, classify."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nnlab.cli import main
+from nnlab.engine.checkpoint import load_checkpoint
+from nnlab.errors import DivergenceError
+from nnlab.functa.functaset import fit_functaset, fit_images, load_functaset
+from nnlab.functa.presets import get_preset
+from nnlab.functa.trainer import build_state, meta_step
+from nnlab.functa.model import FunctaConfig, LatentModulatedSiren
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("functa") / "run"
+    assert main(["functa", "train", "--preset", "tiny", "--data", "mnist-5k", "--steps", "4", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_summary_and_metrics(trained):
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["test_images"] == 1000 and summary["steps"] == 4
+    assert 5 < summary["test_psnr"] < 60
+    lines = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert any("train_psnr" in r for r in lines) and any("val_psnr" in r for r in lines)
+
+
+def test_resume_matches_uninterrupted(tmp_path, trained):
+    out = tmp_path / "run"
+    args = ["functa", "train", "--preset", "tiny", "--data", "mnist-5k", "--out", str(out)]
+    assert main(args + ["--steps", "2"]) == 0
+    assert main(args + ["--steps", "4", "--resume"]) == 0
+    a = load_checkpoint(out / "checkpoint").tensors
+    b = load_checkpoint(trained / "checkpoint").tensors
+    assert load_checkpoint(out / "checkpoint").step == 4
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_nan_raises_divergence_error():
+    state = build_state(get_preset("tiny"), torch.device("cpu"))
+    with torch.no_grad():
+        state.model.out.bias.fill_(float("nan"))
+    with pytest.raises(DivergenceError, match="outer-lr"):
+        meta_step(state, torch.rand(2, 1, 8, 8), get_preset("tiny").train)
+
+
+def test_functaset_chunks_shards_and_resume(tmp_path):
+    model = LatentModulatedSiren(FunctaConfig(width=16, depth=3, latent_dim=8)).eval()
+    images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(10)
+    whole = fit_functaset(model, images, labels, tmp_path / "whole.safetensors", chunk_size=3)
+    assert fit_functaset(model, images, labels, tmp_path / "s.safetensors", chunk_size=3, shard=(0, 2)) is None
+    assert len(list((tmp_path / "s.safetensors.parts").iterdir())) == 2
+    done = fit_functaset(model, images, labels, tmp_path / "s.safetensors", chunk_size=3, shard=(1, 2))
+    a, b = load_functaset(whole), load_functaset(done)
+    assert torch.allclose(a.latents, b.latents) and torch.equal(a.labels, labels)
+    assert a.latents.shape == (10, 8) and a.inner_mse.shape == (10, 3)
+    assert json.loads(a.metadata["model_config"])["latent_dim"] == 8
+    direct = fit_images(model, images, 3, batch_size=4, progress=False)
+    assert torch.allclose(direct.latents, a.latents, atol=1e-6)
+    assert torch.allclose(direct.psnr, a.psnr, atol=1e-4)
+
+
+def test_cli_fit_reconstruct_classify(tmp_path, trained):
+    fs = tmp_path / "test.safetensors"
+    assert main(["functa", "fit", str(trained), "--data", "mnist-5k", "--split", "test", "--out", str(fs)]) == 0
+    f = load_functaset(fs)
+    summary = json.loads((trained / "summary.json").read_text())
+    assert f.latents.shape == (1000, 16)
+    assert abs(f.psnr.mean().item() - summary["test_psnr"]) < 1e-3
+    assert main(["functa", "reconstruct", str(trained), "--data", "mnist-5k", "--count", "3",
+                 "--size", "28,56", "--out", str(tmp_path / "rec")]) == 0
+    from PIL import Image
+    assert Image.open(tmp_path / "rec" / "reconstruction-56.png").size == (3 * 58 + 2, 2 * 56 + 6)
+    assert main(["functa", "classify", str(fs), str(fs), "--hidden", "64", "--epochs", "15",
+                 "--out", str(tmp_path / "cls")]) == 0
+    result = json.loads((tmp_path / "cls" / "summary.json").read_text())
+    assert 0.3 < result["test_top1"] <= 1.0
+    assert main(["functa", "plot", "--functaset", str(fs), "--classify-run", str(tmp_path / "cls"),
+                 "--sweep", str(trained), "--out", str(tmp_path / "fig")]) == 0
+    assert (tmp_path / "fig" / "psnr-hist.png").is_file() and (tmp_path / "fig" / "latent-sweep.png").is_file()
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["functa", "train", "--preset", "tiny", "--data", "cifar10", "--data-dir", str(tmp_path),
+                 "--out", str(tmp_path / "r")]) == 2
+    assert main(["functa", "fit", str(tmp_path / "nope"), "--data", "mnist-5k", "--out", str(tmp_path / "x")]) == 2
+    assert main(["functa", "classify", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "functa fit" in err or "does not exist" in err
