@@ -119,3 +119,13 @@ def test_diverged_pair_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert runs[1e4]["diverged"] and runs[1e4]["test_top1"] is None
     assert not runs[0.05]["diverged"] and runs[0.05]["test_top1"] is not None
     assert run_sweep(tiny_sweep(bn="off", lrs=[0.05, 1e4]), tmp_path, data=synthetic()).ran == []
+
+
+@pytest.mark.slow
+def test_sweep_on_real_cifar10(shared_data, tmp_path):
+    """The real-data path: vgg-a / vgg-a-bn on 512 CIFAR-10 images, one epoch (~10 s once decoded)."""
+    cfg = SweepConfig(data="cifar10", data_dir=str(shared_data / "cifar10"), lrs=[0.1], epochs=1,
+                      every=2, width=0.125, train_subset=512, test_subset=256, progress=False)
+    summary = run_sweep(cfg, tmp_path).summary
+    assert summary["complete"] and all(r["test_top1"] is not None for r in summary["runs"])
+    assert all(summary["band_medians"][bn]["eta_loss_band"] > 0 for bn in ("on", "off"))

@@ -70,6 +70,14 @@ def test_without_token_and_rewards():
     assert t[0, 0] > 0.5 > t[0, 1] and t[1, 0] == pytest.approx(0.5)
 
 
+def test_rank_targets():
+    r = torch.tensor([[0.3, -0.2], [0.0, 0.0], [0.1, -0.5]])
+    t = apvit.rank_targets(r)
+    assert t[0, 0] == 1.0 and t[2, 1] == 0.0
+    assert t[1, 0] == t[1, 1] and float(t[1, 0]) == pytest.approx(2.5 / 5)  # ties share the mean rank
+    assert bool((t[0, 0] > t[2, 0]) & (t[2, 0] > t[1, 0]) & (t[1, 0] > t[0, 1]))
+
+
 def test_compact_and_padding_bias():
     x = torch.arange(10, dtype=torch.float32).view(2, 5, 1)
     keep = torch.tensor([[1, 0, 1, 0, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)

@@ -42,6 +42,9 @@ def test_sweep_cli_writes_results_and_models(tiny_run, tmp_path):
     acc = accuracy(load_pruned(out / "models" / "cp-vit-0.3"), data.test.subset(slice(0, 64)),
                    eval_transform(data, 28))
     assert acc.top1 == pytest.approx(float(cp["top1"]), abs=1e-6)
+    assert main(["prune", "eval", "--model", str(out / "models" / "cp-vit-0.3"), "--data", "mnist-5k",
+                 "--test-limit", "64"]) == 0
+    assert main(["prune", "eval", "--model", str(out), "--data", "mnist-5k"]) == 2  # no pruned.json
     # resumable: a second run finds every row and adds none
     assert main(args) == 0
     with open(out / "results.csv") as f:

@@ -54,6 +54,11 @@ PRESETS: dict[str, Preset] = {
         FunctaConfig(width=512, depth=16, w0=30.0, latent_dim=128, inner_lr=1e-2),
         MetaTrainConfig(steps=100_000, batch_size=4, outer_lr=3e-6, weight_decay=1e-4),
         "seed report: 15 hidden layers of 512, shift-only, latent 128, SGD 1e-2, batch 4, Adam 3e-6"),
+    "celeba64-cpu": Preset(
+        FunctaConfig(width=128, depth=4, w0=30.0, out_channels=3, latent_dim=256, meta_sgd=True),
+        MetaTrainConfig(steps=100_000, batch_size=8, outer_lr=1e-3, grad_clip=1.0, val_images=200,
+                        val_every=100, eval_batch=50),
+        "faces at 64x64 on CPU: width 128, 3 sine layers, latent 256, Meta-SGD"),
     "celeba64-paper": Preset(
         FunctaConfig(width=512, depth=15, w0=30.0, out_channels=3, latent_dim=256, meta_sgd=True),
         MetaTrainConfig(steps=500_000, batch_size=16, outer_lr=3e-6),

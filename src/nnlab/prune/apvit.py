@@ -4,7 +4,8 @@ Agents sit in front of chosen blocks (:func:`agent_positions`, three spread over
 default). An agent reads every token (with the CLS token as context) and outputs the probability
 that dropping the token is harmless. It is trained offline on a frozen ViT: the reward of dropping
 token j at position p is ``P(true class | j removed from block p on) - P(true class | all tokens)``
-(:func:`drop_rewards`), turned into a soft target ``sigmoid(reward / tau)``. At inference a token
+(:func:`drop_rewards`), turned into a target in [0, 1] by its rank among all measured rewards
+(:func:`rank_targets`; ``soft_targets`` is the sigmoid alternative). At inference a token
 goes when its probability exceeds a threshold; :func:`threshold_for_ratio` picks the threshold
 that meets a target ratio from a measured threshold -> ratio table.
 
@@ -53,6 +54,19 @@ def drop_rewards(p_full: torch.Tensor, p_dropped: torch.Tensor) -> torch.Tensor:
 def soft_targets(rewards: torch.Tensor, tau: float) -> torch.Tensor:
     """Rewards (B, K) -> probability targets (B, K) that dropping is right: sigmoid(reward / tau)."""
     return torch.sigmoid(rewards / max(tau, 1e-12))
+
+
+def rank_targets(rewards: torch.Tensor) -> torch.Tensor:
+    """Rewards (B, K) -> targets (B, K) in [0, 1]: each reward's rank among all of them (ties share
+    the mean rank), so the agent learns a calibrated "how safe is this drop" and a threshold t
+    drops roughly the (1 - t) safest fraction at each agent."""
+    flat = rewards.flatten()
+    order = flat.argsort(stable=True)
+    ranks = torch.empty_like(flat)
+    ranks[order] = torch.arange(flat.numel(), dtype=flat.dtype)
+    uniq, inverse = torch.unique(flat, return_inverse=True)
+    mean_rank = torch.zeros_like(uniq).index_add_(0, inverse, ranks) / torch.bincount(inverse).to(flat.dtype)
+    return (mean_rank[inverse] / max(flat.numel() - 1, 1)).view_as(rewards)
 
 
 def without_token(x: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:

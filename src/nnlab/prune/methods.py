@@ -61,7 +61,7 @@ class PViTOptions:
     """Gate training (sparsity) and the optional fine-tuning after slimming."""
 
     gate_epochs: int = 3
-    gate_lr: float = 1e-3       # weights and gates are trained together (as in VTP)
+    gate_lr: float = 1e-4       # weights (fine-tuned gently) and gates train together, as in VTP
     gate_gate_lr: float = 1e-2  # gates learn faster than the weights
     l1_weight: float = 1e-4
     finetune_epochs: int = 0
@@ -157,7 +157,7 @@ def train_agents(vit: ViT, x: torch.Tensor, y: torch.Tensor, options: APViTOptio
     agents = nn.ModuleList()
     for i, pos in enumerate(positions):
         tokens, cand, rewards = agent_data(vit, x, y, pos, options.candidates, seed=i)
-        targets = apvit.soft_targets(rewards, float(rewards.std().clamp_min(1e-6)))
+        targets = apvit.rank_targets(rewards)
         agent = apvit.Agent(vit.config.dim, options.hidden)
 
         def batches(epoch, n=tokens.shape[0]):

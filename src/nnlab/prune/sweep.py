@@ -139,10 +139,10 @@ class _Sweep:
             self._prepared["agents"] = M.train_agents(self.vit, self.calib_x, self.calib_y, self.c.apvit)
             self._write_threshold_table(*self._prepared["agents"])
         agents, positions = self._prepared["agents"]
-        return M.build_apvit(self.vit, agents, positions, ratio, self.calib_x)
+        return M.build_apvit(self.vit, agents, positions, ratio, self.calib_x[:256])
 
     def _write_threshold_table(self, agents: nn.ModuleList, positions: list[int]) -> None:
-        table = M.threshold_table(self.vit, agents, positions, self.calib_x, self.c.apvit.thresholds)
+        table = M.threshold_table(self.vit, agents, positions, self.calib_x[:256], self.c.apvit.thresholds)
         with open(self.out / "apvit_thresholds.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["threshold", "achieved_ratio"])
