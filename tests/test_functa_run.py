@@ -94,3 +94,29 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["functa", "classify", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "functa fit" in err or "does not exist" in err
+
+
+def test_chunked_threaded_meta_step_equals_one_batch():
+    from dataclasses import replace
+
+    from nnlab.functa.parallel import chunk_runner
+
+    preset = get_preset("tiny")
+    x = torch.rand(6, 1, 8, 8)
+    grads = []
+    for chunk, workers in ((6, 1), (2, 2)):
+        state = build_state(preset, torch.device("cpu"))
+        with chunk_runner(workers) as runner:
+            res = meta_step(state, x, replace(preset.train, chunk=chunk), runner)
+        grads.append([p.grad.clone() for p in state.model.parameters()])
+        assert res.psnr.shape == (6,) and res.inner_mse.shape == (6, 3)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_threaded_fit_equals_sequential():
+    model = LatentModulatedSiren(FunctaConfig(width=16, depth=3, latent_dim=8)).eval()
+    images = torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8)
+    a = fit_images(model, images, batch_size=16, progress=False, workers=1)
+    b = fit_images(model, images, batch_size=16, progress=False, workers=2)
+    assert torch.allclose(a.latents, b.latents, atol=1e-6) and torch.allclose(a.psnr, b.psnr, atol=1e-5)

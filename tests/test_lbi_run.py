@@ -119,3 +119,9 @@ def test_layer_lam_groups_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # argparse's one-line error
         main(["lbi", "train", "--layer-lam", "conv3", "--out", str(tmp_path / "r")])
     assert exc.value.code == 2 and "LAYER=LAM" in capsys.readouterr().err
+
+
+def test_bad_lbi_hyperparameter_is_one_line_error(tmp_path, capsys):
+    code = main(["lbi", "train", *TINY[:-4], "--mu", "-1", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "mu" in err and "Traceback" not in err

@@ -171,5 +171,32 @@ def test_flops_match_torch_counter(vit):
 
 
 def test_vit_b16_flops():
-    cfg = create_model("vit-b16", num_classes=1000, in_chans=3, image_size=224).config
+    with torch.device("meta"):  # no memory, no init cost
+        cfg = create_model("vit-b16", num_classes=1000, in_chans=3, image_size=224).config
     assert vit_macs(cfg) / 1e9 == pytest.approx(17.58, abs=0.05)  # the published 17.6 GFLOPs
+
+
+def test_throughput_counts_images_per_second():
+    import time
+
+    from nnlab.prune.common import throughput
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.02)
+            return x
+    ips = throughput(Slow(), torch.zeros(8, 1), warmup=0, repeats=2)
+    assert 0 < ips <= 8 / 0.02
+
+
+def test_markdown_table_and_plots(tmp_path):
+    from nnlab.prune.plots import markdown_table, write_plots
+    rows = [{"method": "base", "ratio": 0.0, "top1": 90.0, "top5": 99.0, "gflops": 1.0, "images_per_s": 10.0,
+             "achieved_ratio": 0.0}]
+    rows += [{"method": m, "ratio": r, "top1": 90 - 10 * r, "top5": 99.0, "gflops": 1 - r, "images_per_s": 10 / (1 - r),
+              "achieved_ratio": r} for m in ("cp-vit", "tome") for r in (0.3, 0.6)]
+    text = markdown_table(rows)
+    assert "| 0 (base) | 90.00 | 99.00 | 90.00 | 99.00 |" in text
+    assert "| 0.6 | 84.00 | 99.00 | 84.00 | 99.00 |" in text
+    paths = write_plots(rows, tmp_path)
+    assert all(p.stat().st_size > 1000 for p in paths)

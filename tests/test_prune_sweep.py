@@ -20,9 +20,9 @@ def tiny_run(tmp_path_factory):
 def test_sweep_cli_writes_results_and_models(tiny_run, tmp_path):
     out = tmp_path / "sweep"
     args = ["prune", "sweep", "--checkpoint", str(tiny_run), "--methods", "p-vit,ap-vit,cp-vit,tome",
-            "--ratios", "0.3", "--out", str(out), "--test-limit", "64", "--calib-size", "32",
+            "--ratios", "0.3", "--out", str(out), "--test-limit", "64", "--calib-size", "16",
             "--timing-repeats", "1", "--batch-size", "8", "--pvit-gate-epochs", "1", "--apvit-epochs", "1",
-            "--apvit-candidates", "2", "--train-limit", "128"]
+            "--apvit-candidates", "2", "--train-limit", "64"]
     assert main(args) == 0
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))

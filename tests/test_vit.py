@@ -23,7 +23,8 @@ def test_presets_registered_and_shapes():
 
 
 def test_vit_b16_size():
-    m = create_model("vit-b16", num_classes=1000, in_chans=3, image_size=224)
+    with torch.device("meta"):
+        m = create_model("vit-b16", num_classes=1000, in_chans=3, image_size=224)
     assert sum(p.numel() for p in m.parameters()) == 86_567_656  # the published ViT-B/16 count
 
 
@@ -170,6 +171,17 @@ def test_npz_interpolation_and_head_replacement(tmp_path):
     assert via_factory.config.dim == 8
 
 
+def test_resize_to_upsamples_small_inputs(tmp_path):
+    m = create_model("vit-test", num_classes=5, in_chans=3, image_size=8, resize_to=16).eval()
+    assert m.config.image_size == 16 and m.config.num_patches == 16
+    x = torch.rand(2, 3, 8, 8)
+    big = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(m(x), m(big))
+    _google_style_npz(tmp_path / "g.npz")
+    f = create_model("vit-b16", num_classes=3, in_chans=3, image_size=8, npz=tmp_path / "g.npz", resize_to=16)
+    assert f.pos_embed.shape == (1, 17, 8) and f(x).shape == (2, 3)
+
+
 def test_npz_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_vit_npz(tmp_path / "missing.npz")
@@ -181,15 +193,21 @@ def test_npz_errors(tmp_path):
         config_from_npz(dict(np.load(tmp_path / "other.npz")))
 
 
-@pytest.mark.parametrize("name", ["vit-cifar", "vit-mnist"])
-def test_training_configs_are_valid(name):
+@pytest.mark.parametrize("name", ["vit-cifar", "vit-mnist", "vit-b16-finetune"])
+def test_training_configs_are_valid(name, tmp_path):
     from pathlib import Path
 
     from nnlab.config import from_dict, load_yaml
     from nnlab.engine.train import TrainConfig
     path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
     config = from_dict(TrainConfig, load_yaml(path)).validate()
-    assert config.model.startswith("vit-") and config.optimizer == "adamw"
-    model = create_model(config.model, num_classes=10, in_chans=3 if "cifar" in name else 1,
-                         image_size=32 if "cifar" in name else 28, **config.model_options)
+    assert config.model.startswith("vit-") and config.optimizer in ("adamw", "sgd")
+    options = dict(config.model_options)
+    if "npz" in options:  # the real file is not here: a tiny one with the same layout
+        _google_style_npz(tmp_path / "g.npz")
+        options["npz"] = tmp_path / "g.npz"
+    model = create_model(config.model, num_classes=10, in_chans=1 if "mnist" in name else 3,
+                         image_size=28 if "mnist" in name else 32, **options)
     assert isinstance(model, ViT)
+    size = 28 if "mnist" in name else 32
+    assert model(torch.rand(1, model.config.in_chans, size, size)).shape == (1, 10)

@@ -56,6 +56,8 @@ def register(subparsers) -> None:
     f.add_argument("--chunk-size", type=int, default=1000, help="images per resumable chunk")
     f.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: fit every n-th chunk from i")
     f.add_argument("--inner-steps", type=int, help="default: the run's")
+    f.add_argument("--compile", action="store_true",
+                   help="torch.compile the fitting loop (about 2x faster after a 30-120 s compile)")
     f.set_defaults(func=run_fit, _parser=f)
 
     r = sub.add_parser("reconstruct", help="PNG grid of originals over reconstructions at --size")
@@ -114,7 +116,8 @@ def run_fit(args) -> int:
     from nnlab.functa.functaset import fit_split
 
     path = fit_split(args.run, args.data, args.split, args.out, data_dir=args.data_dir,
-                     chunk_size=args.chunk_size, shard=args.shard, inner_steps=args.inner_steps)
+                     chunk_size=args.chunk_size, shard=args.shard, inner_steps=args.inner_steps,
+                     compile=args.compile)
     print(path if path else "shard done; other shards still running", file=sys.stderr)
     return 0
 

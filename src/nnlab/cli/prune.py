@@ -6,12 +6,24 @@ import argparse
 from nnlab.config import float_list, str_list
 
 
+RATIO_HELP = """what the pruning ratio removes:
+  cp-vit, tome, ap-vit  patch tokens: ratio = 1 - mean over blocks of (patches in the block's MLP) / N
+                        (CLS is never removed; CP-ViT and ToMe act between attention and MLP,
+                        AP-ViT's agents before the blocks they sit in front of)
+  p-vit                 dimensions: the fraction of all gated units removed (per-block q/k/v dims,
+                        shared by heads, and MLP hidden units), by one global gate threshold
+results.csv also has the achieved_ratio (token counts are whole numbers; ToMe and AP-ViT have ceilings)."""
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("prune", help="ViT pruning: sweep methods x ratios, evaluate pruned models",
                               description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="prune_command", metavar="ACTION")
     sub.required = True
-    s = sub.add_parser("sweep", help="every method at every ratio; writes DIR/results.csv, results.md, plots")
+    s = sub.add_parser("sweep", help="every method at every ratio; writes DIR/results.csv, results.md, plots",
+                       description="Prune a trained ViT with each method at each ratio and measure top-1/top-5, "
+                                   "GFLOPs and images/s.", epilog=RATIO_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--config", metavar="FILE.yaml", help="options as YAML (keys as below); flags win")
     s.add_argument("--checkpoint", required=True, help="run folder of a trained ViT (nnlab train --out RUN)")
     s.add_argument("--methods", type=str_list, default=["p-vit", "ap-vit", "cp-vit", "tome"],

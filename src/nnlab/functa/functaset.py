@@ -2,7 +2,8 @@
 
 File layout (one safetensors file; metadata holds the JSON model config and model hash)::
 
-    latents (N, latent_dim) float32    labels (N,) int64    psnr (N,) float32    inner_mse (N, steps)
+    latents (N, latent_dim) float32    labels (N,) int64    psnr (N,) float32
+    inner_mse (N, steps) before each inner step    mse (N,) after the last step
 
 Fitting is resumable: finished chunks go to ``FILE.parts/chunk-XXXXX.safetensors`` (atomic), and
 the final file is assembled from them. ``shard=(i, n)`` fits only chunks ``i, i+n, ...`` into the
@@ -24,6 +25,7 @@ from nnlab.engine.io import atomic_write
 from nnlab.errors import CheckpointError, ConfigError, DataError
 from nnlab.functa import meta
 from nnlab.functa.model import LatentModulatedSiren, config_hash
+from nnlab.functa.parallel import ChunkRunner, chunk_runner
 
 
 @dataclass
@@ -58,29 +60,42 @@ def _chunk_fn(compile: bool):
 
 @torch.no_grad()
 def fit_batch(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3, chunk: int = 8,
-              shared: meta.Shared | None = None, compile: bool = False) -> FitResult:
+              shared: meta.Shared | None = None, compile: bool = False,
+              runner: ChunkRunner | None = None) -> FitResult:
     """Fit latents to float images (B, C, H, W) in [0, 1], ``chunk`` images at a time (small
-    chunks keep the activations in cache). ``compile`` uses torch.compile (fused elementwise
-    loops; the first call compiles for a while); a short last chunk is padded to keep one shape."""
+    chunks keep the activations in cache; ``runner`` spreads them over threads). ``compile`` uses
+    torch.compile (fused elementwise loops; the first call compiles for a while); a short last
+    chunk is then padded to keep one shape."""
     shared = shared if shared is not None else meta.shared_terms(model, tuple(images.shape[2:]))
-    fn, parts = _chunk_fn(compile), []
-    for x in images.split(chunk):
+    fn = _chunk_fn(compile)
+
+    def one(x: torch.Tensor) -> list[torch.Tensor]:
         n = len(x)
         if compile and n < chunk:
             x = torch.cat([x, x[-1:].expand(chunk - n, *x.shape[1:])])
-        parts.append([t[:n] for t in fn(model, shared, x, steps)])
+        with torch.no_grad():
+            return [t[:n] for t in fn(model, shared, x, steps)]
+
+    parts = (runner or ChunkRunner(1)).map(one, images.split(chunk))
     return FitResult(*(torch.cat(t) for t in zip(*parts)))
 
 
-def fit_images(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3,
-               batch_size: int = 256, progress: bool = True, compile: bool = False) -> FitResult:
-    """Fit uint8 images (N, C, H, W) batch by batch -> :class:`FitResult` over all N."""
+def fit_images(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3, batch_size: int = 256,
+               progress: bool = True, compile: bool = False, workers: int = 0,
+               runner: ChunkRunner | None = None) -> FitResult:
+    """Fit uint8 images (N, C, H, W) batch by batch -> :class:`FitResult` over all N.
+
+    Chunks run on ``runner``, or on ``workers`` single-torch-thread threads (0: torch's thread count).
+    """
     model.eval()
     with torch.no_grad():
         shared = meta.shared_terms(model, tuple(images.shape[2:]))
     device = model.out.weight.device
+    if runner is None:
+        with chunk_runner(1 if device.type != "cpu" else workers) as own:
+            return fit_images(model, images, steps, batch_size, progress, compile, runner=own)
     results = [fit_batch(model, images[i:i + batch_size].to(device).float().div_(255), steps, shared=shared,
-                         compile=compile)
+                         compile=compile, runner=runner)
                for i in tqdm(range(0, len(images), batch_size), desc="fit", disable=None if progress else True)]
     return FitResult(*(torch.cat([getattr(r, f) for r in results]) for f in FitResult.__dataclass_fields__))
 
@@ -91,7 +106,8 @@ def _chunk_path(parts: Path, i: int) -> Path:
 
 def fit_functaset(model: LatentModulatedSiren, images: torch.Tensor, labels: torch.Tensor,
                   out: str | Path, *, steps: int = 3, chunk_size: int = 1000,
-                  shard: tuple[int, int] = (0, 1), meta_info: dict | None = None) -> Path | None:
+                  shard: tuple[int, int] = (0, 1), meta_info: dict | None = None,
+                  compile: bool = False) -> Path | None:
     """Fit a split (images (N, C, H, W) uint8, labels (N,)) into the functaset ``out``.
 
     Returns ``out`` once the file is complete, or None when other shards still have chunks to do.
@@ -105,8 +121,9 @@ def fit_functaset(model: LatentModulatedSiren, images: torch.Tensor, labels: tor
     todo = [i for i in range(index, n_chunks, count) if not _chunk_path(parts, i).exists()]
     for i in tqdm(todo, desc=f"functaset {out.name}", disable=None):
         sl = slice(i * chunk_size, (i + 1) * chunk_size)
-        r = fit_images(model, images[sl], steps, progress=False)
-        tensors = {"latents": r.latents, "psnr": r.psnr, "inner_mse": r.inner_mse, "labels": labels[sl]}
+        r = fit_images(model, images[sl], steps, progress=False, compile=compile)
+        tensors = {"latents": r.latents, "psnr": r.psnr, "inner_mse": r.inner_mse, "mse": r.mse,
+                   "labels": labels[sl]}
         atomic_write(_chunk_path(parts, i), lambda tmp, t=tensors: save_file(
             {k: v.contiguous().cpu() for k, v in t.items()}, tmp))
     if any(not _chunk_path(parts, i).exists() for i in range(n_chunks)):
@@ -124,12 +141,14 @@ def fit_functaset(model: LatentModulatedSiren, images: torch.Tensor, labels: tor
 
 @dataclass
 class Functaset:
-    """A loaded functaset: latents (N, D), labels (N,), psnr (N,), inner_mse (N, steps), metadata."""
+    """A loaded functaset: latents (N, D), labels (N,), psnr (N,), inner_mse (N, steps) before each
+    inner step, mse (N,) after the last (unclamped), metadata."""
 
     latents: torch.Tensor
     labels: torch.Tensor
     psnr: torch.Tensor
     inner_mse: torch.Tensor
+    mse: torch.Tensor
     metadata: dict
 
 
@@ -147,12 +166,13 @@ def load_functaset(path: str | Path) -> Functaset:
     missing = {"latents", "labels", "psnr"} - set(t)
     if missing:
         raise DataError(f"{path} is not a functaset (missing {sorted(missing)})")
-    return Functaset(t["latents"], t["labels"], t["psnr"], t.get("inner_mse", torch.zeros(0)), metadata)
+    return Functaset(t["latents"], t["labels"], t["psnr"], t.get("inner_mse", torch.zeros(0)),
+                     t.get("mse", torch.zeros(0)), metadata)
 
 
 def fit_split(run: str | Path, data: str, split: str, out: str | Path, *, data_dir: str | Path | None = None,
               chunk_size: int = 1000, shard: tuple[int, int] = (0, 1), inner_steps: int | None = None,
-              device: str = "cpu") -> Path | None:
+              device: str = "cpu", compile: bool = False) -> Path | None:
     """Fit split ``split`` of data set ``data`` with the model of run folder ``run`` into ``out``."""
     from nnlab.data import load_dataset
     from nnlab.functa.reconstruct import load_model, load_train_config
@@ -166,4 +186,5 @@ def fit_split(run: str | Path, data: str, split: str, out: str | Path, *, data_d
         raise ConfigError(f"{data} has {images.shape[0]} channel(s) but run {run} models "
                           f"{model.config.out_channels}; use a run trained on this data set")
     return fit_functaset(model, images.images, images.labels, out, steps=steps, chunk_size=chunk_size,
-                         shard=shard, meta_info={"data": data, "split": split, "run": str(run)})
+                         shard=shard, meta_info={"data": data, "split": split, "run": str(run)},
+                         compile=compile)

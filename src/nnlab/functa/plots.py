@@ -33,6 +33,8 @@ def plot_histograms(functaset: str | Path, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for k in range(fs.inner_mse.shape[1]):
             ax.hist(fs.inner_mse[:, k].clamp_min(1e-6).log10().numpy(), bins=60, alpha=0.5, label=f"before step {k + 1}")
+        if fs.mse.numel():
+            ax.hist(fs.mse.clamp_min(1e-6).log10().numpy(), bins=60, alpha=0.5, label="after the last step")
         ax.set(xlabel="log10 inner-loop MSE", ylabel="images")
         ax.legend()
         paths.append(_save(fig, out / "inner-mse-hist.png"))

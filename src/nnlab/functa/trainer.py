@@ -23,6 +23,7 @@ from nnlab.errors import CheckpointError, ConfigError, DivergenceError
 from nnlab.functa import meta
 from nnlab.functa.functaset import fit_images
 from nnlab.functa.model import FunctaConfig, LatentModulatedSiren
+from nnlab.functa.parallel import ChunkRunner, chunk_runner
 from nnlab.functa.presets import MetaTrainConfig, Preset
 
 
@@ -71,15 +72,25 @@ def save_state(state: TrainState, run: RunDir) -> None:
                          "rng": rng_state()})
 
 
-def meta_step(state: TrainState, x: torch.Tensor, cfg: MetaTrainConfig) -> meta.MetaStepResult:
-    """One outer Adam step on a batch x (B, C, H, W) in [0, 1]; DivergenceError on NaN/inf."""
-    res = meta.meta_loss(state.model, x, cfg.inner_steps, first_order=cfg.first_order,
-                         use_checkpoint=cfg.use_checkpoint)
-    if not torch.isfinite(res.loss):
-        raise DivergenceError(f"meta-training diverged at step {state.step + 1} (loss {res.loss.item()}); "
-                              "lower --outer-lr or resume from the last checkpoint")
+def meta_step(state: TrainState, x: torch.Tensor, cfg: MetaTrainConfig,
+              runner: ChunkRunner | None = None) -> meta.MetaStepResult:
+    """One outer Adam step on a batch x (B, C, H, W) in [0, 1]; DivergenceError on NaN/inf.
+
+    The batch runs in chunks of ``cfg.chunk`` images (on ``runner``'s threads); each chunk's
+    backward adds its share of the batch-mean meta-gradient, so the result equals one big batch.
+    """
     state.optimizer.zero_grad(set_to_none=True)
-    res.loss.backward()
+
+    def chunk(xc: torch.Tensor) -> meta.MetaStepResult:
+        res = meta.meta_loss(state.model, xc, cfg.inner_steps, first_order=cfg.first_order,
+                             use_checkpoint=cfg.use_checkpoint)
+        if not torch.isfinite(res.loss):
+            raise DivergenceError(f"meta-training diverged at step {state.step + 1} (loss {res.loss.item()}); "
+                                  "lower --outer-lr or resume from the last checkpoint")
+        (res.loss * (len(xc) / len(x))).backward()
+        return res
+
+    parts = (runner or ChunkRunner(1)).map(chunk, x.split(max(cfg.chunk, 1)))
     for p in state.model.parameters():
         if p.grad is not None:
             dist.all_reduce_mean(p.grad)
@@ -87,12 +98,14 @@ def meta_step(state: TrainState, x: torch.Tensor, cfg: MetaTrainConfig) -> meta.
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
     state.optimizer.step()
     state.step += 1
-    return res
+    loss = sum(r.loss.detach() * len(r.psnr) for r in parts) / len(x)
+    return meta.MetaStepResult(loss, torch.cat([r.psnr for r in parts]), torch.cat([r.inner_mse for r in parts]))
 
 
-def evaluate_psnr(model: LatentModulatedSiren, images: torch.Tensor, steps: int, batch: int) -> dict:
+def evaluate_psnr(model: LatentModulatedSiren, images: torch.Tensor, steps: int, batch: int,
+                  workers: int = 0, runner: ChunkRunner | None = None) -> dict:
     """Mean per-image PSNR (dB) and inner MSE of uint8 images (N, C, H, W) after ``steps``."""
-    r = fit_images(model, images, steps, batch_size=batch, progress=False)
+    r = fit_images(model, images, steps, batch_size=batch, progress=False, workers=workers, runner=runner)
     return {"psnr": r.psnr.mean().item(), "psnr_std": r.psnr.std().item() if len(r.psnr) > 1 else 0.0,
             "mse": r.mse.mean().item()}
 
@@ -130,8 +143,9 @@ def train_functa(preset: Preset, data: str, out: str | Path, *, data_dir: str | 
     elif dist.is_main():
         run.save_config({"model": asdict(preset.model), "train": asdict(cfg), "data": data})
     log = MetricsLogger(run.metrics_path, resume_step=state.step if resume else None) if dist.is_main() else None
-    _meta_train(state, cfg, _loader(train, cfg), val, log, run, info.device, progress)
-    test = evaluate_psnr(state.model, splits.test.images, cfg.inner_steps, cfg.eval_batch)
+    with chunk_runner(cfg.workers if info.device.type == "cpu" else 1) as runner:
+        _meta_train(state, cfg, _loader(train, cfg), val, log, run, runner, progress)
+    test = evaluate_psnr(state.model, splits.test.images, cfg.inner_steps, cfg.eval_batch, cfg.workers)
     summary = {"test_psnr": test["psnr"], "test_psnr_std": test["psnr_std"], "test_mse": test["mse"],
                "test_images": len(splits.test), "steps": state.step, "train_minutes": state.elapsed / 60,
                "data": data, "latent_dim": preset.model.latent_dim, "inner_steps": cfg.inner_steps}
@@ -142,7 +156,8 @@ def train_functa(preset: Preset, data: str, out: str | Path, *, data_dir: str | 
     return summary
 
 
-def _meta_train(state, cfg, loader, val, log, run, device, progress) -> None:
+def _meta_train(state, cfg, loader, val, log, run, runner, progress) -> None:
+    device = state.model.out.weight.device
     limit = cfg.time_limit_min * 60 if cfg.time_limit_min > 0 else float("inf")
     bar = tqdm(total=cfg.steps, initial=state.step, desc="meta-train", disable=None if progress else True)
     window: list[torch.Tensor] = []
@@ -150,7 +165,7 @@ def _meta_train(state, cfg, loader, val, log, run, device, progress) -> None:
     while state.step < cfg.steps and state.elapsed < limit:
         t0 = time.perf_counter()
         state.model.train()
-        res = meta_step(state, next(batches).to(device), cfg)
+        res = meta_step(state, next(batches).to(device), cfg, runner)
         state.elapsed += time.perf_counter() - t0
         window.append(res.psnr)
         bar.update(1)
@@ -161,7 +176,7 @@ def _meta_train(state, cfg, loader, val, log, run, device, progress) -> None:
             log.log({"step": state.step, "minutes": state.elapsed / 60, "train_psnr": psnr,
                      "inner_mse": res.inner_mse.mean(0).tolist()})
         if state.step % cfg.val_every == 0 and log is not None:
-            v = evaluate_psnr(state.model, val, cfg.inner_steps, cfg.eval_batch)
+            v = evaluate_psnr(state.model, val, cfg.inner_steps, cfg.eval_batch, runner=runner)
             log.log({"step": state.step, "minutes": state.elapsed / 60, "val_psnr": v["psnr"]})
         if state.step % cfg.ckpt_every == 0:
             save_state(state, run)

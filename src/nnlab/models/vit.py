@@ -46,6 +46,7 @@ class ViTConfig:
     drop_path: float = 0.0                               # stochastic depth at the last block
     dropout: float = 0.0
     ln_eps: float = 1e-6
+    input_size: int = 0                                  # >0: inputs of this size are resized to image_size
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -202,6 +203,8 @@ class ViT(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> tokens (B, 1 + N, dim): [CLS, patches] + position embedding."""
         c = self.config
+        if c.input_size and c.input_size != c.image_size and x.shape[-1] == c.input_size:
+            x = F.interpolate(x, size=(c.image_size, c.image_size), mode="bilinear", align_corners=False)
         if x.shape[1:] != (c.in_chans, c.image_size, c.image_size):
             raise ConfigError(f"this ViT takes ({c.in_chans}, {c.image_size}, {c.image_size}) images, "
                               f"got {tuple(x.shape[1:])}; resize the data or call set_image_size()")
@@ -260,15 +263,20 @@ def build_vit(name: str, *, num_classes: int, in_chans: int, image_size: int | N
               **options) -> ViT:
     """Preset ``name`` with ``options`` (any :class:`ViTConfig` field) overriding it.
 
-    ``npz=PATH`` loads Google ViT weights (position embedding interpolated to ``image_size``,
+    ``npz=PATH`` loads Google ViT weights (position embedding interpolated to the model's size,
     head replaced for ``num_classes``); the file's architecture then wins over the preset.
+    ``resize_to=S`` builds the model for S x S images and resizes the ``image_size`` inputs it gets
+    (bilinear, inside :meth:`ViT.embed`): e.g. CIFAR-10 at 32 px fine-tuned at 224 px.
     """
-    npz = options.pop("npz", None)
+    npz, resize_to = options.pop("npz", None), options.pop("resize_to", None)
+    size = resize_to or image_size or DEFAULT_IMAGE_SIZE.get(name, 32)
+    input_size = image_size if resize_to and image_size else 0
     if npz:
         from nnlab.models.vit_npz import load_vit_npz
-        return load_vit_npz(npz, num_classes=num_classes, image_size=image_size or DEFAULT_IMAGE_SIZE.get(name))
-    values = {**VIT_PRESETS[name], **options}
-    size = image_size or DEFAULT_IMAGE_SIZE.get(name, 32)
+        model = load_vit_npz(npz, num_classes=num_classes, image_size=size)
+        model.config = dataclasses.replace(model.config, input_size=input_size)
+        return model
+    values = {**VIT_PRESETS[name], **options, "input_size": input_size}
     unknown = set(values) - {f.name for f in dataclasses.fields(ViTConfig)}
     if unknown:
         raise ConfigError(f"unknown ViT option(s) {sorted(unknown)}; valid: "

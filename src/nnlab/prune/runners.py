@@ -151,13 +151,23 @@ class ToMeRunner(TokenRunner):
 
 class APViTRunner(TokenRunner):
     """AP-ViT: agents in front of blocks ``positions`` drop tokens whose prune probability
-    exceeds ``threshold``. Per-image counts vary; padding is masked in attention."""
+    exceeds ``threshold``. Per-image counts vary; padding is masked in attention. Token counts
+    (and so FLOPs) are per image, without the padding a batch adds."""
 
     method = "ap-vit"
 
     def __init__(self, vit: ViT, agents: nn.ModuleList, positions: list[int], threshold: float):
         super().__init__(vit)
         self.agents, self.positions, self.threshold = agents, [int(p) for p in positions], float(threshold)
+        self._extra = 0.0
+
+    def reset_stats(self) -> None:
+        super().reset_stats()
+        self._extra = 0.0
+
+    def extra_macs(self) -> float:
+        """The agents' own MACs per image (LayerNorm and GELU left out, as elsewhere)."""
+        return self._extra / max(self._images, 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         from nnlab.prune import apvit
@@ -166,7 +176,9 @@ class APViTRunner(TokenRunner):
         bias = None
         for layer, block in enumerate(self.vit.blocks):
             if layer in self.positions:
-                prob = torch.sigmoid(self.agents[self.positions.index(layer)](x))
+                agent = self.agents[self.positions.index(layer)]
+                prob = torch.sigmoid(agent(x))
+                self._extra += float(valid.sum()) * (agent.fc1.in_features + 1) * agent.fc1.out_features
                 keep = valid & (prob <= self.threshold)
                 keep[:, 0] = True
                 x, valid = apvit.compact(x, keep)

@@ -1,0 +1,56 @@
+"""Helpers shared by the study modules of ``nnlab reproduce``: data folders, fresh stage
+folders, CSV tables and the preset check."""
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+from nnlab.engine.io import atomic_write
+from nnlab.errors import ConfigError
+from nnlab.reproduce.stages import StageContext
+
+PRESET_NAMES = ("quick", "cpu", "paper")
+# data set name -> its folder under --data-dir (the layout of ../shared/data)
+DATA_FOLDERS = {"mnist": "mnist", "cifar10": "cifar10", "celeba64": "celeba"}
+
+
+def check_preset(preset: str) -> str:
+    if preset not in PRESET_NAMES:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
+    return preset
+
+
+def data_dir_for(ctx: StageContext, data: str) -> str | None:
+    """The folder of data set ``data`` under ``--data-dir`` (``DIR/cifar10`` ...); None for the
+    embedded ``mnist-5k`` or without ``--data-dir`` (nnlab then looks in ``$NNLAB_DATA/<name>``)."""
+    if data == "mnist-5k" or ctx.data_dir is None:
+        return None
+    return str(Path(ctx.data_dir) / DATA_FOLDERS.get(data, data))
+
+
+def work_dir(ctx: StageContext, name: str) -> Path:
+    """``ctx.dir / name``, emptied first unless the stage is resuming an interrupted attempt
+    (so a changed config never meets the files of the old one)."""
+    path = ctx.dir / name
+    if not ctx.resume and path.exists():
+        shutil.rmtree(path)
+    return path
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    """Write ``rows`` under ``header`` to ``path`` atomically; returns the path."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(Path(path), write)
+
+
+def pct(value: float | None, digits: int = 2) -> float | None:
+    """A fraction in [0, 1] as a rounded percentage (None stays None)."""
+    return None if value is None else round(100 * value, digits)

@@ -1,0 +1,117 @@
+"""BatchNorm and the optimisation landscape (Santurkar et al. 2018) in ``nnlab reproduce``.
+
+Two stages: ``bn-sweep`` trains VGG-A with and without BN at each learning rate with landscape
+probes (:func:`nnlab.landscape.run_sweep`, resumable pair by pair and mid-pair), and
+``bn-figures`` draws the curves, loss-landscape, gradient-predictiveness and beta figures from
+the sweep's files (:func:`nnlab.landscape.plots.make_figures`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nnlab.report import Section
+from nnlab.reproduce.common import check_preset, data_dir_for, pct, work_dir, write_csv
+from nnlab.reproduce.stages import Stage, StageContext, StageResult
+
+SECTION = Section(
+    "bn", "BatchNorm and the optimisation landscape (VGG-A, Santurkar et al. 2018)",
+    "VGG-A trained with plain SGD (no momentum, constant learning rate) with and without BatchNorm; "
+    "every few steps the probes measure the loss and the gradient along the gradient direction at "
+    "several step sizes (loss landscape, gradient predictiveness, effective beta-smoothness). "
+    "Band medians are taken over the last half of training.",
+    headline=[("vgg_a_top1_lr0.1", "VGG-A without BN, test top-1 at lr 0.1 (%)", "vgg_a_top1_lr0.1", 100.0),
+              ("vgg_a_bn_top1_lr0.1", "VGG-A with BN, test top-1 at lr 0.1 (%)", "vgg_a_bn_top1_lr0.1", 100.0),
+              ("loss_band_off", "loss-landscape band over step sizes, without BN", None, 1.0),
+              ("loss_band_on", "loss-landscape band over step sizes, with BN", None, 1.0),
+              ("gdist_band_off", "gradient-predictiveness band, without BN", None, 1.0),
+              ("gdist_band_on", "gradient-predictiveness band, with BN", None, 1.0),
+              ("beta_off", "effective beta-smoothness, without BN", None, 1.0),
+              ("beta_on", "effective beta-smoothness, with BN", None, 1.0)])
+
+# SweepConfig fields per preset.
+QUICK: dict[str, Any] = dict(model="vgg-a", bn="both", data="mnist-5k", lrs=[0.05, 0.1], epochs=3,
+                             batch_size=128, every=10, eta_count=4, width=0.25, augment=False,
+                             checkpoint_every=20)
+PAPER: dict[str, Any] = dict(model="vgg-a", bn="both", data="cifar10", lrs=[0.05, 0.075, 0.1, 0.125, 0.15],
+                             epochs=20, batch_size=128, every=30, hessian_every=300, hessian_iters=20)
+
+
+def sweep_settings(preset: str) -> dict[str, Any]:
+    """SweepConfig fields of ``preset``; ``cpu`` is the landscape study's documented REDUCED_CPU."""
+    from nnlab.landscape.sweep import REDUCED_CPU
+
+    return dict({"quick": QUICK, "cpu": REDUCED_CPU, "paper": PAPER}[check_preset(preset)])
+
+
+def notes_for(sweep: dict[str, Any]) -> list[str]:
+    """One sentence per difference from the seed's set-up (CIFAR-10, full VGG-A, 20 epochs, 5 lrs)."""
+    notes = []
+    if sweep["data"] == "mnist-5k":
+        notes.append("Data: the embedded mnist-5k digits (4,000 train / 1,000 test, 28x28 grey, no "
+                     "augmentation) stand in for CIFAR-10, so accuracies are not comparable with the seed's.")
+    if sweep.get("width") not in (None, 1.0):
+        notes.append(f"Model: VGG-A at width x{sweep['width']:g} (all conv and hidden widths scaled) "
+                     "instead of the full 9.8M-parameter network.")
+    if sweep.get("train_subset"):
+        notes.append(f"Data: a seeded random subset of {sweep['train_subset']:,} training images "
+                     "instead of all 50,000.")
+    if sweep["epochs"] != 20:
+        notes.append(f"Schedule: {sweep['epochs']} epochs instead of the seed's 20.")
+    lrs = sorted(sweep["lrs"])
+    if lrs != [0.05, 0.075, 0.1, 0.125, 0.15]:
+        notes.append(f"Learning rates: {', '.join(f'{x:g}' for x in lrs)} instead of 0.05 to 0.15 in "
+                     "steps of 0.025.")
+    return notes
+
+
+def _run_sweep(ctx: StageContext) -> StageResult:
+    from nnlab.landscape.sweep import SweepConfig, run_sweep
+
+    sweep = dict(ctx.config["sweep"])
+    cfg = SweepConfig(**sweep, data_dir=data_dir_for(ctx, sweep["data"]))
+    result = run_sweep(cfg, work_dir(ctx, "sweep"))  # continues an interrupted sweep on its own
+    s = result.summary
+    acc = [[r["bn"], r["lr"], pct(r["test_top1"]), pct(r["best_test_top1"]), r["diverged"], r["steps"]]
+           for r in s["runs"]]
+    write_csv(ctx.dir / "accuracy.csv", ["bn", "lr", "test_top1_pct", "best_test_top1_pct", "diverged", "steps"],
+              acc)
+    med = s["band_medians"]
+    quantities = sorted({q for m in med.values() for q in m})
+    write_csv(ctx.dir / "band_medians.csv", ["quantity", *(f"bn_{bn}" for bn in med)],
+              [[q, *(med[bn].get(q) for bn in med)] for q in quantities])
+    return StageResult(metrics=_metrics(s), tables=["accuracy.csv", "band_medians.csv"],
+                       notes=notes_for(sweep))
+
+
+def _metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """Headline metrics of a sweep summary (accuracies as fractions, as the sweep stores them)."""
+    top1 = summary["top1"]
+    out: dict[str, Any] = {}
+    for lr in top1.get("off", {}):
+        out[f"vgg_a_top1_lr{lr}"] = top1["off"][lr]
+    for lr in top1.get("on", {}):
+        out[f"vgg_a_bn_top1_lr{lr}"] = top1["on"][lr]
+    for bn, m in summary["band_medians"].items():
+        out.update({f"loss_band_{bn}": m.get("eta_loss_band"), f"gdist_band_{bn}": m.get("eta_gdist_band"),
+                    f"beta_{bn}": m.get("beta_eff"), f"beta_t_{bn}": m.get("beta_t"),
+                    f"hess_top_{bn}": m.get("hess_top")})
+    return out
+
+
+def _figures(ctx: StageContext) -> StageResult:
+    from nnlab.landscape.plots import make_figures
+
+    sweep_dir = ctx.results["bn-sweep"].dir / "sweep"
+    paths = make_figures(sweep_dir, work_dir(ctx, "figures"), log=ctx.config["log"])
+    return StageResult(figures=[Path(p).relative_to(ctx.dir).as_posix() for p in paths])
+
+
+def stages(preset: str) -> list[Stage]:
+    """The BN study's stages for ``preset`` (quick, cpu, paper)."""
+    sweep = sweep_settings(preset)
+    train = Stage("bn-sweep", "bn", "VGG-A with and without BN: lr sweep with landscape probes", _run_sweep,
+                  {"sweep": sweep})
+    figures = Stage("bn-figures", "bn", "landscape, predictiveness and beta figures", _figures,
+                    {"sweep": train.key(), "log": True}, needs=("bn-sweep",))
+    return [train, figures]

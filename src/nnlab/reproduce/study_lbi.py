@@ -1,0 +1,121 @@
+"""DessiLBI (Fu et al., ICML 2020) in ``nnlab reproduce``.
+
+Stages: LeNet-5 trained with plain SGD, SGD+DessiLBI and Adam+DessiLBI (``lbi-sgd``,
+``lbi-slbi``, ``lbi-slbi-adam``; :func:`nnlab.lbi.experiments.train_lbi`, resumable), conv3 of
+the SGD+DessiLBI model pruned by Gamma's order without fine-tuning (``lbi-prune``, the seed's
+Table 6; :func:`nnlab.lbi.prune.prune_run`), and the figures (``lbi-figures``: curves, sparsity,
+Gamma paths, conv3 weight images; :func:`nnlab.lbi.plots.plot_runs`).
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from nnlab.report import Section
+from nnlab.reproduce.common import check_preset, data_dir_for, pct, work_dir, write_csv
+from nnlab.reproduce.stages import Stage, StageContext, StageResult
+
+SECTION = Section(
+    "lbi", "DessiLBI: sparse training by Split Linearized Bregman Iteration (LeNet-5)",
+    "LeNet-5 trained with plain SGD, with SGD+DessiLBI and with Adam+DessiLBI; DessiLBI's Gamma "
+    "selects filters while training, and conv3 of the SGD+DessiLBI model is then pruned in "
+    "Gamma's order (entry epoch, then magnitude) without fine-tuning (the seed's Table 6).",
+    headline=[("sgd_top1", "SGD, test top-1 (%)", "sgd_top1", 100.0),
+              ("slbi_top1", "SGD+DessiLBI, test top-1 (%)", "slbi_top1", 100.0),
+              ("slbi_adam_top1", "Adam+DessiLBI, test top-1 (%)", "slbi_adam_top1", 100.0),
+              ("slbi_wstar_top1", "SGD+DessiLBI, sparse W* = W 1[Gamma != 0], test top-1 (%)", None, 100.0),
+              ("prune_0.8_top1", "SGD+DessiLBI, conv3 pruned at ratio 0.8, test top-1 (%)", "prune_0.8_top1",
+               100.0),
+              ("slbi_conv3_support", "SGD+DessiLBI, conv3 filters in Gamma's support (fraction)", None, 1.0),
+              ("slbi_adam_conv3_support", "Adam+DessiLBI, conv3 filters in Gamma's support (fraction)",
+               None, 1.0)])
+
+RATIOS = [0.0, 0.1, 0.2, 0.4, 0.6, 0.8]
+# The optimiser settings of the three runs (those of the DessiLBI study's LeNet-5 / MNIST runs).
+OPTIMIZERS: dict[str, dict[str, Any]] = {
+    "sgd": dict(optimizer="sgd", lr=0.1, momentum=0.9),
+    "slbi": dict(optimizer="slbi", lr=0.1, momentum=0.9,
+                 lbi=dict(kappa=1.0, mu=20.0, lam=1.0, layer_lam={"conv3": 6.0})),
+    "slbi-adam": dict(optimizer="slbi-adam", lr=0.001, momentum=0.9,
+                      lbi=dict(kappa=1.0, mu=20.0, lam=1.0, layer_lam={"conv3": 6.0}, gamma_lr=0.1)),
+}
+# Training settings per preset: the seed's are LeNet-5 on full MNIST, 32 epochs, batch 128.
+TRAIN: dict[str, dict[str, Any]] = {
+    "quick": dict(model="lenet5", data="mnist-5k", epochs=8, batch_size=128, augment=False),
+    "cpu": dict(model="lenet5", data="mnist", epochs=32, batch_size=128, augment=True),
+    "paper": dict(model="lenet5", data="mnist", epochs=32, batch_size=128, augment=True),
+}
+LABELS = {"sgd": "SGD", "slbi": "SGD+DessiLBI", "slbi-adam": "Adam+DessiLBI"}
+
+
+def notes_for(train: dict[str, Any]) -> list[str]:
+    """One sentence per difference from the seed's set-up (LeNet-5, full MNIST, 32 epochs)."""
+    notes = []
+    if train["data"] == "mnist-5k":
+        notes.append("Data: the embedded mnist-5k digits (4,000 train / 1,000 test) instead of full "
+                     "MNIST (60,000 / 10,000), so accuracies are lower and noisier than the seed's.")
+    if train["epochs"] != 32:
+        notes.append(f"Schedule: {train['epochs']} epochs (cosine) instead of the seed's 32.")
+    notes.append("Settings: DessiLBI with kappa 1, mu 20, lambda 1 and lambda 6 on conv3 (so that "
+                 "Gamma selects among conv3's filters); the seed does not state its values.")
+    return notes
+
+
+def _train(ctx: StageContext, notes: tuple[str, ...] = ()) -> StageResult:
+    from nnlab.lbi.experiments import LBIOptions, lbi_train_config, train_lbi
+
+    c = dict(ctx.config)
+    opt = dict(c.pop("opt"))
+    lbi = LBIOptions(**opt.pop("lbi")) if "lbi" in opt else None
+    config = lbi_train_config(lbi, **c, **opt, weight_decay=0.0, schedule="cosine",
+                              data_dir=data_dir_for(ctx, c["data"]), checkpoint_every=100)
+    run = work_dir(ctx, "run")
+    s = train_lbi(config, run, resume=ctx.resume).summary
+    name = opt["optimizer"].replace("-", "_")
+    metrics = {f"{name}_top1": s["test_top1"], f"{name}_top5": s["test_top5"]}
+    if "test_top1_wstar" in s:
+        metrics[f"{name}_wstar_top1"] = s["test_top1_wstar"]
+    if "conv3.weight" in s.get("sparsity", {}):
+        metrics[f"{name}_conv3_support"] = s["sparsity"]["conv3.weight"]
+    rows = [[layer.removesuffix(".weight"), round(v, 4)] for layer, v in s.get("sparsity", {}).items()]
+    tables = [write_csv(ctx.dir / "sparsity.csv", ["layer", "gamma_support"], rows).name] if rows else []
+    return StageResult(metrics=metrics, tables=tables, notes=list(notes))
+
+
+def _prune(ctx: StageContext) -> StageResult:
+    from nnlab.lbi.prune import prune_run
+    from nnlab.reproduce.runner import seed_numbers
+
+    run = ctx.results["lbi-slbi"].dir / "run"
+    table = prune_run(run, layer="conv3", ratios=ctx.config["ratios"], out=work_dir(ctx, "prune"),
+                      data_dir=data_dir_for(ctx, ctx.config["data"]))
+    seed = {r["ratio"]: r for r in seed_numbers()["lbi"]["prune_table"]["rows"]}
+    rows = [[ratio, pct(top1), pct(top5), seed.get(ratio, {}).get("top1"), seed.get(ratio, {}).get("top5")]
+            for _, ratio, top1, top5 in table.rows]
+    write_csv(ctx.dir / "table6.csv", ["ratio", "top1_pct", "top5_pct", "seed_top1_pct", "seed_top5_pct"], rows)
+    metrics = {f"prune_{ratio:g}_top1": top1 for _, ratio, top1, _ in table.rows}
+    metrics.update({f"prune_{ratio:g}_top5": top5 for _, ratio, _, top5 in table.rows})
+    return StageResult(metrics=metrics, tables=["table6.csv"])
+
+
+def _figures(ctx: StageContext) -> StageResult:
+    from nnlab.lbi.plots import plot_runs
+
+    runs = [ctx.results[name].dir / "run" for name in ctx.config["runs"]]
+    paths = plot_runs(runs, work_dir(ctx, "figures"), layer="conv3")
+    return StageResult(figures=[Path(p).relative_to(ctx.dir).as_posix() for p in paths])
+
+
+def stages(preset: str) -> list[Stage]:
+    """The DessiLBI study's stages for ``preset`` (quick, cpu, paper)."""
+    train = TRAIN[check_preset(preset)]
+    runs = [Stage(f"lbi-{k}", "lbi", f"LeNet-5 with {LABELS[k]}",
+                  partial(_train, notes=tuple(notes_for(train)) if k == "sgd" else ()), {**train, "opt": opt})
+            for k, opt in OPTIMIZERS.items()]
+    prune = Stage("lbi-prune", "lbi", "conv3 pruned by Gamma (Table 6)", _prune,
+                  {"run": runs[1].key(), "ratios": RATIOS, "data": train["data"]}, needs=("lbi-slbi",))
+    figures = Stage("lbi-figures", "lbi", "curves, sparsity, Gamma paths and conv3 weights", _figures,
+                    {"runs": {r.name: r.key() for r in runs}}, needs=tuple(r.name for r in runs))
+    return [*runs, prune, figures]
+

@@ -1,0 +1,141 @@
+"""ViT pruning (P-ViT, AP-ViT, CP-ViT and token merging) in ``nnlab reproduce``.
+
+Stages: ``vit-base`` trains the base ViT with the engine (resumable), ``vit-sweep`` prunes it with
+every method at every ratio and measures top-1/top-5, GFLOPs and images/s
+(:func:`nnlab.prune.sweep.run_sweep`, resumable row by row); its table is the seed's Table 1.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from nnlab.report import Section
+from nnlab.reproduce.common import check_preset, data_dir_for, work_dir, write_csv
+from nnlab.reproduce.stages import Stage, StageContext, StageResult
+
+METHODS = ("p-vit", "ap-vit", "cp-vit", "tome")
+NAMES = {"p-vit": "P-ViT", "ap-vit": "AP-ViT", "cp-vit": "CP-ViT", "tome": "ToMe"}
+
+SECTION = Section(
+    "vit", "ViT pruning: P-ViT, AP-ViT, CP-ViT and token merging",
+    "A ViT is trained, then pruned by each method at each ratio without fine-tuning, and every "
+    "pruned model is measured: top-1/top-5, GFLOPs (multiply-accumulates) per image and images/s "
+    "on this machine (batch 64). Token methods remove or merge patch tokens; P-ViT removes "
+    "attention and MLP dimensions and builds a smaller dense ViT, so the speed-ups are real.",
+    headline=[("base_top1", "unpruned ViT, test top-1 (%)", "base_top1", 1.0),
+              *[(f"{m}_top1_r0.5", f"{NAMES[m]} at ratio 0.5, test top-1 (%)", f"{m}_top1_r0.5", 1.0)
+                for m in METHODS],
+              *[(f"{m}_top1_r0.9", f"{NAMES[m]} at ratio 0.9, test top-1 (%)", f"{m}_top1_r0.9", 1.0)
+                for m in METHODS],
+              *[(f"{m}_speedup_r0.5", f"{NAMES[m]} at ratio 0.5, images/s vs unpruned (x)", None, 1.0)
+                for m in METHODS]])
+
+# Base-model training (TrainConfig fields) per preset. The seed fine-tunes ViT-B/16 (ImageNet-21k)
+# on CIFAR-10 at 224 px; that needs Google's ViT-B_16.npz and a GPU (configs/vit-b16-finetune.yaml).
+BASE: dict[str, dict[str, Any]] = {
+    "quick": dict(model="vit-mnist", data="mnist-5k", epochs=6, batch_size=64, eval_batch_size=500,
+                  optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine", warmup_steps=60,
+                  label_smoothing=0.1, grad_clip=1.0),
+    "cpu": dict(model="vit-mnist", data="mnist", epochs=2, batch_size=64, eval_batch_size=500,
+                optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine", warmup_steps=300,
+                label_smoothing=0.1, grad_clip=1.0),
+    "paper": dict(model="vit-small-cifar", model_options={"drop_path": 0.1}, data="cifar10", epochs=200,
+                  batch_size=128, eval_batch_size=500, optimizer="adamw", lr=1e-3, weight_decay=0.05,
+                  schedule="cosine", warmup_steps=1955, label_smoothing=0.1, grad_clip=1.0, augment=True,
+                  flip=True, eval_every=5),
+}
+RATIOS = [round(0.1 * i, 1) for i in range(1, 10)]
+# Sweep settings (nnlab.prune.sweep.SweepConfig fields; pvit/apvit: their option dataclasses).
+SWEEP: dict[str, dict[str, Any]] = {
+    "quick": dict(ratios=[0.3, 0.5, 0.7, 0.9], test_limit=500, calib_size=256, timing_repeats=3,
+                  pvit=dict(gate_epochs=1, train_limit=2000), apvit=dict(epochs=10, candidates=8)),
+    "cpu": dict(ratios=RATIOS, pvit=dict(gate_epochs=1, train_limit=10_000)),
+    "paper": dict(ratios=RATIOS),
+}
+
+
+def notes_for(base: dict[str, Any], sweep: dict[str, Any]) -> list[str]:
+    """One sentence per difference from the seed's set-up (ViT-B/16 fine-tuned on CIFAR-10, 224 px)."""
+    notes = []
+    if base["data"] in ("mnist-5k", "mnist"):
+        what = "the embedded mnist-5k digits (4,000 train / 1,000 test)" if base["data"] == "mnist-5k" \
+            else "full MNIST"
+        notes.append(f"Data: {what} as a stand-in for CIFAR-10, so accuracies are not comparable with "
+                     "the seed's.")
+    if base["model"] != "vit-b16":
+        notes.append(f"Model: {base['model']} trained from scratch for {base['epochs']} epochs instead of "
+                     "ViT-B/16 pre-trained on ImageNet-21k and fine-tuned at 224 px (Google's weights "
+                     "cannot be downloaded here).")
+    if sweep.get("test_limit"):
+        notes.append(f"Evaluation: the first {sweep['test_limit']:,} test images.")
+    if sweep["ratios"] != RATIOS:
+        notes.append(f"Ratios: {', '.join(f'{r:g}' for r in sweep['ratios'])} instead of 0.1 to 0.9.")
+    pvit = sweep.get("pvit", {})
+    if pvit.get("train_limit"):
+        notes.append(f"P-ViT: gates trained for {pvit.get('gate_epochs', 3)} epoch(s) on "
+                     f"{pvit['train_limit']:,} training images, no fine-tuning after slimming.")
+    return notes
+
+
+def _train_base(ctx: StageContext) -> StageResult:
+    from nnlab.engine.train import TrainConfig, train
+
+    c = dict(ctx.config["train"])
+    cfg = TrainConfig(**c, data_dir=data_dir_for(ctx, c["data"]), checkpoint_every=200)
+    s = train(cfg, work_dir(ctx, "run"), resume=ctx.resume).summary
+    return StageResult(metrics={"base_train_test_top1": s["test_top1"]})
+
+
+def _sweep_config(ctx: StageContext):
+    from nnlab.prune.methods import APViTOptions, PViTOptions
+    from nnlab.prune.sweep import SweepConfig
+
+    c = dict(ctx.config["sweep"])
+    pvit, apvit = PViTOptions(**c.pop("pvit", {})), APViTOptions(**c.pop("apvit", {}))
+    run = ctx.results["vit-base"].dir / "run"
+    out = work_dir(ctx, "sweep")
+    return SweepConfig(checkpoint=str(run), out=str(out), methods=list(METHODS), pvit=pvit, apvit=apvit,
+                       data_dir=data_dir_for(ctx, ctx.config["data"]), **c)
+
+
+def _sweep(ctx: StageContext, notes: tuple[str, ...] = ()) -> StageResult:
+    from nnlab.prune.sweep import run_sweep
+
+    rows = run_sweep(_sweep_config(ctx)).rows  # finished rows of an interrupted sweep are kept
+    metrics = sweep_metrics(rows)
+    ratios = sorted({r["ratio"] for r in rows if r["method"] != "base"})
+    get = {(r["method"], round(r["ratio"], 4)): r for r in rows}
+    header = ["ratio", *(f"{NAMES[m]} {k}" for m in METHODS for k in ("top1", "top5"))]
+    table = [[r, *(round(get[(m, round(r, 4))][k], 2) if (m, round(r, 4)) in get else None
+                   for m in METHODS for k in ("top1", "top5"))] for r in ratios]
+    write_csv(ctx.dir / "table1.csv", header, table)
+    cost = [[r["method"], r["ratio"], round(r["achieved_ratio"], 3), round(r["gflops"], 5),
+             round(r["images_per_s"], 1)] for r in rows]
+    write_csv(ctx.dir / "cost.csv", ["method", "ratio", "achieved_ratio", "gflops", "images_per_s"], cost)
+    return StageResult(metrics=metrics, tables=["table1.csv", "cost.csv"],
+                       figures=["sweep/accuracy_vs_ratio.png", "sweep/accuracy_vs_throughput.png"],
+                       notes=list(notes))
+
+
+def sweep_metrics(rows: list[dict]) -> dict[str, Any]:
+    """Headline figures of the sweep rows (top-1 in percent as the sweep writes it)."""
+    base = next(r for r in rows if r["method"] == "base")
+    out: dict[str, Any] = {"base_top1": base["top1"], "base_images_per_s": base["images_per_s"],
+                           "base_gflops": base["gflops"]}
+    for r in rows:
+        if r["method"] != "base":
+            tag = f"{r['method']}_{{}}_r{r['ratio']:g}"
+            out[tag.format("top1")] = r["top1"]
+            out[tag.format("speedup")] = r["images_per_s"] / base["images_per_s"]
+    return out
+
+
+def stages(preset: str) -> list[Stage]:
+    """The ViT pruning study's stages for ``preset`` (quick, cpu, paper)."""
+    base, sweep = BASE[check_preset(preset)], SWEEP[preset]
+    train = Stage("vit-base", "vit", f"base ViT ({base['model']} on {base['data']})", _train_base,
+                  {"train": base})
+    prune = Stage("vit-sweep", "vit", "pruning sweep: methods x ratios (Table 1) and throughput",
+                  partial(_sweep, notes=tuple(notes_for(base, sweep))),
+                  {"base": train.key(), "sweep": sweep, "data": base["data"]}, needs=("vit-base",))
+    return [train, prune]

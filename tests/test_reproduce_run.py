@@ -1,0 +1,163 @@
+"""``nnlab reproduce`` end to end on a tiny preset built from real study stages (LeNet-5 runs of the
+DessiLBI study on a few hundred embedded digits): a run killed mid-stage and started again reuses
+the finished stages and resumes the killed one; the report's images resolve; ``--only`` and a
+failing stage show in the report and the exit status."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+import nnlab.reproduce.presets  # noqa: F401  (registers the presets and sections)
+from nnlab.cli import main
+from nnlab.engine.io import read_json
+from nnlab.reproduce import study_lbi
+from nnlab.reproduce.runner import PRESETS, SECTIONS, STUDIES, seed_numbers
+from nnlab.reproduce.stages import Stage, StageResult
+
+TESTS = Path(__file__).resolve().parent
+TINY = dict(model="lenet5", data="mnist-5k", batch_size=32, augment=False, train_limit=256, test_limit=200)
+
+
+def _logged(fn, ctx):
+    """Run stage function ``fn``, first appending (stage, resume, checkpoint step found) to OUT/log.jsonl."""
+    latest = ctx.dir / "run" / "checkpoint" / "latest.json"
+    step = read_json(latest)["step"] if ctx.resume and latest.is_file() else 0
+    with open(ctx.dir.parent.parent / "log.jsonl", "a") as f:
+        f.write(json.dumps({"stage": ctx.name, "resume": ctx.resume, "step": step}) + "\n")
+    return fn(ctx)
+
+
+def tiny_stages() -> list[Stage]:
+    sgd = Stage("lbi-sgd", "lbi", "LeNet-5, SGD, 1 epoch", partial(_logged, study_lbi._train),
+                {**TINY, "epochs": 1, "opt": study_lbi.OPTIMIZERS["sgd"]})
+    slbi = Stage("lbi-slbi", "lbi", "LeNet-5, SGD+DessiLBI, 40 epochs", partial(_logged, study_lbi._train),
+                 {**TINY, "epochs": 40, "opt": study_lbi.OPTIMIZERS["slbi"]})
+    prune = Stage("lbi-prune", "lbi", "conv3 pruned by Gamma", partial(_logged, study_lbi._prune),
+                  {"run": slbi.key(), "ratios": [0.0, 0.5], "data": "mnist-5k"}, needs=("lbi-slbi",))
+    figures = Stage("lbi-figures", "lbi", "figures", partial(_logged, study_lbi._figures),
+                    {"runs": {sgd.name: sgd.key(), slbi.name: slbi.key()}}, needs=("lbi-sgd", "lbi-slbi"))
+    return [sgd, slbi, prune, figures]
+
+
+def register_tiny() -> None:
+    if "tiny-test" not in PRESETS:
+        PRESETS.register("tiny-test", tiny_stages)
+
+
+def _read_log(out: Path) -> list[dict]:
+    path = out / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _start(out: Path) -> subprocess.Popen:
+    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_reproduce_run as t; t.register_tiny(); "
+            f"from nnlab.cli import main; sys.exit(main(['reproduce', '--preset', 'tiny-test', '--out', {str(out)!r}]))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def killed_then_rerun(tmp_path_factory):
+    """Start the tiny preset, SIGKILL it once the second stage has a checkpoint, run it again."""
+    out = tmp_path_factory.mktemp("reproduce") / "out"
+    proc = _start(out)
+    ckpt = out / "stages" / "lbi-slbi" / "run" / "checkpoint" / "latest.json"
+    deadline = time.monotonic() + 60
+    while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"finished before the kill: {proc.stderr.read()[-2000:]}"
+    first = _read_log(out)
+    register_tiny()
+    code = main(["reproduce", "--preset", "tiny-test", "--out", str(out)])
+    return out, first, _read_log(out)[len(first):], code
+
+
+def test_killed_run_reuses_finished_stages_and_resumes_the_killed_one(killed_then_rerun):
+    out, first, second, code = killed_then_rerun
+    assert [(r["stage"], r["resume"]) for r in first] == [("lbi-sgd", False), ("lbi-slbi", False)]
+    assert code == 0
+    assert [r["stage"] for r in second] == ["lbi-slbi", "lbi-prune", "lbi-figures"]  # lbi-sgd not redone
+    assert second[0]["resume"] and second[0]["step"] > 0  # resumed from the killed attempt's checkpoint
+    summary = read_json(out / "summary.json")
+    assert {s["name"]: s["status"] for s in summary["stages"]} == {
+        "lbi-sgd": "reused", "lbi-slbi": "done", "lbi-prune": "done", "lbi-figures": "done"}
+    epochs = [json.loads(line)["epoch"] for line in (out / "stages/lbi-slbi/run/metrics.jsonl").read_text().splitlines()
+              if "train_loss" in json.loads(line)]
+    assert epochs == list(range(1, 41))  # every epoch exactly once across the kill
+
+
+def test_report_images_and_tables_resolve(killed_then_rerun):
+    out = killed_then_rerun[0]
+    page = (out / "report.html").read_text()
+    srcs = re.findall(r"<img src='([^']+)'", page)
+    md_srcs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (out / "report.md").read_text())
+    assert len(srcs) >= 3 and sorted(srcs) == sorted(md_srcs)
+    for src in srcs:
+        assert not Path(src).is_absolute() and (out / src).is_file()
+        assert (out / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert re.search(r"src=['\"](?:/|https?:)", page) is None  # nothing outside the folder
+    summary = read_json(out / "summary.json")
+    assert summary["headline"]["lbi"]["SGD+DessiLBI, test top-1 (%)"]["seed"] == 98.61
+    assert 0 < summary["headline"]["lbi"]["SGD+DessiLBI, test top-1 (%)"]["measured"] <= 100
+    assert (out / "tables" / "lbi-prune-table6.csv").is_file()
+
+
+def _fake(ctx, fail=False):
+    if fail:
+        raise RuntimeError("deliberate failure in a test stage")
+    return StageResult(metrics={f"{ctx.name}_x": 1.0})
+
+
+def fake_stages() -> list[Stage]:
+    return [Stage("bn-ok", "bn", "fine", _fake, {}), Stage("lbi-bad", "lbi", "fails", partial(_fake, fail=True), {}),
+            Stage("lbi-after", "lbi", "runs anyway", _fake, {}),
+            Stage("lbi-needs-bad", "lbi", "skipped", _fake, {}, needs=("lbi-bad",))]
+
+
+def test_failing_stage_is_reported_and_only_selects_studies(tmp_path, capsys):
+    if "fake-test" not in PRESETS:
+        PRESETS.register("fake-test", fake_stages)
+    out = tmp_path / "out"
+    assert main(["reproduce", "--preset", "fake-test", "--out", str(out), "--only", "lbi"]) == 1
+    summary = read_json(out / "summary.json")
+    assert {s["name"]: s["status"] for s in summary["stages"]} == {
+        "lbi-bad": "failed", "lbi-after": "done", "lbi-needs-bad": "skipped"}  # no bn stage: --only lbi
+    md = (out / "report.md").read_text()
+    assert "deliberate failure in a test stage" in md and "needs stage(s) lbi-bad" in md
+    assert "deliberate failure" in capsys.readouterr().err
+    assert (out / "stages/lbi-bad/error.txt").read_text().count("RuntimeError") >= 1
+    assert main(["reproduce", "--preset", "fake-test", "--out", str(out), "--only", "bn"]) == 0
+    assert main(["reproduce", "--preset", "fake-test", "--out", str(out), "--only", "bogus"]) == 2
+
+
+@pytest.mark.parametrize("preset", ["quick", "cpu", "paper"])
+def test_presets_cover_every_study_with_headlines_against_the_seed(preset):
+    stages = PRESETS.get(preset)()
+    names = [s.name for s in stages]
+    assert len(names) == len(set(names))
+    seed = seed_numbers()
+    for study in {s.study for s in stages}:
+        assert study in STUDIES and study in SECTIONS
+        for _, _, seed_key, _ in SECTIONS[study].headline:
+            assert seed_key is None or seed_key in seed[study], (study, seed_key)
+    for stage in stages:  # stages read only outcomes of stages listed before them
+        assert all(n in names[: names.index(stage.name)] for n in stage.needs), stage.name
+    assert [s.key() for s in stages] == [s.key() for s in PRESETS.get(preset)()]  # stable keys
+
+
+def test_quick_preset_uses_only_the_embedded_digits():
+    configs = json.dumps([s.config for s in PRESETS.get("quick")()])
+    datasets = set(re.findall(r'"data": "([^"]+)"', configs))
+    assert datasets == {"mnist-5k"}
