@@ -24,12 +24,13 @@ from nnlab.reproduce.runner import PRESETS, SECTIONS, STUDIES, seed_numbers
 from nnlab.reproduce.stages import Stage, StageResult
 
 TESTS = Path(__file__).resolve().parent
-TINY = dict(model="lenet5", data="mnist-5k", batch_size=32, augment=False, train_limit=256, test_limit=200)
+TINY = dict(model="lenet5", data="mnist-5k", batch_size=32, augment=False, train_limit=128, test_limit=100)
+EPOCHS = 6
 
 
 def _logged(fn, ctx):
     """Run stage function ``fn``, first appending (stage, resume, checkpoint step found) to OUT/log.jsonl."""
-    latest = ctx.dir / "run" / "checkpoint" / "latest.json"
+    latest = ctx.dir / ctx.name / "checkpoint" / "latest.json"
     step = read_json(latest)["step"] if ctx.resume and latest.is_file() else 0
     with open(ctx.dir.parent.parent / "log.jsonl", "a") as f:
         f.write(json.dumps({"stage": ctx.name, "resume": ctx.resume, "step": step}) + "\n")
@@ -39,8 +40,8 @@ def _logged(fn, ctx):
 def tiny_stages() -> list[Stage]:
     sgd = Stage("lbi-sgd", "lbi", "LeNet-5, SGD, 1 epoch", partial(_logged, study_lbi._train),
                 {**TINY, "epochs": 1, "opt": study_lbi.OPTIMIZERS["sgd"]})
-    slbi = Stage("lbi-slbi", "lbi", "LeNet-5, SGD+DessiLBI, 40 epochs", partial(_logged, study_lbi._train),
-                 {**TINY, "epochs": 40, "opt": study_lbi.OPTIMIZERS["slbi"]})
+    slbi = Stage("lbi-slbi", "lbi", f"LeNet-5, SGD+DessiLBI, {EPOCHS} epochs", partial(_logged, study_lbi._train),
+                 {**TINY, "epochs": EPOCHS, "opt": study_lbi.OPTIMIZERS["slbi"]})
     prune = Stage("lbi-prune", "lbi", "conv3 pruned by Gamma", partial(_logged, study_lbi._prune),
                   {"run": slbi.key(), "ratios": [0.0, 0.5], "data": "mnist-5k"}, needs=("lbi-slbi",))
     figures = Stage("lbi-figures", "lbi", "figures", partial(_logged, study_lbi._figures),
@@ -71,7 +72,7 @@ def killed_then_rerun(tmp_path_factory):
     """Start the tiny preset, SIGKILL it once the second stage has a checkpoint, run it again."""
     out = tmp_path_factory.mktemp("reproduce") / "out"
     proc = _start(out)
-    ckpt = out / "stages" / "lbi-slbi" / "run" / "checkpoint" / "latest.json"
+    ckpt = out / "stages" / "lbi-slbi" / "lbi-slbi" / "checkpoint" / "latest.json"
     deadline = time.monotonic() + 60
     while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -93,9 +94,9 @@ def test_killed_run_reuses_finished_stages_and_resumes_the_killed_one(killed_the
     summary = read_json(out / "summary.json")
     assert {s["name"]: s["status"] for s in summary["stages"]} == {
         "lbi-sgd": "reused", "lbi-slbi": "done", "lbi-prune": "done", "lbi-figures": "done"}
-    epochs = [json.loads(line)["epoch"] for line in (out / "stages/lbi-slbi/run/metrics.jsonl").read_text().splitlines()
+    epochs = [json.loads(line)["epoch"] for line in (out / "stages/lbi-slbi/lbi-slbi/metrics.jsonl").read_text().splitlines()
               if "train_loss" in json.loads(line)]
-    assert epochs == list(range(1, 41))  # every epoch exactly once across the kill
+    assert epochs == list(range(1, EPOCHS + 1))  # every epoch exactly once across the kill
 
 
 def test_report_images_and_tables_resolve(killed_then_rerun):

@@ -36,12 +36,12 @@ def register(subparsers) -> None:
     s.add_argument("--batch-size", type=int, default=64, help="batch size of the throughput timing")
     s.add_argument("--eval-batch-size", type=int, default=256)
     s.add_argument("--calib-size", type=int, default=512, help="train images used to calibrate")
-    s.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images")
+    s.add_argument("--test-limit", type=int, default=None, help="evaluate on N random test images (seeded)")
     s.add_argument("--timing-repeats", type=int, default=5)
     s.add_argument("--pvit-gate-epochs", type=int, default=3)
     s.add_argument("--pvit-l1", type=float, default=1e-4, help="L1 weight on the P-ViT gates")
     s.add_argument("--pvit-finetune-epochs", type=int, default=0)
-    s.add_argument("--train-limit", type=int, default=None, help="P-ViT trains on the first N train images")
+    s.add_argument("--train-limit", type=int, default=None, help="P-ViT trains on N random train images (seeded)")
     s.add_argument("--apvit-epochs", type=int, default=30)
     s.add_argument("--apvit-candidates", type=int, default=16, help="tokens per image with a measured reward")
     s.add_argument("--no-save-models", dest="save_models", action="store_false")
@@ -51,7 +51,8 @@ def register(subparsers) -> None:
     e.add_argument("--model", required=True, help="folder with pruned.json")
     e.add_argument("--data", required=True)
     e.add_argument("--data-dir")
-    e.add_argument("--test-limit", type=int, default=None)
+    e.add_argument("--test-limit", type=int, default=None, help="N random test images (seeded, as in sweep)")
+    e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=run_eval, _parser=e)
 
 
@@ -74,12 +75,12 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from nnlab.data import load_dataset
-    from nnlab.prune.common import accuracy, eval_transform
+    from nnlab.prune.common import accuracy, eval_transform, random_subset
     from nnlab.prune.io import load_pruned
 
     runner = load_pruned(args.model)
     data = load_dataset(args.data, args.data_dir)
-    test = data.test if args.test_limit is None else data.test.subset(slice(0, args.test_limit))
+    test = random_subset(data.test, args.test_limit, args.seed)
     acc = accuracy(runner, test, eval_transform(data, runner.vit.config.image_size))
     print(f"{runner.method}: top-1 {acc.top1:.2f}%, top-5 {acc.top5:.2f}% on {acc.n} images, "
           f"{runner.macs() / 1e9:.4f} GFLOPs per image")

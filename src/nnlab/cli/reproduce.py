@@ -18,6 +18,8 @@ def register(subparsers) -> None:
     p.add_argument("--data-dir", help="folder holding mnist/, cifar10/, celeba/ (as ../shared/data)")
     p.add_argument("--out", default="runs/reproduce", help="report folder (default: runs/reproduce)")
     p.add_argument("--only", type=str_list, help=f"comma-separated subset of: {','.join(STUDIES)}")
+    p.add_argument("--resume", action="store_true",
+                   help="accepted for symmetry: a rerun always reuses finished stages and resumes a killed one")
     p.set_defaults(func=run, _parser=p)
 
 

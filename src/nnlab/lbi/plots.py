@@ -14,6 +14,8 @@ from nnlab.engine.checkpoint import load_checkpoint  # noqa: E402
 from nnlab.engine.metrics import read_jsonl  # noqa: E402
 from nnlab.engine.runs import RunDir  # noqa: E402
 from nnlab.errors import CheckpointError  # noqa: E402
+from nnlab.lbi.callback import LBI_FILE  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 
 def epoch_records(run: str | Path) -> list[dict]:
@@ -25,9 +27,9 @@ def epoch_records(run: str | Path) -> list[dict]:
 
 
 def run_label(run: str | Path) -> str:
-    """``<optimizer>`` from the run's config, e.g. ``slbi-adam``, else the folder name."""
+    """``<optimizer> (<folder>)`` from the run's config, e.g. ``slbi-adam (lbi-mnist-adam)``."""
     try:
-        return str(RunDir(run).load_config().get("optimizer", Path(run).name))
+        return f"{RunDir(run).load_config().get('optimizer', '?')} ({Path(run).name})"
     except CheckpointError:
         return Path(run).name
 
@@ -47,7 +49,9 @@ def plot_curves(runs: list[str | Path], out: Path) -> Path:
             ax_a.plot([r["epoch"] for r in star], [100 * r["test_top1_wstar"] for r in star], "--",
                       color=line.get_color(), label=f"{label} W*")
     ax_l.set(xlabel="epoch", ylabel="train loss", yscale="log", title="training loss")
-    ax_a.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
+    finals = [100 * [r for r in epoch_records(run) if "test_top1" in r][-1]["test_top1"] for run in runs]
+    ax_a.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy (W* dashed)",
+             ylim=(max(0.0, min(finals) - 8), 100))  # early W* collapse would squash the scale
     for ax in (ax_l, ax_a):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -101,9 +105,22 @@ def plot_weights(runs: list[str | Path], out: Path, layer: str = "conv3") -> Pat
         mat = w.reshape(w.shape[0], -1).float()
         lim = float(mat.abs().max()) or 1.0
         ax.imshow(mat.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
-        zero = int((mat.abs().sum(1) == 0).sum())
-        ax.set(title=f"{run_label(run)} ({zero} zero filters)", xlabel="input x kernel", ylabel="filter")
+        ax.set(title=f"{run_label(run)}{_support_note(run, layer, w.shape[0])}", xlabel="input x kernel",
+               ylabel="filter")
     return _save(fig, out / f"weights_{layer.replace('.', '_')}.png")
+
+
+def _support_note(run: str | Path, layer: str, filters: int) -> str:
+    """`` (k/n filters in Gamma's support)`` for DessiLBI runs, else empty."""
+    path = RunDir(run).path / LBI_FILE
+    key = f"gamma.{layer}.weight"
+    if not path.is_file():
+        return ""
+    gammas = load_file(path)
+    if key not in gammas:
+        return ""
+    k = int(gammas[key].reshape(filters, -1).ne(0).any(1).sum())
+    return f" ({k}/{filters} filters in support)"
 
 
 def _save(fig, path: Path) -> Path:

@@ -66,7 +66,7 @@ class PViTOptions:
     l1_weight: float = 1e-4
     finetune_epochs: int = 0
     finetune_lr: float = 2e-4
-    train_limit: int | None = None  # use only the first N train images (tests)
+    train_limit: int | None = None  # use N random train images (faster gate training)
 
 
 def train_gates(vit: ViT, batches, options: PViTOptions) -> tuple[ViT, Gates]:

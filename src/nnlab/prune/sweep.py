@@ -21,7 +21,8 @@ from nnlab.errors import CheckpointError, ConfigError
 from nnlab.models import create_model
 from nnlab.models.vit import ViT
 from nnlab.prune import methods as M
-from nnlab.prune.common import accuracy, calibration_batch, ensure_dir, eval_transform, throughput, train_loader
+from nnlab.prune.common import (accuracy, calibration_batch, ensure_dir, eval_transform, random_subset, throughput,
+                                train_loader)
 from nnlab.prune.io import save_pruned
 from nnlab.prune.plots import write_plots, write_table
 from nnlab.prune.runners import TokenRunner
@@ -105,7 +106,7 @@ class _Sweep:
         self.vit, self.data = load_base(config.checkpoint, config.data, config.data_dir)
         size = self.vit.config.image_size
         self.transform = eval_transform(self.data, size)
-        self.test = self.data.test if config.test_limit is None else self.data.test.subset(slice(0, config.test_limit))
+        self.test = random_subset(self.data.test, config.test_limit, config.seed)
         self.timing_x, _ = calibration_batch(self.data, size, config.batch_size, seed=config.seed + 1)
         self.calib_x, self.calib_y = calibration_batch(self.data, size, config.calib_size, seed=config.seed)
         self.out = ensure_dir(config.out)
@@ -151,6 +152,7 @@ class _Sweep:
 
 def run_sweep(config: SweepConfig) -> SweepResult:
     """Run (or finish) the sweep described by ``config``; returns all rows of results.csv."""
+    torch.manual_seed(config.seed)  # agent and gate initialisation
     s = _Sweep(config)
     done = {(r["method"], round(r["ratio"], 4)) for r in read_rows(s.csv)}
     todo = [("base", 0.0)] + [(m, float(r)) for m in config.methods for r in config.ratios]

@@ -62,6 +62,21 @@ def reproduce(preset: str, out: str | Path, *, data_dir: str | Path | None = Non
                           on_stage=_announce(selected))
     sections = [SECTIONS[s] for s in STUDIES if s in SECTIONS]
     report = build_report(outcomes, out, sections, seed_numbers(),
-                          title=f"nnlab reproduce: preset {preset}",
-                          preamble=[f"Preset {preset!r}; data: {data_dir or 'embedded mnist-5k only'}."])
+                          title=f"nnlab reproduce: preset {preset}", preamble=_preamble(preset, data_dir, outcomes))
     return ReproduceResult(outcomes, report)
+
+
+def _preamble(preset: str, data_dir, outcomes: Sequence[StageOutcome]) -> list[str]:
+    import os
+    import platform
+
+    import torch
+
+    ran = sum(o.seconds for o in outcomes if o.status == "done")
+    total = sum(o.seconds for o in outcomes)
+    return [f"Preset {preset!r}; data: {data_dir or 'embedded mnist-5k only'}.",
+            f"Machine: {platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}"
+            f"{', CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else ', no GPU'}. "
+            f"Stage time: {total / 60:.1f} min in all ({ran / 60:.1f} min run now, the rest reused).",
+            "Numbers in the 'seed report' columns come from nnlab/reproduce/seed_numbers.yaml, with their "
+            "sources; every difference from the seed's set-up is listed at the top of each section."]

@@ -81,7 +81,19 @@ def _run_sweep(ctx: StageContext) -> StageResult:
     write_csv(ctx.dir / "band_medians.csv", ["quantity", *(f"bn_{bn}" for bn in med)],
               [[q, *(med[bn].get(q) for bn in med)] for q in quantities])
     return StageResult(metrics=_metrics(s), tables=["accuracy.csv", "band_medians.csv"],
-                       notes=notes_for(sweep))
+                       notes=notes_for(sweep) + plateau_notes(s))
+
+
+def plateau_notes(summary: dict[str, Any]) -> list[str]:
+    """A sentence for each BN setting whose runs all stayed near chance (the initial loss plateau)."""
+    notes = []
+    for bn, label in (("off", "without"), ("on", "with")):
+        best = [r["best_test_top1"] for r in summary["runs"] if r["bn"] == bn and r["best_test_top1"] is not None]
+        if best and max(best) < 0.5:
+            notes.append(f"Result: VGG-A {label} BN has not left the initial loss plateau in this schedule (best "
+                         f"test top-1 {100 * max(best):.1f}%), so its landscape, predictiveness and beta "
+                         "figures describe that plateau, not training, and are not comparable with the seed's.")
+    return notes
 
 
 def _metrics(summary: dict[str, Any]) -> dict[str, Any]:

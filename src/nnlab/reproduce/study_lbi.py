@@ -32,13 +32,22 @@ SECTION = Section(
                None, 1.0)])
 
 RATIOS = [0.0, 0.1, 0.2, 0.4, 0.6, 0.8]
-# The optimiser settings of the three runs (those of the DessiLBI study's LeNet-5 / MNIST runs).
+# The optimiser settings of the three runs: those of the DessiLBI study's LeNet-5 / full-MNIST runs
+# (32 epochs of 469 steps). Gamma's support grows with the number of steps, so the quick preset
+# (8 epochs of 32 steps) scales the thresholds lambda down by 20 and warms the lr up for one epoch.
 OPTIMIZERS: dict[str, dict[str, Any]] = {
     "sgd": dict(optimizer="sgd", lr=0.1, momentum=0.9),
     "slbi": dict(optimizer="slbi", lr=0.1, momentum=0.9,
                  lbi=dict(kappa=1.0, mu=20.0, lam=1.0, layer_lam={"conv3": 6.0})),
     "slbi-adam": dict(optimizer="slbi-adam", lr=0.001, momentum=0.9,
                       lbi=dict(kappa=1.0, mu=20.0, lam=1.0, layer_lam={"conv3": 6.0}, gamma_lr=0.1)),
+}
+QUICK_OPTIMIZERS: dict[str, dict[str, Any]] = {
+    "sgd": dict(optimizer="sgd", lr=0.1, momentum=0.9, warmup_steps=32),
+    "slbi": dict(optimizer="slbi", lr=0.1, momentum=0.9, warmup_steps=32,
+                 lbi=dict(kappa=1.0, mu=20.0, lam=0.05, layer_lam={"conv3": 0.3})),
+    "slbi-adam": dict(optimizer="slbi-adam", lr=0.002, momentum=0.9, warmup_steps=32,
+                      lbi=dict(kappa=1.0, mu=20.0, lam=0.05, layer_lam={"conv3": 0.3}, gamma_lr=0.1)),
 }
 # Training settings per preset: the seed's are LeNet-5 on full MNIST, 32 epochs, batch 128.
 TRAIN: dict[str, dict[str, Any]] = {
@@ -49,7 +58,11 @@ TRAIN: dict[str, dict[str, Any]] = {
 LABELS = {"sgd": "SGD", "slbi": "SGD+DessiLBI", "slbi-adam": "Adam+DessiLBI"}
 
 
-def notes_for(train: dict[str, Any]) -> list[str]:
+def optimizers(preset: str) -> dict[str, dict[str, Any]]:
+    return QUICK_OPTIMIZERS if check_preset(preset) == "quick" else OPTIMIZERS
+
+
+def notes_for(train: dict[str, Any], opts: dict[str, dict[str, Any]]) -> list[str]:
     """One sentence per difference from the seed's set-up (LeNet-5, full MNIST, 32 epochs)."""
     notes = []
     if train["data"] == "mnist-5k":
@@ -57,8 +70,10 @@ def notes_for(train: dict[str, Any]) -> list[str]:
                      "MNIST (60,000 / 10,000), so accuracies are lower and noisier than the seed's.")
     if train["epochs"] != 32:
         notes.append(f"Schedule: {train['epochs']} epochs (cosine) instead of the seed's 32.")
-    notes.append("Settings: DessiLBI with kappa 1, mu 20, lambda 1 and lambda 6 on conv3 (so that "
-                 "Gamma selects among conv3's filters); the seed does not state its values.")
+    lbi = opts["slbi"]["lbi"]
+    notes.append(f"Settings: DessiLBI with kappa {lbi['kappa']:g}, mu {lbi['mu']:g}, lambda {lbi['lam']:g} and "
+                 f"lambda {lbi['layer_lam']['conv3']:g} on conv3 (so that Gamma selects among conv3's filters "
+                 "in this schedule); the seed does not state its values.")
     return notes
 
 
@@ -68,9 +83,9 @@ def _train(ctx: StageContext, notes: tuple[str, ...] = ()) -> StageResult:
     c = dict(ctx.config)
     opt = dict(c.pop("opt"))
     lbi = LBIOptions(**opt.pop("lbi")) if "lbi" in opt else None
-    config = lbi_train_config(lbi, **c, **opt, weight_decay=0.0, schedule="cosine",
+    config = lbi_train_config(lbi, **{**c, **opt}, weight_decay=0.0, schedule="cosine",
                               data_dir=data_dir_for(ctx, c["data"]), checkpoint_every=100)
-    run = work_dir(ctx, "run")
+    run = work_dir(ctx, ctx.name)  # named after the stage: figure file names follow run folder names
     s = train_lbi(config, run, resume=ctx.resume).summary
     name = opt["optimizer"].replace("-", "_")
     metrics = {f"{name}_top1": s["test_top1"], f"{name}_top5": s["test_top5"]}
@@ -87,7 +102,7 @@ def _prune(ctx: StageContext) -> StageResult:
     from nnlab.lbi.prune import prune_run
     from nnlab.reproduce.runner import seed_numbers
 
-    run = ctx.results["lbi-slbi"].dir / "run"
+    run = ctx.results["lbi-slbi"].dir / "lbi-slbi"
     table = prune_run(run, layer="conv3", ratios=ctx.config["ratios"], out=work_dir(ctx, "prune"),
                       data_dir=data_dir_for(ctx, ctx.config["data"]))
     seed = {r["ratio"]: r for r in seed_numbers()["lbi"]["prune_table"]["rows"]}
@@ -102,17 +117,17 @@ def _prune(ctx: StageContext) -> StageResult:
 def _figures(ctx: StageContext) -> StageResult:
     from nnlab.lbi.plots import plot_runs
 
-    runs = [ctx.results[name].dir / "run" for name in ctx.config["runs"]]
+    runs = [ctx.results[name].dir / name for name in ctx.config["runs"]]
     paths = plot_runs(runs, work_dir(ctx, "figures"), layer="conv3")
     return StageResult(figures=[Path(p).relative_to(ctx.dir).as_posix() for p in paths])
 
 
 def stages(preset: str) -> list[Stage]:
     """The DessiLBI study's stages for ``preset`` (quick, cpu, paper)."""
-    train = TRAIN[check_preset(preset)]
+    train, opts = TRAIN[check_preset(preset)], optimizers(preset)
     runs = [Stage(f"lbi-{k}", "lbi", f"LeNet-5 with {LABELS[k]}",
-                  partial(_train, notes=tuple(notes_for(train)) if k == "sgd" else ()), {**train, "opt": opt})
-            for k, opt in OPTIMIZERS.items()]
+                  partial(_train, notes=tuple(notes_for(train, opts)) if k == "sgd" else ()), {**train, "opt": opt})
+            for k, opt in opts.items()]
     prune = Stage("lbi-prune", "lbi", "conv3 pruned by Gamma (Table 6)", _prune,
                   {"run": runs[1].key(), "ratios": RATIOS, "data": train["data"]}, needs=("lbi-slbi",))
     figures = Stage("lbi-figures", "lbi", "curves, sparsity, Gamma paths and conv3 weights", _figures,

@@ -1,0 +1,197 @@
+"""Functa (Dupont et al. 2022) in ``nnlab reproduce``.
+
+Stages: a latent-size sweep of meta-trained SIRENs (``functa-latent-<D>``, one resumable
+:func:`nnlab.functa.trainer.train_functa` run each; the main run is the one at the preset's main
+latent size), reconstructions at several output sizes (``functa-reconstruct``), functasets of both
+splits (``functa-fit``, resumable chunk by chunk), the MLP classifier on the latents
+(``functa-classify``), the ResNet-18 CD-PreAct pixel baseline on the same split
+(``functa-pixels``) and the figures (``functa-figures``: PSNR and inner-MSE histograms, latent
+sweep, learning curves).
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from nnlab.report import Section
+from nnlab.reproduce.common import check_preset, data_dir_for, work_dir, write_csv
+from nnlab.reproduce.stages import Stage, StageContext, StageResult
+
+SECTION = Section(
+    "functa", "Functa: images as latent-modulated SIRENs (Dupont et al. 2022)",
+    "A shared SIREN is meta-learned so that 3 gradient steps on a per-image latent (shift "
+    "modulations) fit each image; the latents of a whole split form a functaset, on which an MLP "
+    "classifier is trained and compared with a ResNet-18 CD-PreAct trained on the pixels of the "
+    "same split. PSNR is the mean per-image PSNR on the test split (data in [0, 1]).",
+    headline=[("mnist_test_psnr", "test PSNR after 3 inner steps, main latent size (dB)", "mnist_test_psnr", 1.0),
+              ("test_mse", "test MSE after the inner steps, main latent size", None, 1.0),
+              ("functaset_test_psnr", "test functaset mean PSNR (dB)", None, 1.0),
+              ("functa_mlp_top1", "MLP on functa latents, test top-1 (%)", "functa_mlp_top1", 100.0),
+              ("pixel_resnet_top1", "ResNet-18 CD-PreAct on pixels, test top-1 (%)", None, 100.0)])
+
+# Per preset: data set, functa preset, main latent size, latent sweep, meta-training overrides,
+# functaset chunk size, classifier settings, pixel-baseline epochs, reconstruction sizes.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "quick": dict(data="mnist-5k", preset="mnist-cpu", main=256, latents=[64, 256, 1024],
+                  train=dict(steps=120, val_images=200, val_every=40, log_every=10, ckpt_every=20),
+                  chunk=500, classify=dict(hidden=[512, 512], epochs=30), pixel_epochs=1,
+                  pixel_options=dict(train_limit=2000), sizes=[28, 64, 128]),
+    "cpu": dict(data="mnist", preset="mnist-cpu", main=256, latents=[64, 128, 256, 512, 1024],
+                train=dict(time_limit_min=30.0), chunk=1000, classify=dict(), pixel_epochs=10,
+                pixel_options=dict(), sizes=[28, 64, 128]),
+    "paper": dict(data="mnist", preset="mnist-seed", main=512, latents=[64, 128, 256, 512, 1024],
+                  train=dict(), chunk=1000, classify=dict(), pixel_epochs=30, pixel_options=dict(),
+                  sizes=[28, 64, 128]),
+}
+SEED_STEPS = 100_000  # mnist-seed: the seed's meta-training length (batch 4)
+
+
+def notes_for(s: dict[str, Any]) -> list[str]:
+    """One sentence per difference from the seed's set-up (full MNIST, 15x512 SIREN, latent 512)."""
+    notes = []
+    if s["data"] == "mnist-5k":
+        notes.append("Data: the embedded mnist-5k digits (3,800 train images for meta-training, 200 held "
+                     "out for validation, 1,000 test) instead of full MNIST.")
+    if s["preset"] != "mnist-seed":
+        notes.append("Model: the mnist-cpu SIREN (width 64, 3 sine layers, Meta-SGD) instead of the seed's "
+                     "15 layers of 512 (mnist-seed).")
+    if s["main"] != 512:
+        notes.append(f"Latent: main latent size {s['main']} instead of the seed's 512.")
+    t = s["train"]
+    if "steps" in t:
+        notes.append(f"Schedule: {t['steps']} meta-training steps per latent size instead of days of GPU "
+                     "training.")
+    elif "time_limit_min" in t:
+        notes.append(f"Schedule: at most {t['time_limit_min']:g} minutes of meta-training per latent size "
+                     "on 2 CPU cores instead of days of GPU training.")
+    if s["classify"].get("hidden"):
+        notes.append(f"Classifier: MLP with hidden widths {s['classify']['hidden']} for "
+                     f"{s['classify'].get('epochs', 30)} epochs instead of 3 x 1024.")
+    if s["pixel_options"].get("train_limit") or s["pixel_epochs"] < 10:
+        notes.append(f"Pixel baseline: {s['pixel_epochs']} epoch(s) on "
+                     f"{s['pixel_options'].get('train_limit', 'all the')} training images.")
+    return notes
+
+
+def _train(ctx: StageContext) -> StageResult:
+    from nnlab.functa.presets import get_preset
+    from nnlab.functa.trainer import train_functa
+
+    c = ctx.config
+    preset = get_preset(c["preset"], latent_dim=c["latent"], **c["train"])
+    s = train_functa(preset, c["data"], work_dir(ctx, "run"), data_dir=data_dir_for(ctx, c["data"]),
+                     resume=ctx.resume)
+    metrics = {f"psnr_latent_{c['latent']}": s["test_psnr"]}
+    if c["main"]:
+        metrics.update(mnist_test_psnr=s["test_psnr"], test_mse=s["test_mse"])
+    return StageResult(metrics=metrics)
+
+
+def _reconstruct(ctx: StageContext) -> StageResult:
+    from nnlab.functa.reconstruct import reconstruct_run
+
+    c = ctx.config
+    run = ctx.results[c["run"]].dir / "run"
+    paths = reconstruct_run(run, c["data"], work_dir(ctx, "figures"), data_dir=data_dir_for(ctx, c["data"]),
+                            count=8, sizes=c["sizes"])
+    return StageResult(figures=[Path(p).relative_to(ctx.dir).as_posix() for p in paths])
+
+
+def _fit(ctx: StageContext) -> StageResult:
+    from nnlab.functa.functaset import fit_split, load_functaset
+
+    c = ctx.config
+    run = ctx.results[c["run"]].dir / "run"
+    out = work_dir(ctx, "functasets")
+    for split in ("train", "test"):  # finished chunks of an interrupted fit are kept and skipped
+        fit_split(run, c["data"], split, out / f"{split}.safetensors", data_dir=data_dir_for(ctx, c["data"]),
+                  chunk_size=c["chunk"])
+    test = load_functaset(out / "test.safetensors")
+    return StageResult(metrics={"functaset_test_psnr": float(test.psnr.mean())})
+
+
+def _classify(ctx: StageContext) -> StageResult:
+    from dataclasses import replace
+
+    from nnlab.functa.classify import ClassifyConfig, train_classifier
+
+    sets = ctx.results["functa-fit"].dir / "functasets"
+    s = train_classifier(sets / "train.safetensors", sets / "test.safetensors", work_dir(ctx, "run"),
+                         replace(ClassifyConfig(), **ctx.config["classify"]))
+    return StageResult(metrics={"functa_mlp_top1": s["test_top1"]})
+
+
+def _pixels(ctx: StageContext) -> StageResult:
+    from nnlab.config import from_dict
+    from nnlab.engine.runs import RunDir
+    from nnlab.engine.train import TrainConfig, train
+    from nnlab.functa.classify import pixel_baseline
+
+    c, run = ctx.config, work_dir(ctx, "run")
+    if ctx.resume and (run / "config.yaml").is_file():  # continue the killed run from its checkpoint
+        s = train(from_dict(TrainConfig, RunDir(run).load_config()), run, resume=True).summary
+    else:
+        s = pixel_baseline(c["data"], run, data_dir=data_dir_for(ctx, c["data"]), epochs=c["epochs"],
+                           checkpoint_every=200, **c["options"])
+    return StageResult(metrics={"pixel_resnet_top1": s["test_top1"]})
+
+
+def _figures(ctx: StageContext, latent_stages: tuple[str, ...] = ()) -> StageResult:
+    from nnlab.functa.plots import plot_histograms, plot_learning_curves, plot_psnr_curve, plot_sweep
+
+    out = work_dir(ctx, "figures")
+    sets = ctx.results["functa-fit"].dir / "functasets"
+    runs = [ctx.results[n].dir / "run" for n in latent_stages]
+    paths = plot_histograms(sets / "test.safetensors", out)
+    paths.append(plot_learning_curves(ctx.results["functa-classify"].dir / "run",
+                                      ctx.results["functa-pixels"].dir / "run", out))
+    sweep = plot_sweep(runs, out)
+    main_run = ctx.results[ctx.config["main"]].dir / "run"
+    paths += [p for p in sweep if p.suffix == ".png"] + [plot_psnr_curve(main_run, out)]
+    write_csv(ctx.dir / "latent_sweep.csv", *_sweep_rows(runs))
+    return StageResult(figures=[Path(p).relative_to(ctx.dir).as_posix() for p in paths],
+                       tables=["latent_sweep.csv"])
+
+
+def _sweep_rows(runs: list[Path]) -> tuple[list[str], list[list[Any]]]:
+    from nnlab.engine.io import read_json
+
+    rows = []
+    for run in runs:
+        s = read_json(run / "summary.json")
+        rows.append([s["latent_dim"], round(s["test_psnr"], 2), round(s["test_mse"], 5), s["steps"],
+                     round(s["train_minutes"], 2)])
+    return ["latent_dim", "test_psnr_db", "test_mse", "steps", "train_minutes"], sorted(rows)
+
+
+def stages(preset: str) -> list[Stage]:
+    """The functa study's stages for ``preset`` (quick, cpu, paper)."""
+    s = SETTINGS[check_preset(preset)]
+    base = {"data": s["data"], "preset": s["preset"], "train": s["train"]}
+    latent = [Stage(f"functa-latent-{d}", "functa", f"meta-train the SIREN, latent {d}"
+                    + (" (main run)" if d == s["main"] else ""),
+                    partial(_with_notes, _train, tuple(notes_for(s)) if d == s["main"] else ()),
+                    {**base, "latent": d, "main": d == s["main"]}) for d in s["latents"]]
+    main = next(st for st in latent if st.config["main"])
+    data = {"data": s["data"], "run": main.name, "main_key": main.key()}
+    recon = Stage("functa-reconstruct", "functa", "reconstructions at several sizes", _reconstruct,
+                  {**data, "sizes": s["sizes"]}, needs=(main.name,))
+    fit = Stage("functa-fit", "functa", "functasets of the train and test splits", _fit,
+                {**data, "chunk": s["chunk"]}, needs=(main.name,))
+    clf = Stage("functa-classify", "functa", "MLP classifier on the latents", _classify,
+                {"fit": fit.key(), "classify": s["classify"]}, needs=("functa-fit",))
+    pix = Stage("functa-pixels", "functa", "ResNet-18 CD-PreAct on the pixels of the same split", _pixels,
+                {"data": s["data"], "epochs": s["pixel_epochs"], "options": s["pixel_options"]})
+    names = tuple(st.name for st in latent)
+    figs = Stage("functa-figures", "functa", "PSNR / inner-MSE histograms, latent sweep, learning curves",
+                 partial(_figures, latent_stages=names),
+                 {"main": main.name, "keys": [st.key() for st in (*latent, fit, clf, pix)]},
+                 needs=(*names, "functa-fit", "functa-classify", "functa-pixels"))
+    return [*latent, recon, fit, clf, pix, figs]
+
+
+def _with_notes(fn, notes: tuple[str, ...], ctx: StageContext) -> StageResult:
+    result = fn(ctx)
+    result.notes = list(notes) + result.notes
+    return result
