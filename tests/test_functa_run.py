@@ -120,3 +120,20 @@ def test_threaded_fit_equals_sequential():
     a = fit_images(model, images, batch_size=16, progress=False, workers=1)
     b = fit_images(model, images, batch_size=16, progress=False, workers=2)
     assert torch.allclose(a.latents, b.latents, atol=1e-6) and torch.allclose(a.psnr, b.psnr, atol=1e-5)
+
+
+def test_cosine_schedule_follows_time_limit_or_steps():
+    from dataclasses import replace
+
+    from nnlab.errors import ConfigError
+    from nnlab.functa.trainer import schedule_factor
+
+    cfg = replace(get_preset("tiny").train, schedule="cosine", time_limit_min=10.0)
+    assert schedule_factor(cfg, 0, 0.0) == 1.0
+    assert abs(schedule_factor(cfg, 5, 300.0) - 0.5) < 1e-9
+    assert schedule_factor(cfg, 9, 601.0) == 0.0
+    steps_cfg = replace(cfg, time_limit_min=0.0, steps=100)
+    assert abs(schedule_factor(steps_cfg, 50, 1e9) - 0.5) < 1e-9
+    assert schedule_factor(replace(cfg, schedule="constant"), 5, 300.0) == 1.0
+    with pytest.raises(ConfigError, match="schedule"):
+        schedule_factor(replace(cfg, schedule="linear"), 0, 0.0)

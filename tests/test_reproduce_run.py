@@ -24,8 +24,8 @@ from nnlab.reproduce.runner import PRESETS, SECTIONS, STUDIES, seed_numbers
 from nnlab.reproduce.stages import Stage, StageResult
 
 TESTS = Path(__file__).resolve().parent
-TINY = dict(model="lenet5", data="mnist-5k", batch_size=32, augment=False, train_limit=128, test_limit=100)
-EPOCHS = 6
+TINY = dict(model="lenet5", data="mnist-5k", batch_size=32, augment=False, train_limit=128, test_limit=64)
+EPOCHS = 4
 
 
 def _logged(fn, ctx):

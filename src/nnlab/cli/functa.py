@@ -38,6 +38,8 @@ def register(subparsers) -> None:
     t.add_argument("--outer-lr", type=float)
     t.add_argument("--inner-steps", type=int)
     t.add_argument("--time-limit", type=float, dest="time_limit_min", help="stop meta-training after MIN minutes")
+    t.add_argument("--schedule", choices=["constant", "cosine"],
+                   help="outer learning rate: constant, or cosine to 0 over --time-limit (else --steps)")
     t.add_argument("--first-order", action="store_const", const=True, help="first-order meta-gradients")
     t.add_argument("--checkpointing", action="store_const", const=True, dest="use_checkpoint",
                    help="recompute inner steps in the backward pass (saves memory)")
@@ -106,7 +108,8 @@ def run_train(args) -> int:
 
     preset = get_preset(args.preset, latent_dim=args.latent_dim, steps=args.steps, batch_size=args.batch_size,
                         outer_lr=args.outer_lr, inner_steps=args.inner_steps, time_limit_min=args.time_limit_min,
-                        first_order=args.first_order, use_checkpoint=args.use_checkpoint, val_every=args.val_every)
+                        first_order=args.first_order, use_checkpoint=args.use_checkpoint, val_every=args.val_every,
+                        schedule=args.schedule)
     summary = train_functa(preset, args.data, args.out, data_dir=args.data_dir, resume=args.resume, device=args.device)
     print(json.dumps(summary, indent=1))
     return 0

@@ -22,6 +22,7 @@ class MetaTrainConfig:
     weight_decay: float = 0.0
     meta_lr_mult: float = 1.0          # outer learning-rate multiplier for the Meta-SGD rates
     grad_clip: float = 0.0             # clip the meta-gradient's global norm (0 = off)
+    schedule: str = "constant"         # or "cosine": decay to 0 over time_limit_min (else over steps)
     chunk: int = 8                     # images per forward/backward (cache-sized; grads accumulate)
     workers: int = 0                   # threads running chunks, 1 torch thread each (0 = torch's count)
     first_order: bool = False
@@ -45,7 +46,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "mnist-cpu": Preset(
         FunctaConfig(width=64, depth=4, w0=30.0, latent_dim=256, meta_sgd=True),
-        MetaTrainConfig(steps=100_000, batch_size=32, outer_lr=1e-3, grad_clip=1.0, meta_lr_mult=10.0),
+        MetaTrainConfig(steps=100_000, batch_size=32, outer_lr=1e-3, grad_clip=1.0, meta_lr_mult=10.0,
+                        schedule="cosine"),
         "small SIREN for 2 CPU cores: width 64, 3 sine layers, latent 256, Meta-SGD"),
     "tiny": Preset(
         FunctaConfig(width=16, depth=3, w0=30.0, latent_dim=16, meta_sgd=True),

@@ -7,6 +7,7 @@ clamped to [0, 1]) over the whole test split after the inner steps.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -156,6 +157,25 @@ def train_functa(preset: Preset, data: str, out: str | Path, *, data_dir: str | 
     return summary
 
 
+def schedule_factor(cfg: MetaTrainConfig, step: int, elapsed: float) -> float:
+    """Outer learning-rate factor: 1 (constant), or cosine from 1 to 0 over the time limit when one
+    is set (a function of the meta-training time, so resumes continue the same curve), else over steps."""
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule != "cosine":
+        raise ConfigError(f"unknown functa schedule {cfg.schedule!r}; use constant or cosine")
+    frac = elapsed / (60 * cfg.time_limit_min) if cfg.time_limit_min > 0 else step / max(cfg.steps, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def _set_lr(state: TrainState, cfg: MetaTrainConfig) -> float:
+    factor = schedule_factor(cfg, state.step, state.elapsed)
+    for group in state.optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+        group["lr"] = group["base_lr"] * factor
+    return factor
+
+
 def _meta_train(state, cfg, loader, val, log, run, runner, progress) -> None:
     device = state.model.out.weight.device
     limit = cfg.time_limit_min * 60 if cfg.time_limit_min > 0 else float("inf")
@@ -165,6 +185,7 @@ def _meta_train(state, cfg, loader, val, log, run, runner, progress) -> None:
     while state.step < cfg.steps and state.elapsed < limit:
         t0 = time.perf_counter()
         state.model.train()
+        _set_lr(state, cfg)
         res = meta_step(state, next(batches).to(device), cfg, runner)
         state.elapsed += time.perf_counter() - t0
         window.append(res.psnr)

@@ -28,21 +28,25 @@ SECTION = Section(
               ("test_mse", "test MSE after the inner steps, main latent size", None, 1.0),
               ("functaset_test_psnr", "test functaset mean PSNR (dB)", None, 1.0),
               ("functa_mlp_top1", "MLP on functa latents, test top-1 (%)", "functa_mlp_top1", 100.0),
-              ("pixel_resnet_top1", "ResNet-18 CD-PreAct on pixels, test top-1 (%)", None, 100.0)])
+              ("pixel_resnet_top1", "ResNet-18 CD-PreAct on pixels, test top-1 (%)", None, 100.0),
+              ("celeba64_test_psnr", "CelebA (aligned, 64x64) test PSNR, latent 256 (dB)", None, 1.0),
+              ("pixel_lenet_top1", "LeNet-5 on pixels (quick stand-in for the ResNet), test top-1 (%)", None,
+               100.0)])
 
 # Per preset: data set, functa preset, main latent size, latent sweep, meta-training overrides,
 # functaset chunk size, classifier settings, pixel-baseline epochs, reconstruction sizes.
 SETTINGS: dict[str, dict[str, Any]] = {
     "quick": dict(data="mnist-5k", preset="mnist-cpu", main=256, latents=[64, 256, 1024],
-                  train=dict(steps=120, val_images=200, val_every=40, log_every=10, ckpt_every=20),
-                  chunk=500, classify=dict(hidden=[512, 512], epochs=30), pixel_epochs=1,
-                  pixel_options=dict(train_limit=2000), sizes=[28, 64, 128]),
+                  train=dict(steps=100, val_images=200, val_every=50, log_every=10, ckpt_every=20),
+                  chunk=500, classify=dict(hidden=[512, 512], epochs=30), pixel_epochs=10,
+                  pixel_options=dict(model="lenet5"), sizes=[28, 64, 128]),
     "cpu": dict(data="mnist", preset="mnist-cpu", main=256, latents=[64, 128, 256, 512, 1024],
                 train=dict(time_limit_min=30.0), chunk=1000, classify=dict(), pixel_epochs=10,
-                pixel_options=dict(), sizes=[28, 64, 128]),
+                pixel_options=dict(), sizes=[28, 64, 128],
+                faces=dict(preset="celeba64-cpu", latent=256, train=dict(time_limit_min=30.0))),
     "paper": dict(data="mnist", preset="mnist-seed", main=512, latents=[64, 128, 256, 512, 1024],
                   train=dict(), chunk=1000, classify=dict(), pixel_epochs=30, pixel_options=dict(),
-                  sizes=[28, 64, 128]),
+                  sizes=[28, 64, 128], faces=dict(preset="celeba64-paper", latent=256, train=dict())),
 }
 SEED_STEPS = 100_000  # mnist-seed: the seed's meta-training length (batch 4)
 
@@ -65,12 +69,6 @@ def notes_for(s: dict[str, Any]) -> list[str]:
     elif "time_limit_min" in t:
         notes.append(f"Schedule: at most {t['time_limit_min']:g} minutes of meta-training per latent size "
                      "on 2 CPU cores instead of days of GPU training.")
-    if s["classify"].get("hidden"):
-        notes.append(f"Classifier: MLP with hidden widths {s['classify']['hidden']} for "
-                     f"{s['classify'].get('epochs', 30)} epochs instead of 3 x 1024.")
-    if s["pixel_options"].get("train_limit") or s["pixel_epochs"] < 10:
-        notes.append(f"Pixel baseline: {s['pixel_epochs']} epoch(s) on "
-                     f"{s['pixel_options'].get('train_limit', 'all the')} training images.")
     return notes
 
 
@@ -89,12 +87,20 @@ def _train(ctx: StageContext) -> StageResult:
 
 
 def _reconstruct(ctx: StageContext) -> StageResult:
-    from nnlab.functa.reconstruct import reconstruct_run
+    """Originals over reconstructions of one test image per class (the first 10 classes), per size."""
+    from nnlab.data import load_dataset
+    from nnlab.functa.reconstruct import load_model, load_train_config, reconstruction_grid, save_grid
 
     c = ctx.config
     run = ctx.results[c["run"]].dir / "run"
-    paths = reconstruct_run(run, c["data"], work_dir(ctx, "figures"), data_dir=data_dir_for(ctx, c["data"]),
-                            count=8, sizes=c["sizes"])
+    model, steps = load_model(run), int(load_train_config(run).get("inner_steps", 3))
+    test = load_dataset(c["data"], data_dir_for(ctx, c["data"])).test
+    labels = test.labels.tolist()
+    pick = [labels.index(k) for k in sorted(set(labels))[:10]] if min(labels) >= 0 else list(range(10))
+    images = test.images[pick]  # (n, C, H, W) uint8
+    out = work_dir(ctx, "figures")
+    paths = [save_grid(reconstruction_grid(model, images, size, steps), out / f"reconstruction-{size}.png")
+             for size in c["sizes"]]
     return StageResult(figures=[Path(p).relative_to(ctx.dir).as_posix() for p in paths])
 
 
@@ -117,9 +123,12 @@ def _classify(ctx: StageContext) -> StageResult:
     from nnlab.functa.classify import ClassifyConfig, train_classifier
 
     sets = ctx.results["functa-fit"].dir / "functasets"
+    c = ctx.config["classify"]
     s = train_classifier(sets / "train.safetensors", sets / "test.safetensors", work_dir(ctx, "run"),
-                         replace(ClassifyConfig(), **ctx.config["classify"]))
-    return StageResult(metrics={"functa_mlp_top1": s["test_top1"]})
+                         replace(ClassifyConfig(), **c))
+    notes = [f"Classifier: MLP with hidden widths {c['hidden']} for {c.get('epochs', 30)} epochs instead "
+             "of 3 x 1024."] if c.get("hidden") else []
+    return StageResult(metrics={"functa_mlp_top1": s["test_top1"]}, notes=notes)
 
 
 def _pixels(ctx: StageContext) -> StageResult:
@@ -129,11 +138,19 @@ def _pixels(ctx: StageContext) -> StageResult:
     from nnlab.functa.classify import pixel_baseline
 
     c, run = ctx.config, work_dir(ctx, "run")
+    options = dict(c["options"])
     if ctx.resume and (run / "config.yaml").is_file():  # continue the killed run from its checkpoint
         s = train(from_dict(TrainConfig, RunDir(run).load_config()), run, resume=True).summary
+    elif options.get("model") == "lenet5":  # the quick preset's stand-in
+        s = train(TrainConfig(data=c["data"], epochs=c["epochs"], batch_size=128, optimizer="sgd", lr=0.1,
+                              warmup_steps=32, **options), run).summary
     else:
         s = pixel_baseline(c["data"], run, data_dir=data_dir_for(ctx, c["data"]), epochs=c["epochs"],
-                           checkpoint_every=200, **c["options"])
+                           checkpoint_every=200, **options)
+    if options.get("model") == "lenet5":
+        return StageResult(metrics={"pixel_lenet_top1": s["test_top1"]}, notes=[
+            f"Pixel baseline: LeNet-5 ({c['epochs']} epochs) stands in for ResNet-18 CD-PreAct, which is too "
+            "slow for this preset; the learning-curve figure shows the latent MLP only."])
     return StageResult(metrics={"pixel_resnet_top1": s["test_top1"]})
 
 
@@ -144,8 +161,8 @@ def _figures(ctx: StageContext, latent_stages: tuple[str, ...] = ()) -> StageRes
     sets = ctx.results["functa-fit"].dir / "functasets"
     runs = [ctx.results[n].dir / "run" for n in latent_stages]
     paths = plot_histograms(sets / "test.safetensors", out)
-    paths.append(plot_learning_curves(ctx.results["functa-classify"].dir / "run",
-                                      ctx.results["functa-pixels"].dir / "run", out))
+    pixels = None if ctx.config["pixel_stand_in"] else ctx.results["functa-pixels"].dir / "run"
+    paths.append(plot_learning_curves(ctx.results["functa-classify"].dir / "run", pixels, out))
     sweep = plot_sweep(runs, out)
     main_run = ctx.results[ctx.config["main"]].dir / "run"
     paths += [p for p in sweep if p.suffix == ".png"] + [plot_psnr_curve(main_run, out)]
@@ -181,14 +198,38 @@ def stages(preset: str) -> list[Stage]:
                 {**data, "chunk": s["chunk"]}, needs=(main.name,))
     clf = Stage("functa-classify", "functa", "MLP classifier on the latents", _classify,
                 {"fit": fit.key(), "classify": s["classify"]}, needs=("functa-fit",))
-    pix = Stage("functa-pixels", "functa", "ResNet-18 CD-PreAct on the pixels of the same split", _pixels,
+    pixel_model = "LeNet-5" if s["pixel_options"].get("model") == "lenet5" else "ResNet-18 CD-PreAct"
+    pix = Stage("functa-pixels", "functa", f"{pixel_model} on the pixels of the same split", _pixels,
                 {"data": s["data"], "epochs": s["pixel_epochs"], "options": s["pixel_options"]})
     names = tuple(st.name for st in latent)
     figs = Stage("functa-figures", "functa", "PSNR / inner-MSE histograms, latent sweep, learning curves",
                  partial(_figures, latent_stages=names),
-                 {"main": main.name, "keys": [st.key() for st in (*latent, fit, clf, pix)]},
+                 {"main": main.name, "keys": [st.key() for st in (*latent, fit, clf, pix)],
+                  "pixel_stand_in": s["pixel_options"].get("model") == "lenet5"},
                  needs=(*names, "functa-fit", "functa-classify", "functa-pixels"))
-    return [*latent, recon, fit, clf, pix, figs]
+    extra = []
+    if "faces" in s:
+        f = s["faces"]
+        extra.append(Stage("functa-faces", "functa", f"faces: CelebA (aligned, 64x64), {f['preset']}", _faces,
+                           {"data": "celeba64", "preset": f["preset"], "latent": f["latent"], "train": f["train"]}))
+    return [*latent, recon, fit, clf, pix, figs, *extra]
+
+
+def _faces(ctx: StageContext) -> StageResult:
+    """Meta-train on CelebA (aligned, 64x64; a stand-in for CelebA-HQ) and reconstruct test faces."""
+    from nnlab.functa.presets import get_preset
+    from nnlab.functa.reconstruct import reconstruct_run
+    from nnlab.functa.trainer import train_functa
+
+    c, data_dir = ctx.config, data_dir_for(ctx, "celeba64")
+    run = work_dir(ctx, "run")
+    s = train_functa(get_preset(c["preset"], latent_dim=c["latent"], **c["train"]), "celeba64", run,
+                     data_dir=data_dir, resume=ctx.resume)
+    paths = reconstruct_run(run, "celeba64", ctx.dir / "figures", data_dir=data_dir, count=8, sizes=[64, 128])
+    return StageResult(metrics={"celeba64_test_psnr": s["test_psnr"]},
+                       figures=[Path(p).relative_to(ctx.dir).as_posix() for p in paths],
+                       notes=["Faces: CelebA (aligned, 64x64; the first 10,000 images, centre-cropped) stand in "
+                              "for CelebA-HQ."])
 
 
 def _with_notes(fn, notes: tuple[str, ...], ctx: StageContext) -> StageResult:

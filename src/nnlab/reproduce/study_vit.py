@@ -32,8 +32,8 @@ SECTION = Section(
 # Base-model training (TrainConfig fields) per preset. The seed fine-tunes ViT-B/16 (ImageNet-21k)
 # on CIFAR-10 at 224 px; that needs Google's ViT-B_16.npz and a GPU (configs/vit-b16-finetune.yaml).
 BASE: dict[str, dict[str, Any]] = {
-    "quick": dict(model="vit-mnist", data="mnist-5k", epochs=6, batch_size=64, eval_batch_size=500,
-                  optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine", warmup_steps=60,
+    "quick": dict(model="vit-mnist", data="mnist-5k", epochs=8, batch_size=64, eval_batch_size=500,
+                  optimizer="adamw", lr=3e-3, weight_decay=0.05, schedule="cosine", warmup_steps=60,
                   label_smoothing=0.1, grad_clip=1.0),
     "cpu": dict(model="vit-mnist", data="mnist", epochs=2, batch_size=64, eval_batch_size=500,
                 optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine", warmup_steps=300,
@@ -46,7 +46,7 @@ BASE: dict[str, dict[str, Any]] = {
 RATIOS = [round(0.1 * i, 1) for i in range(1, 10)]
 # Sweep settings (nnlab.prune.sweep.SweepConfig fields; pvit/apvit: their option dataclasses).
 SWEEP: dict[str, dict[str, Any]] = {
-    "quick": dict(ratios=[0.3, 0.5, 0.7, 0.9], test_limit=500, calib_size=256, timing_repeats=3,
+    "quick": dict(ratios=[0.3, 0.5, 0.7, 0.9], test_limit=500, calib_size=256, timing_repeats=5,
                   pvit=dict(gate_epochs=1, train_limit=2000), apvit=dict(epochs=10, candidates=8)),
     "cpu": dict(ratios=RATIOS, pvit=dict(gate_epochs=1, train_limit=10_000)),
     "paper": dict(ratios=RATIOS),
