@@ -61,7 +61,8 @@ def _read_log(out: Path) -> list[dict]:
 
 def _start(out: Path) -> subprocess.Popen:
     code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_reproduce_run as t; t.register_tiny(); "
-            f"from nnlab.cli import main; sys.exit(main(['reproduce', '--preset', 'tiny-test', '--out', {str(out)!r}]))")
+            "from nnlab.cli import main; "
+            f"sys.exit(main(['reproduce', '--preset', 'tiny-test', '--out', {str(out)!r}]))")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -94,8 +95,8 @@ def test_killed_run_reuses_finished_stages_and_resumes_the_killed_one(killed_the
     summary = read_json(out / "summary.json")
     assert {s["name"]: s["status"] for s in summary["stages"]} == {
         "lbi-sgd": "reused", "lbi-slbi": "done", "lbi-prune": "done", "lbi-figures": "done"}
-    epochs = [json.loads(line)["epoch"] for line in (out / "stages/lbi-slbi/lbi-slbi/metrics.jsonl").read_text().splitlines()
-              if "train_loss" in json.loads(line)]
+    records = [json.loads(line) for line in (out / "stages/lbi-slbi/lbi-slbi/metrics.jsonl").read_text().splitlines()]
+    epochs = [r["epoch"] for r in records if "train_loss" in r]
     assert epochs == list(range(1, EPOCHS + 1))  # every epoch exactly once across the kill
 
 
@@ -162,3 +163,26 @@ def test_quick_preset_uses_only_the_embedded_digits():
     configs = json.dumps([s.config for s in PRESETS.get("quick")()])
     datasets = set(re.findall(r'"data": "([^"]+)"', configs))
     assert datasets == {"mnist-5k"}
+
+
+def test_study_helpers_turn_results_into_headlines_and_notes():
+    from nnlab.reproduce import study_bn, study_vit
+
+    runs = [{"bn": "off", "lr": 0.1, "best_test_top1": 0.2}, {"bn": "on", "lr": 0.1, "best_test_top1": 0.9}]
+    notes = study_bn.plateau_notes({"runs": runs})
+    assert len(notes) == 1 and "without BN has not left the initial loss plateau" in notes[0]
+    rows = [{"method": "base", "ratio": 0.0, "top1": 90.0, "images_per_s": 100.0, "gflops": 1.0},
+            {"method": "cp-vit", "ratio": 0.5, "top1": 85.0, "images_per_s": 180.0, "gflops": 0.5}]
+    m = study_vit.sweep_metrics(rows)
+    assert m["base_top1"] == 90.0 and m["cp-vit_top1_r0.5"] == 85.0 and m["cp-vit_speedup_r0.5"] == pytest.approx(1.8)
+    for study in (study_bn, study_vit):  # the MNIST stand-ins for CIFAR-10 experiments are labelled as such
+        notes = [n for s in study.stages("quick") for n in _notes_of(study, s)]
+        assert any("mnist-5k" in n and "CIFAR-10" in n for n in notes), study.__name__
+
+
+def _notes_of(study, stage) -> list[str]:
+    if study.__name__.endswith("study_bn") and stage.name == "bn-sweep":
+        return study.notes_for(stage.config["sweep"])
+    if study.__name__.endswith("study_vit") and stage.name == "vit-sweep":
+        return study.notes_for(study.BASE["quick"], stage.config["sweep"])
+    return []
