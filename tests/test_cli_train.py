@@ -8,15 +8,9 @@ import torch
 
 from nnlab.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = ["--train-limit", "96", "--test-limit", "50", "--batch-size", "32", "--device", "cpu", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def one_line_error(capsys) -> str:

@@ -17,15 +17,9 @@ from nnlab.engine.train import (Callback, TrainConfig, evaluate, topk_correct, t
                                 train)
 from nnlab.errors import CheckpointError, ConfigError, DivergenceError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TIME_KEYS = {"epoch_time_s", "images_per_s"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI machine is shared; one thread is also bit-for-bit stable
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

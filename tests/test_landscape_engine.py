@@ -9,14 +9,7 @@ from nnlab.engine.train import Callback, TrainConfig, train
 from nnlab.errors import ConfigError
 from nnlab.landscape.callback import LandscapeProbe
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: far faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**kw) -> TrainConfig:

@@ -11,14 +11,7 @@ from nnlab.errors import ConfigError
 from nnlab.landscape import (default_etas, gradient_distance, landscape_step, landscape_step_reference,
                              top_hessian_eigenvalue, top_hessian_eigenvalue_reference)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: far faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_bn_net(dropout: float = 0.2) -> nn.Module:

@@ -11,14 +11,7 @@ from nnlab.landscape.bands import band_medians, eta_band, last_half_median, lr_b
 from nnlab.landscape.sweep import SweepConfig, pair_dir, run_sweep, train_config
 from test_landscape_engine import synthetic
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: far faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def land(step, lo, hi, glo, ghi, beta, loss):

@@ -12,6 +12,8 @@ from nnlab.models import MODELS, count_parameters, create_model
 from nnlab.models.mlp import MLP
 from nnlab.models.resnet import AvgPoolShortcut, CifarResNet, CifarResNetConfig, pad_shortcut
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHAPES = [(1, 28), (3, 32)]  # (in_chans, image_size): MNIST and CIFAR
 OURS = ["lenet5", "vgg-a", "vgg-a-bn", "resnet18-cdpreact", "resnet56", "mlp"]
 NUM_CLASSES = 7  # not 10, so a hard-coded head would show
@@ -20,12 +22,8 @@ _CACHE: dict[tuple[str, int, int], tuple[nn.Module | None, dict | None]] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Batch-2 models gain nothing from threads, and on a shared CPU threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _free_cache():
     yield
-    torch.set_num_threads(threads)
     _CACHE.clear()
 
 
