@@ -6,8 +6,7 @@ import math
 import pytest
 import torch
 
-from nnlab.cli import main
-from nnlab.errors import ConfigError, DivergenceError
+from nnlab.errors import ConfigError
 from nnlab.functa import meta, reference
 from nnlab.functa.model import FunctaConfig, LatentModulatedSiren, coordinate_grid
 

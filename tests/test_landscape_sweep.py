@@ -2,7 +2,6 @@
 import csv
 
 import pytest
-import torch
 
 from nnlab.cli import main
 from nnlab.engine.io import read_json

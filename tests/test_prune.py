@@ -204,9 +204,8 @@ def test_markdown_table_and_plots(tmp_path):
 
 def test_random_subset_mixes_classes():
     from nnlab.data import ImageSet
-    from nnlab.prune.common import random_subset
     images = ImageSet(torch.zeros(100, 1, 2, 2, dtype=torch.uint8), torch.arange(100) // 10)  # sorted by class
-    sub = random_subset(images, 20, seed=0)
+    sub = images.random_subset(20, seed=0)
     assert len(sub) == 20 and len(set(sub.labels.tolist())) > 3
-    assert random_subset(images, 20, seed=0).labels.tolist() == sub.labels.tolist()
-    assert random_subset(images, None) is images
+    assert images.random_subset(20, seed=0).labels.tolist() == sub.labels.tolist()
+    assert images.random_subset(None) is images

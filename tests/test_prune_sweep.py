@@ -37,9 +37,9 @@ def test_sweep_cli_writes_results_and_models(tiny_run, tmp_path):
     # a saved model evaluates to the accuracy the sweep recorded
     cp = next(r for r in rows if r["method"] == "cp-vit" and float(r["ratio"]) == 0.3)
     from nnlab.data import load_dataset
-    from nnlab.prune.common import accuracy, eval_transform, random_subset
+    from nnlab.prune.common import accuracy, eval_transform
     data = load_dataset("mnist-5k")
-    acc = accuracy(load_pruned(out / "models" / "cp-vit-0.3"), random_subset(data.test, 64, 0),
+    acc = accuracy(load_pruned(out / "models" / "cp-vit-0.3"), data.test.random_subset(64, 0),
                    eval_transform(data, 28))
     assert acc.top1 == pytest.approx(float(cp["top1"]), abs=1e-6)
     assert main(["prune", "eval", "--model", str(out / "models" / "cp-vit-0.3"), "--data", "mnist-5k",

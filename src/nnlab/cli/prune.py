@@ -75,12 +75,12 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from nnlab.data import load_dataset
-    from nnlab.prune.common import accuracy, eval_transform, random_subset
+    from nnlab.prune.common import accuracy, eval_transform
     from nnlab.prune.io import load_pruned
 
     runner = load_pruned(args.model)
     data = load_dataset(args.data, args.data_dir)
-    test = random_subset(data.test, args.test_limit, args.seed)
+    test = data.test.random_subset(args.test_limit, args.seed)
     acc = accuracy(runner, test, eval_transform(data, runner.vit.config.image_size))
     print(f"{runner.method}: top-1 {acc.top1:.2f}%, top-5 {acc.top5:.2f}% on {acc.n} images, "
           f"{runner.macs() / 1e9:.4f} GFLOPs per image")

@@ -49,6 +49,14 @@ class ImageSet:
         """The images at ``index`` (a slice, or a (K,) index tensor)."""
         return ImageSet(self.images[index], self.labels[index], self.classes)
 
+    def random_subset(self, limit: int | None, seed: int = 0) -> "ImageSet":
+        """A seeded random ``limit`` of the images, in their original order (all when None or
+        too large). Random, not the first ``limit``: data sets stored by class would give one class."""
+        if limit is None or limit >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:limit]
+        return self.subset(idx.sort().values)
+
 
 @dataclass
 class DatasetSplits:

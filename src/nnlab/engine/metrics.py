@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nnlab.engine.io import _jsonable, atomic_write_text
+from nnlab.engine.io import to_jsonable, atomic_write_text
 
 
 class MetricsLogger:
@@ -26,7 +26,7 @@ class MetricsLogger:
         self._file = open(self.path, "a")
 
     def log(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(_jsonable(record)) + "\n")
+        self._file.write(json.dumps(to_jsonable(record)) + "\n")
         self._file.flush()
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from nnlab.engine.io import _jsonable, atomic_write_text, read_json, write_json
+from nnlab.engine.io import to_jsonable, atomic_write_text, read_json, write_json
 from nnlab.errors import CheckpointError
 
 
@@ -41,7 +41,7 @@ class RunDir:
     def save_config(self, config: Any) -> Path:
         """Write ``config`` (a dataclass or dict) as ``config.yaml``."""
         data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-        return atomic_write_text(self.path / "config.yaml", yaml.safe_dump(_jsonable(data), sort_keys=False))
+        return atomic_write_text(self.path / "config.yaml", yaml.safe_dump(to_jsonable(data), sort_keys=False))
 
     def load_config(self) -> dict[str, Any]:
         path = self.path / "config.yaml"

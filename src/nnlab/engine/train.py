@@ -43,7 +43,7 @@ from nnlab.data import BatchLoader, DatasetSplits, load_dataset
 from nnlab.data.transforms import Normalize, train_transform
 from nnlab.engine import distributed as D
 from nnlab.engine.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from nnlab.engine.io import _jsonable
+from nnlab.engine.io import to_jsonable
 from nnlab.engine.metrics import MetricsLogger
 from nnlab.engine.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
 from nnlab.engine.runs import RunDir
@@ -127,7 +127,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-able values, as written to ``config.yaml`` and read back."""
-        return yaml.safe_load(yaml.safe_dump(_jsonable(dataclasses.asdict(self)), sort_keys=False))
+        return yaml.safe_load(yaml.safe_dump(to_jsonable(dataclasses.asdict(self)), sort_keys=False))
 
 
 @dataclass
@@ -274,13 +274,6 @@ def _seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.manual_seed(seed)
 
 
-def _subset(split, limit: int | None, seed: int):
-    if limit is None or limit >= len(split):
-        return split
-    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed)).narrow(0, 0, limit)
-    return split.subset(idx.sort().values)
-
-
 def _config_diff(saved: dict, current: dict) -> list[str]:
     keys = (set(saved) | set(current)) - set(RESUME_MAY_DIFFER)
     return sorted(k for k in keys if saved.get(k) != current.get(k))
@@ -349,8 +342,8 @@ class _Trainer:
         c = self.config
         if data is None:
             data = load_dataset(c.data, c.data_dir, **c.data_options)
-        return data.replace(train=_subset(data.train, c.train_limit, c.seed),
-                            test=_subset(data.test, c.test_limit, c.seed + 1))
+        return data.replace(train=data.train.random_subset(c.train_limit, c.seed),
+                            test=data.test.random_subset(c.test_limit, c.seed + 1))
 
     def _create_model(self) -> nn.Module:
         from nnlab.models import create_model
@@ -546,7 +539,7 @@ class _Trainer:
             keys = ("train_loss", "train_top1", "test_loss", "test_top1", "test_top5")
             shown = " ".join(f"{k}={record[k]:.4f}" for k in keys if k in record)
             tqdm.write(f"epoch {p.epoch + 1}/{c.epochs} step {p.step}: {shown}", file=sys.stderr)
-        p.history.append(_jsonable(record))
+        p.history.append(to_jsonable(record))
         p.epoch, p.batch, p.loss_sum, p.correct, p.count = p.epoch + 1, 0, 0.0, 0.0, 0.0
         self._save()
 

@@ -41,7 +41,7 @@ import yaml
 from tqdm import tqdm
 
 from nnlab.engine.checkpoint import has_checkpoint
-from nnlab.engine.io import _jsonable, atomic_write, atomic_write_text, read_json, write_json
+from nnlab.engine.io import to_jsonable, atomic_write, atomic_write_text, read_json, write_json
 from nnlab.engine.metrics import read_jsonl
 from nnlab.errors import ConfigError, DivergenceError
 from nnlab.landscape.bands import band_medians
@@ -134,7 +134,7 @@ def train_config(cfg: SweepConfig, bn: str, lr: float):
 
 def _check_same_sweep(run: Path, cfg: SweepConfig) -> None:
     path = run / "sweep.yaml"
-    current = yaml.safe_load(yaml.safe_dump(_jsonable(dataclasses.asdict(cfg))))
+    current = yaml.safe_load(yaml.safe_dump(to_jsonable(dataclasses.asdict(cfg))))
     if path.is_file():
         saved = yaml.safe_load(path.read_text()) or {}
         diff = sorted(k for k in set(saved) | set(current)
@@ -214,7 +214,7 @@ def write_csv(path: Path, records: list[dict]) -> Path:
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
-            w.writerows(_jsonable(r) for r in records)
+            w.writerows(to_jsonable(r) for r in records)
 
     return atomic_write(path, write)
 
@@ -224,7 +224,7 @@ def collect(run: str | Path, cfg: SweepConfig) -> dict[str, Any]:
     run = Path(run)
     records = merged_records(run, cfg)
     atomic_write_text(run / "metrics.jsonl", "".join(
-        json.dumps(_jsonable(r)) + "\n" for r in records))
+        json.dumps(to_jsonable(r)) + "\n" for r in records))
     write_csv(run / "metrics.csv", records)
     runs, medians = [], {}
     for bn in BN_CHOICES[cfg.bn]:

@@ -22,7 +22,7 @@ from nnlab.data.transforms import Normalize
 from nnlab.engine.checkpoint import load_checkpoint
 from nnlab.engine.io import atomic_write_text
 from nnlab.engine.runs import RunDir
-from nnlab.engine.train import Callback, EvalResult, TrainConfig, _subset, evaluate, train
+from nnlab.engine.train import Callback, EvalResult, TrainConfig, evaluate, train
 from nnlab.errors import CheckpointError, ConfigError
 from nnlab.lbi.callback import LBI_FILE
 
@@ -102,7 +102,7 @@ def load_run(run: str | Path, data_dir: str | None = None) -> LoadedRun:
     rd = RunDir(run)
     cfg = from_dict(TrainConfig, rd.load_config())
     data = load_dataset(cfg.data, data_dir or cfg.data_dir, **cfg.data_options)
-    data = data.replace(test=_subset(data.test, cfg.test_limit, cfg.seed + 1))
+    data = data.replace(test=data.test.random_subset(cfg.test_limit, cfg.seed + 1))
     ch, h, _ = data.shape
     model = create_model(cfg.model, num_classes=data.num_classes, in_chans=ch, image_size=h,
                          **cfg.model_options)

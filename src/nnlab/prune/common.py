@@ -101,20 +101,11 @@ def ce_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
 
 
-def random_subset(images: ImageSet, limit: int | None, seed: int = 0) -> ImageSet:
-    """A seeded random ``limit`` of ``images`` (all of them when None): data sets stored by class
-    would give one class only if the first N were taken."""
-    if limit is None or limit >= len(images):
-        return images
-    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit]
-    return images.subset(idx.sort().values)
-
-
 def train_loader(data: DatasetSplits, batch_size: int, image_size: int, seed: int = 0,
                  limit: int | None = None) -> Callable[[int], Iterable]:
     """batches(epoch) over the train split (random crop + normalise), optionally a random ``limit``."""
     from nnlab.data.transforms import RandomCrop
-    images = random_subset(data.train, limit, seed)
+    images = data.train.random_subset(limit, seed)
     steps = [] if data.shape[-1] == image_size else [Resize(image_size)]
     t = Compose(steps + [RandomCrop(image_size, padding=max(1, image_size // 8)), Normalize(data.mean, data.std)])
     loader = BatchLoader(images, batch_size, shuffle=True, transform=t, drop_last=True, seed=seed)

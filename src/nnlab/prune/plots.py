@@ -23,7 +23,7 @@ def markdown_table(rows: list[dict]) -> str:
     head = "| ratio | " + " | ".join(f"{NAMES.get(m, m)} top-1 | {NAMES.get(m, m)} top-5" for m in methods) + " |"
     lines = ["## Accuracy (%)", "", head, "|" + " --- |" * (1 + 2 * len(methods))]
     if base:
-        lines.append(f"| 0 (base) | " + " | ".join(f"{base['top1']:.2f} | {base['top5']:.2f}" for _ in methods) + " |")
+        lines.append("| 0 (base) | " + " | ".join(f"{base['top1']:.2f} | {base['top5']:.2f}" for _ in methods) + " |")
     for ratio in ratios:
         cells = []
         for m in methods:

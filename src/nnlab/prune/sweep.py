@@ -21,7 +21,7 @@ from nnlab.errors import CheckpointError, ConfigError
 from nnlab.models import create_model
 from nnlab.models.vit import ViT
 from nnlab.prune import methods as M
-from nnlab.prune.common import (accuracy, calibration_batch, ensure_dir, eval_transform, random_subset, throughput,
+from nnlab.prune.common import (accuracy, calibration_batch, ensure_dir, eval_transform, throughput,
                                 train_loader)
 from nnlab.prune.io import save_pruned
 from nnlab.prune.plots import write_plots, write_table
@@ -106,7 +106,7 @@ class _Sweep:
         self.vit, self.data = load_base(config.checkpoint, config.data, config.data_dir)
         size = self.vit.config.image_size
         self.transform = eval_transform(self.data, size)
-        self.test = random_subset(self.data.test, config.test_limit, config.seed)
+        self.test = self.data.test.random_subset(config.test_limit, config.seed)
         self.timing_x, _ = calibration_batch(self.data, size, config.batch_size, seed=config.seed + 1)
         self.calib_x, self.calib_y = calibration_batch(self.data, size, config.calib_size, seed=config.seed)
         self.out = ensure_dir(config.out)
