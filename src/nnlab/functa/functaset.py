@@ -59,13 +59,15 @@ def _chunk_fn(compile: bool):
 
 
 @torch.no_grad()
-def fit_batch(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3, chunk: int = 8,
+def fit_batch(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3, chunk: int | None = None,
               shared: meta.Shared | None = None, compile: bool = False,
               runner: ChunkRunner | None = None) -> FitResult:
     """Fit latents to float images (B, C, H, W) in [0, 1], ``chunk`` images at a time (small
     chunks keep the activations in cache; ``runner`` spreads them over threads). ``compile`` uses
     torch.compile (fused elementwise loops; the first call compiles for a while); a short last
-    chunk is then padded to keep one shape."""
+    chunk is then padded to keep one shape. Default chunk: 8 eager, 16 compiled (for mnist-cpu on 2
+    CPU cores, 8 was clearly fastest eager; compiled, 16 was 2-13% faster than 8 and 32 slower)."""
+    chunk = chunk or (16 if compile else 8)
     shared = shared if shared is not None else meta.shared_terms(model, tuple(images.shape[2:]))
     fn = _chunk_fn(compile)
 
