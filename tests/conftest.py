@@ -24,6 +24,25 @@ def shared_data() -> Path:
     return path
 
 
+USER_CACHE = os.environ.get("NNLAB_DATA")
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """Point nnlab's data cache ($NNLAB_DATA) at a fresh temporary folder.
+    Use with ``pytestmark = pytest.mark.usefixtures("isolated_cache")``."""
+    monkeypatch.setenv("NNLAB_DATA", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def user_cache(monkeypatch):
+    """The real data sets use the user's cache, so they are decoded once, not once per test run."""
+    if USER_CACHE is None:
+        monkeypatch.delenv("NNLAB_DATA", raising=False)
+    else:
+        monkeypatch.setenv("NNLAB_DATA", USER_CACHE)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -13,21 +13,7 @@ from nnlab.data.cifar import BATCHES, CIFAR10_CLASSES, safe_unpickle
 from nnlab.errors import DataError
 
 
-USER_CACHE = os.environ.get("NNLAB_DATA")
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NNLAB_DATA", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def user_cache(monkeypatch):
-    """The real data sets use the user's cache, so they are decoded once, not once per test run."""
-    if USER_CACHE is None:
-        monkeypatch.delenv("NNLAB_DATA")
-    else:
-        monkeypatch.setenv("NNLAB_DATA", USER_CACHE)
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def make_batches(folder, n=4, protocol=2, seed=0):

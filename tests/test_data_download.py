@@ -17,9 +17,7 @@ from test_data_cifar import make_batches
 from test_data_mnist import make_mnist
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NNLAB_DATA", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture

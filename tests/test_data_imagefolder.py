@@ -1,5 +1,4 @@
 """Image folders with and without classes, celeba64, tar.gz input, the decoded cache, and errors."""
-import os
 import tarfile
 import time
 
@@ -14,21 +13,7 @@ from nnlab.data.imagefolder import decode_image
 from nnlab.errors import DataError
 
 
-USER_CACHE = os.environ.get("NNLAB_DATA")
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NNLAB_DATA", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def user_cache(monkeypatch):
-    """The real data sets use the user's cache, so they are decoded once, not once per test run."""
-    if USER_CACHE is None:
-        monkeypatch.delenv("NNLAB_DATA")
-    else:
-        monkeypatch.setenv("NNLAB_DATA", USER_CACHE)
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def save(path, size=(8, 6), mode="RGB", value=None, seed=0):

@@ -16,9 +16,7 @@ from nnlab.data.idx import parse_idx
 from nnlab.errors import DataError
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NNLAB_DATA", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:
