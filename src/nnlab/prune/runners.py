@@ -39,6 +39,7 @@ class TokenRunner(nn.Module):
     def reset_stats(self) -> None:
         depth = self.vit.config.depth
         self._attn, self._mlp, self._images = [0.0] * depth, [0.0] * depth, 0
+        self._extra = 0.0  # MACs of a method's own work (matching, agents), summed over images
 
     def _record(self, layer: int, batch: int, attn_tokens: float, mlp_tokens: float) -> None:
         self._attn[layer] += batch * attn_tokens
@@ -57,7 +58,8 @@ class TokenRunner(nn.Module):
         return 1.0 - sum(t - 1 for t in mlp) / (len(mlp) * n)
 
     def extra_macs(self) -> float:
-        return 0.0
+        """Mean MACs per image of the method's own work (LayerNorm and GELU left out, as elsewhere)."""
+        return self._extra / max(self._images, 1)
 
     def macs(self) -> float:
         """Mean MACs per image over the recorded runs."""
@@ -120,14 +122,6 @@ class ToMeRunner(TokenRunner):
         super().__init__(vit)
         depth = vit.config.depth
         self.r = [int(r)] * depth if isinstance(r, int) else [int(v) for v in r]
-        self._extra = 0.0
-
-    def reset_stats(self) -> None:
-        super().reset_stats()
-        self._extra = 0.0
-
-    def extra_macs(self) -> float:
-        return self._extra / max(self._images, 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.vit.embed(images)
@@ -159,15 +153,6 @@ class APViTRunner(TokenRunner):
     def __init__(self, vit: ViT, agents: nn.ModuleList, positions: list[int], threshold: float):
         super().__init__(vit)
         self.agents, self.positions, self.threshold = agents, [int(p) for p in positions], float(threshold)
-        self._extra = 0.0
-
-    def reset_stats(self) -> None:
-        super().reset_stats()
-        self._extra = 0.0
-
-    def extra_macs(self) -> float:
-        """The agents' own MACs per image (LayerNorm and GELU left out, as elsewhere)."""
-        return self._extra / max(self._images, 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         from nnlab.prune import apvit
