@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import io
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from nnlab.lbi import (DessiLBI, DessiLBIAdam, build_slbi, build_slbi_adam, group_shrink,
                        layer_sparsity, param_groups, soft_threshold)
+from nnlab.lbi.optim import sgd_step_reference, support
 
 
 class Tiny(nn.Module):
@@ -198,20 +200,80 @@ def test_w_star_masks_and_restores():
     assert layer_sparsity(model, opt)["conv.weight"] == pytest.approx(per_filter[:, 0].mean().item())
 
 
-@pytest.mark.slow
-def test_compiled_path_matches_reference():
-    """The torch.compile'd fused step (about a minute to compile on a CPU) against the reference."""
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="torch.compile and the fused kernel need a C++ compiler")
+
+
+@needs_compiler
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_fused_kernel_matches_reference_step(momentum):
+    """The C++ kernel on one conv weight, 5 steps, against the per-parameter reference rule."""
+    from nnlab.lbi.kernels import group_sgd_kernel
+
+    kernel = group_sgd_kernel()
+    assert kernel is not None, "the fused kernel did not build (C++ compiler and ninja present)"
+    torch.manual_seed(8)
+    w = torch.randn(6, 3, 3, 3) * torch.arange(1, 7).view(6, 1, 1, 1) / 3  # filters of growing norm
+    group = dict(lr=0.1, kappa=2.0, mu=5.0, lam=1.5, momentum=momentum, dampening=0.0, weight_decay=1e-3,
+                 gamma_lr=0.2)
+    ref_w, ref_state = w.clone(), {"gamma": torch.zeros_like(w), "V": torch.zeros_like(w)}
+    buf, v, gam, sc = torch.zeros_like(w), torch.zeros_like(w), torch.zeros_like(w), torch.zeros(6)
+    for i in range(5):
+        g = torch.randn_like(w)
+        sgd_step_reference(ref_w, g, ref_state, group, "group")
+        if i == 0:
+            buf.copy_(g)  # the first step's momentum buffer is the gradient itself
+        values = [momentum, 1.0, 0.2, 5.0, 0.2, 1.5, 2.0, 1e-3]  # as group (lr*kappa = 0.2)
+        kernel(w, g, buf if momentum else g.clone(), v, gam, sc, values, bool(momentum) and i > 0)
+    assert torch.allclose(w, ref_w, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(v, ref_state["V"], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(gam, ref_state["gamma"], rtol=1e-5, atol=1e-6)
+    assert 0 < support(gam, "group").float().mean() < 1  # some filters in, some out
+
+
+@needs_compiler
+@pytest.mark.parametrize("flavour", ["sgd", "adam"])
+def test_compiled_path_matches_reference(flavour):
+    """The torch.compile'd fused step (Gamma of conv weights rebuilt from V and a cached per-filter
+    scale) against the plain reference, over 100 steps with a changing lr."""
     torch.manual_seed(6)
     fast_model = Tiny()
     ref_model = copy.deepcopy(fast_model)
     kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, mu=5.0, lam=0.05, kappa=2.0)
-    fast = build_slbi(fast_model, compiled=True, **kw)
-    ref = build_slbi(ref_model, foreach=False, **kw)
+    build, lr0 = (build_slbi, 0.1) if flavour == "sgd" else (build_slbi_adam, 0.01)
+    if flavour == "adam":
+        kw["gamma_lr"] = 0.1  # V moves at the SGD flavour's pace, so that Gamma's support changes
+    fast = build(fast_model, compiled=True, **kw)
+    ref = build(ref_model, foreach=False, **kw)
     for i, batch in enumerate(_batches(100)):
         for model, opt in ((fast_model, fast), (ref_model, ref)):
             for g in opt.param_groups:
-                g["lr"] = 0.1 * 0.99 ** i  # a changing lr must not recompile or go stale
+                g["lr"] = lr0 * 0.99 ** i  # a changing lr must not recompile or go stale
             _train(model, opt, [batch])
     for (n, a), b in zip(fast_model.named_parameters(), ref_model.parameters()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), n
+    for p, q in zip(fast_model.parameters(), ref_model.parameters()):
+        if p.ndim > 1:
+            assert torch.allclose(fast.gamma(p), ref.gamma(q), rtol=1e-4, atol=1e-6)
     assert layer_sparsity(fast_model, fast) == layer_sparsity(ref_model, ref)
+    assert any(0 < v < 1 for v in layer_sparsity(fast_model, fast).values())  # shrinkage was active
+
+
+@needs_compiler
+def test_compiled_path_resumes_from_state_dict():
+    """A compiled optimiser loaded from a foreach one's state_dict (no cached scale) continues exactly."""
+    torch.manual_seed(7)
+    a_model = Tiny()
+    kw = dict(lr=0.1, momentum=0.9, mu=5.0, lam=0.05)
+    a = build_slbi(a_model, **kw)
+    _train(a_model, a, _batches(20))
+    b_model = copy.deepcopy(a_model)
+    b = build_slbi(b_model, compiled=True, **kw)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # torch shares same-device tensors otherwise
+    for g in b.param_groups:
+        g["compiled"] = True  # load_state_dict brought a's group settings
+    more = _batches(10, seed=1)
+    _train(a_model, a, more)
+    _train(b_model, b, more)
+    for x, y in zip(a_model.parameters(), b_model.parameters()):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-6)

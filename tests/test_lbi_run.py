@@ -121,6 +121,26 @@ def test_layer_lam_groups_and_errors(tmp_path, capsys):
     assert exc.value.code == 2 and "LAYER=LAM" in capsys.readouterr().err
 
 
+def test_layer_mu_and_lam_share_one_group_per_layer(tmp_path, capsys):
+    from nnlab.errors import ConfigError
+    from nnlab.lbi import build_slbi, param_groups
+    from nnlab.models import create_model
+
+    model = create_model("lenet5")
+    groups = param_groups(model, conv_lam=2.0, layer_lam={"conv3": 16.0}, layer_mu={"conv3": 5.0, "fc1": 8.0})
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(model.conv3.weight)]["mu"] == 5.0 and by_param[id(model.conv3.weight)]["lam"] == 16.0
+    assert by_param[id(model.fc1.weight)]["mu"] == 8.0 and "lam" not in by_param[id(model.fc1.weight)]
+    assert by_param[id(model.conv1.weight)]["lam"] == 2.0 and "mu" not in by_param[id(model.conv1.weight)]
+    opt = build_slbi(model, lr=0.1, mu=20.0, layer_mu={"conv3": 5.0})
+    assert sorted(g["mu"] for g in opt.param_groups) == [5.0, 20.0, 20.0, 20.0]
+    with pytest.raises(ConfigError, match="layer_mu names conv9"):
+        param_groups(model, layer_mu={"conv9": 1.0})
+    with pytest.raises(SystemExit) as exc:
+        main(["lbi", "train", "--layer-mu", "conv3:5", "--out", str(tmp_path / "r")])
+    assert exc.value.code == 2 and "LAYER=MU" in capsys.readouterr().err
+
+
 def test_bad_lbi_hyperparameter_is_one_line_error(tmp_path, capsys):
     code = main(["lbi", "train", *TINY[:-4], "--mu", "-1", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err

@@ -23,8 +23,8 @@ def register(subparsers) -> None:
     _register_plot(sub)
 
 
-def _layer_lams(text: str) -> dict[str, float]:
-    """argparse type: ``"conv3=4,fc1=0.5"`` -> ``{"conv3": 4.0, "fc1": 0.5}``."""
+def _layer_values(text: str, what: str) -> dict[str, float]:
+    """``"conv3=4,fc1=0.5"`` -> ``{"conv3": 4.0, "fc1": 0.5}``; ``what`` names the value in errors."""
     out = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         name, sep, value = item.partition("=")
@@ -33,8 +33,18 @@ def _layer_lams(text: str) -> dict[str, float]:
         except ValueError:
             sep = ""
         if not sep:
-            raise argparse.ArgumentTypeError(f"expected LAYER=LAM[,LAYER=LAM...], got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected LAYER={what}[,LAYER={what}...], got {text!r}")
     return out
+
+
+def _layer_lams(text: str) -> dict[str, float]:
+    """argparse type of ``--layer-lam``."""
+    return _layer_values(text, "LAM")
+
+
+def _layer_mus(text: str) -> dict[str, float]:
+    """argparse type of ``--layer-mu``."""
+    return _layer_values(text, "MU")
 
 
 def _register_train(sub) -> None:
@@ -60,7 +70,12 @@ def _register_train(sub) -> None:
     p.add_argument("--conv-lam", type=float, default=None, help="lambda of conv weights (default --lam)")
     p.add_argument("--layer-lam", type=_layer_lams, default=None, metavar="LAYER=LAM,...",
                    help="lambda of named layers, e.g. conv3=4")
+    p.add_argument("--layer-mu", type=_layer_mus, default=None, metavar="LAYER=MU,...",
+                   help="mu of named layers, e.g. conv3=5 (a tighter coupling for the layer to be pruned)")
     p.add_argument("--gamma-lr", type=float, default=None, help="step of V (default: --lr)")
+    p.add_argument("--compiled", action="store_const", const=True, default=None,
+                   help="fused optimiser step: a C++ kernel for conv weights and torch.compile for the rest "
+                        "(built on first use; needs a C++ compiler)")
     p.add_argument("--schedule", choices=SCHEDULES.names(), default="cosine")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False)

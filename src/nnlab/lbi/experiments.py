@@ -12,7 +12,7 @@ from nnlab.errors import ConfigError
 from nnlab.lbi.callback import LBICallback
 
 LBI_OPTIMIZERS = ("slbi", "slbi-adam")
-LBI_OPTION_NAMES = ("kappa", "mu", "lam", "conv_lam", "layer_lam", "gamma_lr")
+LBI_OPTION_NAMES = ("kappa", "mu", "lam", "conv_lam", "layer_lam", "layer_mu", "gamma_lr", "compiled")
 
 
 @dataclass
@@ -24,7 +24,9 @@ class LBIOptions:
     lam: float = 1.0
     conv_lam: float | None = None
     layer_lam: dict | None = None
+    layer_mu: dict | None = None
     gamma_lr: float | None = None
+    compiled: bool | None = None  # fused step (C++ kernel for conv weights, torch.compile for the rest)
 
     def as_options(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -36,7 +38,7 @@ def lbi_train_config(lbi: LBIOptions | None = None, **config: Any) -> TrainConfi
     if cfg.optimizer in LBI_OPTIMIZERS:
         cfg.optimizer_options = {**(lbi or LBIOptions()).as_options(), **cfg.optimizer_options}
     elif lbi is not None:
-        raise ConfigError(f"--kappa/--mu/--lam/--conv-lam/--gamma-lr apply to {' or '.join(LBI_OPTIMIZERS)}, "
+        raise ConfigError(f"--kappa/--mu/--lam/--conv-lam/--gamma-lr/--compiled apply to {' or '.join(LBI_OPTIMIZERS)}, "
                           f"not to optimizer {cfg.optimizer!r}; drop them or choose slbi")
     return cfg
 

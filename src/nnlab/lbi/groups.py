@@ -18,46 +18,55 @@ def coupled_names(model: nn.Module) -> list[str]:
 
 
 def param_groups(model: nn.Module, weight_decay: float = 0.0, conv_lam: float | None = None,
-                 layer_lam: dict[str, float] | None = None) -> list[dict]:
+                 layer_lam: dict[str, float] | None = None, layer_mu: dict[str, float] | None = None) -> list[dict]:
     """Groups: conv weights and linear weights (``coupled=True``, with ``weight_decay``) and the
     rest (biases, norm parameters: ``coupled=False``, no weight decay). Conv weights get
-    ``lam=conv_lam`` when given; ``layer_lam`` ({module name: lam}) puts those layers' weights in
-    groups of their own with that lam. Empty groups are dropped."""
+    ``lam=conv_lam`` when given; layers named in ``layer_lam`` / ``layer_mu`` ({module name: value})
+    get groups of their own with that lam / mu. Empty groups are dropped."""
     names = coupled_names(model)
-    layer_lam = dict(layer_lam or {})
-    unknown = sorted(set(layer_lam) - {n.removesuffix(".weight") for n in names})
-    if unknown:
-        raise ConfigError(f"layer_lam names {', '.join(unknown)}, not conv/linear layers of this model; "
-                          f"choose from {', '.join(n.removesuffix('.weight') for n in names)}")
+    layers = {n.removesuffix(".weight") for n in names}
+    overrides = {"lam": dict(layer_lam or {}), "mu": dict(layer_mu or {})}
+    for key, values in overrides.items():
+        unknown = sorted(set(values) - layers)
+        if unknown:
+            raise ConfigError(f"layer_{key} names {', '.join(unknown)}, not conv/linear layers of this model; "
+                              f"choose from {', '.join(n.removesuffix('.weight') for n in names)}")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    own = {n: p for n, p in params.items() if n.removesuffix(".weight") in layer_lam and n in names}
+    own = {n: p for n, p in params.items()
+           if n in names and any(n.removesuffix(".weight") in v for v in overrides.values())}
     conv = [p for n, p in params.items() if n in names and n not in own and p.ndim >= 3]
     linear = [p for n, p in params.items() if n in names and n not in own and p.ndim < 3]
     groups = [dict(params=conv, coupled=True, weight_decay=weight_decay),
               dict(params=linear, coupled=True, weight_decay=weight_decay)]
     if conv_lam is not None:
         groups[0]["lam"] = conv_lam
-    groups += [dict(params=[p], coupled=True, weight_decay=weight_decay, lam=float(layer_lam[n[:-7]]))
-               for n, p in own.items()]
+    for n, p in own.items():
+        layer = n.removesuffix(".weight")
+        group = dict(params=[p], coupled=True, weight_decay=weight_decay)
+        if conv_lam is not None and p.ndim >= 3:
+            group["lam"] = conv_lam
+        group.update({k: float(v[layer]) for k, v in overrides.items() if layer in v})
+        groups.append(group)
     groups.append(dict(params=[p for n, p in params.items() if n not in names], coupled=False,
                        weight_decay=0.0))
     return [g for g in groups if g["params"]]
 
 
 def build_slbi(model: nn.Module, *, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-               conv_lam: float | None = None, layer_lam: dict | None = None, **options) -> DessiLBI:
+               conv_lam: float | None = None, layer_lam: dict | None = None, layer_mu: dict | None = None,
+               **options) -> DessiLBI:
     """:class:`DessiLBI` over :func:`param_groups` of ``model``; options: kappa, mu, lam (conv_lam:
-    lam of conv weights, default lam), gamma_lr, dampening, shrink, foreach."""
-    return DessiLBI(param_groups(model, weight_decay, conv_lam, layer_lam), lr=lr, momentum=momentum,
+    lam of conv weights, default lam), gamma_lr, dampening, shrink, foreach, compiled."""
+    return DessiLBI(param_groups(model, weight_decay, conv_lam, layer_lam, layer_mu), lr=lr, momentum=momentum,
                     **options)
 
 
 def build_slbi_adam(model: nn.Module, *, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                    conv_lam: float | None = None, layer_lam: dict | None = None,
+                    conv_lam: float | None = None, layer_lam: dict | None = None, layer_mu: dict | None = None,
                     **options) -> DessiLBIAdam:
     """:class:`DessiLBIAdam` over :func:`param_groups`; ``momentum`` is beta1 unless ``betas`` given."""
     options.setdefault("betas", (momentum, 0.999))
-    return DessiLBIAdam(param_groups(model, weight_decay, conv_lam, layer_lam), lr=lr, **options)
+    return DessiLBIAdam(param_groups(model, weight_decay, conv_lam, layer_lam, layer_mu), lr=lr, **options)
 
 
 def _named_coupled(model: nn.Module, optimizer: _LBIBase) -> list[tuple[str, torch.Tensor, dict]]:

@@ -38,6 +38,8 @@ from typing import Iterator
 import torch
 from torch.optim import Optimizer
 
+from nnlab.lbi.kernels import group_sgd_kernel, kernel_applies
+
 SHRINK_KINDS = ("auto", "group", "elementwise")
 
 
@@ -175,6 +177,7 @@ class _LBIBase(Optimizer):
                 continue
             s = states[i]
             s["gamma"] = shrink(s["V"], lam, self.shrink_kind(p, group)).mul_(kappa)
+            s.pop("gamma_scale", None)  # the compiled path's cache of Gamma / V; stale now
 
     def _grads(self, group: dict) -> tuple[list, list, list]:
         """(params, grads, states) of ``group`` for params that have a gradient."""
@@ -241,16 +244,33 @@ class DessiLBI(_LBIBase):
         return loss
 
     def _step_compiled(self, group: dict, params: list, grads: list, states: list) -> None:
-        """The whole step as one ``torch.compile``d function (fused loops; first step is eager)."""
+        """The fast step: conv weights on CPU through the fused C++ kernel
+        (:mod:`nnlab.lbi.kernels`), everything else as one ``torch.compile``d function.
+
+        Group-shrunk params keep their per-filter shrink factor in ``state["gamma_scale"]`` so that the
+        kernels rebuild Gamma from V instead of reading it back (one memory pass less per step)."""
         glr = group["lr"] if group["gamma_lr"] is None else group["gamma_lr"]
-        scalars = torch.tensor([group["momentum"], 1 - group["dampening"], group["lr"] * group["kappa"],
-                                group["mu"], glr, group["lam"], group["kappa"], group["weight_decay"]],
-                               dtype=torch.float64)
+        values = [group["momentum"], 1 - group["dampening"], group["lr"] * group["kappa"], group["mu"], glr,
+                  group["lam"], group["kappa"], group["weight_decay"]]
         kinds = tuple("none" if "gamma" not in s else self.shrink_kind(p, group) for p, s in zip(params, states))
-        bufs = [s.get("momentum_buffer", g) for s, g in zip(states, grads)]
-        vs = [s.get("V", p) for s, p in zip(states, params)]  # placeholders where uncoupled (unused)
-        gs = [s.get("gamma", p) for s, p in zip(states, params)]
-        _compiled_sgd()(params, grads, bufs, vs, gs, scalars, kinds, group["momentum"] != 0)
+        for s, kind in zip(states, kinds):
+            if kind == "group" and "gamma_scale" not in s:
+                s["gamma_scale"] = group_scale(s["V"], s["gamma"])
+        cols = [params, grads, [s.get("momentum_buffer", g) for s, g in zip(states, grads)],
+                [s.get("V", p) for s, p in zip(states, params)],  # placeholders where uncoupled (unused)
+                [s.get("gamma", p) for s, p in zip(states, params)],
+                [s.get("gamma_scale", p) for s, p in zip(states, params)]]
+        kernel = group_sgd_kernel() if any(k == "group" and kernel_applies(p) for p, k in zip(params, kinds)) \
+            else None
+        fused = [i for i, k in enumerate(kinds) if kernel and k == "group" and all(kernel_applies(c[i]) for c in cols)]
+        for i in fused:
+            kernel(*(c[i] for c in cols), values, group["momentum"] != 0)
+        rest = [i for i in range(len(params)) if i not in set(fused)]
+        if rest:
+            sub = [[c[i] for i in rest] for c in cols]
+            _compiled("sgd")(*sub, torch.tensor(values, dtype=torch.float64), tuple(kinds[i] for i in rest),
+                             group["momentum"] != 0)
+            _materialize_gamma(sub[3], sub[4], sub[5], tuple(kinds[i] for i in rest))
 
     def _momentum(self, group: dict, grads: list, states: list) -> list:
         """Update momentum buffers (loss gradients only) and return the directions d."""
@@ -286,39 +306,94 @@ class DessiLBI(_LBIBase):
             self._gamma_update(group, pc, [states[i] for i in c])
 
 
-def _fused_sgd(ws: list, grads: list, bufs: list, vs: list, gs: list, scalars: torch.Tensor,
+def group_scale(v: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Per-filter factor s (C_out,) with ``Gamma == s * V`` filter by filter (0 where Gamma is 0);
+    v, gamma: (C_out, ...)."""
+    vn = v.reshape(v.shape[0], -1)
+    gn = gamma.reshape(gamma.shape[0], -1)
+    num, den = (gn * vn).sum(1), (vn * vn).sum(1)
+    return torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(den))
+
+
+def _fused_sgd(ws: list, grads: list, bufs: list, vs: list, gs: list, scales: list, scalars: torch.Tensor,
                kinds: tuple, use_momentum: bool) -> None:
     """The SGD-flavour rule per tensor, written for ``torch.compile`` (scalars as a tensor so that a
-    changing lr does not recompile): [momentum, 1 - dampening, lr*kappa, mu, gamma_lr, lam, kappa, wd]."""
+    changing lr does not recompile): [momentum, 1 - dampening, lr*kappa, mu, gamma_lr, lam, kappa, wd].
+
+    For group-shrunk (conv) weights Gamma is rebuilt as ``scale * V`` (scale: (C_out,), kappa included)
+    rather than read, and the new scale comes from a per-filter norm fused with the V update: per
+    step the kernel reads W, grad, buf, V and writes W, buf, V; :func:`_materialize_gamma` then
+    reads V and writes Gamma (9 memory passes; momentum SGD makes 6)."""
     m, keep, lrk, mu, glr, lam, kappa, wd = (scalars[i].to(ws[0].dtype) for i in range(8))
-    for w, g, b, v, gam, kind in zip(ws, grads, bufs, vs, gs, kinds):
+    for w, g, b, v, gam, sc, kind in zip(ws, grads, bufs, vs, gs, scales, kinds):
         d = g
         if use_momentum:
-            b.copy_(b * m + g * keep)
-            d = b
+            d = b * m + g * keep
+            b.copy_(d)
         if kind == "none":
             w.copy_(w - lrk * (d + wd * w))
             continue
-        diff = w - gam
-        v_new = v + (glr / mu) * diff
-        v.copy_(v_new)
+        diff = _coupling(w, v, gam, sc, kind, glr, mu)
         w.copy_(w - lrk * (d + wd * w + diff / mu))
+        _new_gamma(v, gam, sc, kind, lam, kappa)
+
+
+def _coupling(w: torch.Tensor, v: torch.Tensor, gam: torch.Tensor, sc: torch.Tensor, kind: str,
+              glr: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """V <- V + (glr/mu)(W - Gamma) in place (W before its update); returns W - Gamma. Gamma of a
+    group-shrunk weight is ``scale * V`` (== the stored Gamma, bit for bit)."""
+    gam_old = sc.view(-1, *([1] * (w.ndim - 1))) * v if kind == "group" else gam
+    diff = w - gam_old
+    v.copy_(v + (glr / mu) * diff)
+    return diff
+
+
+def _new_gamma(v: torch.Tensor, gam: torch.Tensor, sc: torch.Tensor, kind: str, lam: torch.Tensor,
+               kappa: torch.Tensor) -> None:
+    """Gamma <- kappa * shrink(V) in place for element-wise kind; for group kind only the new
+    per-filter scale (C_out,) (Gamma itself is written by :func:`_materialize_gamma`, outside the
+    compiled graph: inside it, inductor stages V in a temporary and adds two memory passes)."""
+    if kind == "group":
+        norms = v.reshape(v.shape[0], -1).norm(dim=1).clamp_min(1e-30)
+        sc.copy_(kappa * (1 - lam / norms).clamp_min(0))
+    else:
+        gam.copy_(kappa * (v - v.clamp(-lam, lam)))
+
+
+def _materialize_gamma(vs: list, gs: list, scales: list, kinds: tuple) -> None:
+    """Gamma <- scale * V for group-shrunk tensors (one read of V, one write of Gamma each)."""
+    for v, gam, sc, kind in zip(vs, gs, scales, kinds):
         if kind == "group":
-            norms = v_new.reshape(v_new.shape[0], -1).norm(dim=1).clamp_min(1e-30)
-            factor = (1 - lam / norms).clamp_min(0).view(-1, *([1] * (v_new.ndim - 1)))
-            gam.copy_(kappa * v_new * factor)
-        else:
-            gam.copy_(kappa * (v_new - v_new.clamp(-lam, lam)))
+            torch.mul(sc.view(-1, *([1] * (v.ndim - 1))), v, out=gam)
 
 
-_COMPILED: list = []
+def _fused_adam(ws: list, grads: list, ms: list, ss: list, vs: list, gs: list, scales: list,
+                steps: torch.Tensor, scalars: torch.Tensor, kinds: tuple) -> None:
+    """The Adam-flavour rule per tensor, for ``torch.compile``: scalars [beta1, beta2, lr*kappa, mu,
+    gamma_lr, lam, kappa, wd, eps]; steps (n,): each tensor's step count t, this step included."""
+    b1, b2, lrk, mu, glr, lam, kappa, wd, eps = (scalars[i].to(ws[0].dtype) for i in range(9))
+    for i, (w, g, m, s, v, gam, sc, kind) in enumerate(zip(ws, grads, ms, ss, vs, gs, scales, kinds)):
+        h = g if kind == "none" else g + _coupling(w, v, gam, sc, kind, glr, mu) / mu
+        m_new = m + (h - m) * (1 - b1)
+        s_new = s * b2 + (1 - b2) * h * h
+        m.copy_(m_new)
+        s.copy_(s_new)
+        t = steps[i].to(w.dtype)
+        denom = s_new.sqrt() / (1 - b2 ** t).sqrt() + eps
+        w.copy_(w * (1 - lrk * wd) - (lrk / (1 - b1 ** t)) * m_new / denom)
+        if kind != "none":
+            _new_gamma(v, gam, sc, kind, lam, kappa)
 
 
-def _compiled_sgd():
-    """``torch.compile(_fused_sgd)``, built on first use."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_fused_sgd, dynamic=False))
-    return _COMPILED[0]
+_COMPILED: dict = {}
+
+
+def _compiled(flavour: str):
+    """``torch.compile`` of :func:`_fused_sgd` (``"sgd"``) or :func:`_fused_adam` (``"adam"``), built on
+    first use."""
+    if flavour not in _COMPILED:
+        _COMPILED[flavour] = torch.compile(_fused_sgd if flavour == "sgd" else _fused_adam, dynamic=False)
+    return _COMPILED[flavour]
 
 
 @torch.no_grad()
@@ -341,6 +416,7 @@ def sgd_step_reference(p: torch.Tensor, grad: torch.Tensor, state: dict, group: 
     p.sub_(lrk * (d + wd * w_old + (w_old - gamma) / mu))
     state["V"].sub_((glr / mu) * (gamma - w_old))
     state["gamma"] = group["kappa"] * shrink(state["V"], group["lam"], kind)
+    state.pop("gamma_scale", None)
 
 
 # --------------------------------------------------------------------------- Adam flavour
@@ -369,10 +445,11 @@ class DessiLBIAdam(_LBIBase):
     def __init__(self, params, lr: float = 1e-3, kappa: float = 1.0, mu: float = 100.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, lam: float = 1.0, gamma_lr: float | None = None,
-                 coupled: bool | None = None, shrink: str = "auto", foreach: bool = True):
+                 coupled: bool | None = None, shrink: str = "auto", foreach: bool = True,
+                 compiled: bool = False):
         defaults = dict(lr=lr, kappa=kappa, mu=mu, betas=tuple(betas), eps=eps,
                         weight_decay=weight_decay, lam=lam, gamma_lr=gamma_lr, coupled=coupled,
-                        shrink=shrink, foreach=foreach)
+                        shrink=shrink, foreach=foreach, compiled=compiled)
         self._check_group(defaults)
         super().__init__(params, defaults)
 
@@ -393,7 +470,9 @@ class DessiLBIAdam(_LBIBase):
             if not params:
                 continue
             self._init_moments(params, states)
-            if group["foreach"]:
+            if group.get("compiled"):
+                self._step_compiled(group, params, grads, states)
+            elif group["foreach"]:
                 self._step_foreach(group, params, grads, states)
             else:
                 for p, g, s in zip(params, grads, states):
@@ -407,6 +486,27 @@ class DessiLBIAdam(_LBIBase):
                 s["step"] = 0
                 s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _step_compiled(self, group: dict, params: list, grads: list, states: list) -> None:
+        """The whole step as one ``torch.compile``d function; Gamma of conv weights is rebuilt from V and
+        ``state["gamma_scale"]`` as in :meth:`DessiLBI._step_compiled`."""
+        glr = group["lr"] if group["gamma_lr"] is None else group["gamma_lr"]
+        b1, b2 = group["betas"]
+        scalars = torch.tensor([b1, b2, group["lr"] * group["kappa"], group["mu"], glr, group["lam"],
+                                group["kappa"], group["weight_decay"], group["eps"]], dtype=torch.float64)
+        for s in states:
+            s["step"] += 1
+        steps = torch.tensor([float(s["step"]) for s in states], dtype=torch.float64)
+        kinds = tuple("none" if "gamma" not in s else self.shrink_kind(p, group) for p, s in zip(params, states))
+        for s, kind in zip(states, kinds):
+            if kind == "group" and "gamma_scale" not in s:
+                s["gamma_scale"] = group_scale(s["V"], s["gamma"])
+        ms, ss = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        vs = [s.get("V", p) for s, p in zip(states, params)]  # placeholders where uncoupled (unused)
+        gs = [s.get("gamma", p) for s, p in zip(states, params)]
+        scales = [s.get("gamma_scale", p) for s, p in zip(states, params)]
+        _compiled("adam")(params, grads, ms, ss, vs, gs, scales, steps, scalars, kinds)
+        _materialize_gamma(vs, gs, scales, kinds)
 
     def _step_foreach(self, group: dict, params: list, grads: list, states: list) -> None:
         lrk, mu, wd, eps = group["lr"] * group["kappa"], group["mu"], group["weight_decay"], group["eps"]

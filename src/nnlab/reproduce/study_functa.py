@@ -30,6 +30,7 @@ SECTION = Section(
               ("functa_mlp_top1", "MLP on functa latents, test top-1 (%)", "functa_mlp_top1", 100.0),
               ("pixel_resnet_top1", "ResNet-18 CD-PreAct on pixels, test top-1 (%)", None, 100.0),
               ("celeba64_test_psnr", "CelebA (aligned, 64x64) test PSNR, latent 256 (dB)", None, 1.0),
+              ("celeba64_psnr_latent_64", "CelebA (aligned, 64x64) test PSNR, latent 64 (dB)", None, 1.0),
               ("pixel_lenet_top1", "LeNet-5 on pixels (quick stand-in for the ResNet), test top-1 (%)", None,
                100.0)])
 
@@ -41,12 +42,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
                   chunk=500, classify=dict(hidden=[512, 512], epochs=30), pixel_epochs=10,
                   pixel_options=dict(model="lenet5"), sizes=[28, 64, 128]),
     "cpu": dict(data="mnist", preset="mnist-cpu", main=256, latents=[64, 128, 256, 512, 1024],
-                train=dict(time_limit_min=30.0), chunk=1000, classify=dict(), pixel_epochs=10,
-                pixel_options=dict(), sizes=[28, 64, 128],
-                faces=dict(preset="celeba64-cpu", latent=256, train=dict(time_limit_min=30.0))),
+                train=dict(time_limit_min=30.0), sweep_train=dict(time_limit_min=10.0), chunk=1000,
+                classify=dict(), pixel_epochs=2, pixel_options=dict(), sizes=[28, 64, 128],
+                faces=dict(preset="celeba64-cpu", latents=[64, 256], main=256, train=dict(time_limit_min=15.0))),
     "paper": dict(data="mnist", preset="mnist-seed", main=512, latents=[64, 128, 256, 512, 1024],
                   train=dict(), chunk=1000, classify=dict(), pixel_epochs=30, pixel_options=dict(),
-                  sizes=[28, 64, 128], faces=dict(preset="celeba64-paper", latent=256, train=dict())),
+                  sizes=[28, 64, 128],
+                  faces=dict(preset="celeba64-paper", latents=[64, 128, 256, 512, 1024], main=256, train=dict())),
 }
 SEED_STEPS = 100_000  # mnist-seed: the seed's meta-training length (batch 4)
 
@@ -67,8 +69,9 @@ def notes_for(s: dict[str, Any]) -> list[str]:
         notes.append(f"Schedule: {t['steps']} meta-training steps per latent size instead of days of GPU "
                      "training.")
     elif "time_limit_min" in t:
-        notes.append(f"Schedule: at most {t['time_limit_min']:g} minutes of meta-training per latent size "
-                     "on 2 CPU cores instead of days of GPU training.")
+        sweep = s.get("sweep_train", t).get("time_limit_min", t["time_limit_min"])
+        notes.append(f"Schedule: at most {t['time_limit_min']:g} minutes of meta-training for the main latent "
+                     f"size and {sweep:g} for each other size, on 2 CPU cores, instead of days of GPU training.")
     return notes
 
 
@@ -189,7 +192,9 @@ def stages(preset: str) -> list[Stage]:
     latent = [Stage(f"functa-latent-{d}", "functa", f"meta-train the SIREN, latent {d}"
                     + (" (main run)" if d == s["main"] else ""),
                     partial(_with_notes, _train, tuple(notes_for(s)) if d == s["main"] else ()),
-                    {**base, "latent": d, "main": d == s["main"]}) for d in s["latents"]]
+                    {**base, "latent": d, "main": d == s["main"],
+                     **({} if d == s["main"] else {"train": s.get("sweep_train", s["train"])})})
+              for d in s["latents"]]
     main = next(st for st in latent if st.config["main"])
     data = {"data": s["data"], "run": main.name, "main_key": main.key()}
     recon = Stage("functa-reconstruct", "functa", "reconstructions at several sizes", _reconstruct,
@@ -207,12 +212,16 @@ def stages(preset: str) -> list[Stage]:
                  {"main": main.name, "keys": [st.key() for st in (*latent, fit, clf, pix)],
                   "pixel_stand_in": s["pixel_options"].get("model") == "lenet5"},
                  needs=(*names, "functa-fit", "functa-classify", "functa-pixels"))
-    extra = []
-    if "faces" in s:
-        f = s["faces"]
-        extra.append(Stage("functa-faces", "functa", f"faces: CelebA (aligned, 64x64), {f['preset']}", _faces,
-                           {"data": "celeba64", "preset": f["preset"], "latent": f["latent"], "train": f["train"]}))
-    return [*latent, recon, fit, clf, pix, figs, *extra]
+    return [*latent, recon, fit, clf, pix, figs, *_face_stages(s.get("faces"))]
+
+
+def _face_stages(f: dict[str, Any] | None) -> list[Stage]:
+    """One CelebA stage per latent size (``functa-faces-<D>``); none when the preset has no faces."""
+    if not f:
+        return []
+    return [Stage(f"functa-faces-{d}", "functa", f"faces: CelebA (aligned, 64x64), {f['preset']}, latent {d}",
+                  _faces, {"data": "celeba64", "preset": f["preset"], "latent": d, "main": d == f["main"],
+                           "train": f["train"]}) for d in f["latents"]]
 
 
 def _faces(ctx: StageContext) -> StageResult:
@@ -226,10 +235,13 @@ def _faces(ctx: StageContext) -> StageResult:
     s = train_functa(get_preset(c["preset"], latent_dim=c["latent"], **c["train"]), "celeba64", run,
                      data_dir=data_dir, resume=ctx.resume)
     paths = reconstruct_run(run, "celeba64", ctx.dir / "figures", data_dir=data_dir, count=8, sizes=[64, 128])
-    return StageResult(metrics={"celeba64_test_psnr": s["test_psnr"]},
+    metrics = {f"celeba64_psnr_latent_{c['latent']}": s["test_psnr"]}
+    if c["main"]:
+        metrics["celeba64_test_psnr"] = s["test_psnr"]
+    return StageResult(metrics=metrics,
                        figures=[Path(p).relative_to(ctx.dir).as_posix() for p in paths],
                        notes=["Faces: CelebA (aligned, 64x64; the first 10,000 images, centre-cropped) stand in "
-                              "for CelebA-HQ."])
+                              "for CelebA-HQ."] if c["main"] else [])
 
 
 def _with_notes(fn, notes: tuple[str, ...], ctx: StageContext) -> StageResult:
