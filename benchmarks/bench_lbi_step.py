@@ -7,12 +7,15 @@ Measured in one run, same model, same inputs:
 * one training step (forward + backward + step on a random CIFAR-sized batch), the unit of an epoch;
   target ratio <= 1.1.
 
-Times the vectorised path (``foreach``), the ``torch.compile``d fused step of each flavour
-(``compiled=True``; compiled during the warm-up) and, for information, the plain per-parameter
-reference path (``foreach=False``).
+Times the vectorised path (``foreach``), the fused step of each flavour (``compiled=True``: the
+C++ kernel of :mod:`nnlab.lbi.kernels` for conv weights and ``torch.compile`` for the rest, built
+during the warm-up) and, for information, the plain per-parameter reference path
+(``foreach=False``). Optimiser steps are timed in interleaved rounds (every optimiser once per
+round; median over rounds), because the torch SGD baseline alone drifts between 3 and 5 ms.
 
     python benchmarks/bench_lbi_step.py                       # the timed measurement (quiet machine)
-    python benchmarks/bench_lbi_step.py --steps 3 --warmup 1 --batch-size 8 --width 0.125   # smoke
+    python benchmarks/bench_lbi_step.py --rounds 2 --steps 2 --train-steps 2 --warmup 1 \
+        --batch-size 8 --width 0.125                        # smoke
 """
 from __future__ import annotations
 
@@ -60,27 +63,49 @@ def time_it(fn, steps: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def step_times(setups: dict, rounds: int, steps: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median ms of one ``opt.step()`` per optimiser, timed in interleaved rounds (A, B, C, A, B, C, ...)
+    so that slow drifts of the machine (memory placement, other load) hit every optimiser alike."""
+    for _, opt in setups.values():
+        for _ in range(warmup):
+            opt.step()
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for _ in range(rounds):
+        for name, (_, opt) in setups.items():
+            _sync(device)
+            t = time.perf_counter()
+            for _ in range(steps):
+                opt.step()
+            _sync(device)
+            times[name].append((time.perf_counter() - t) / steps)
+    return {name: 1e3 * statistics.median(v) for name, v in times.items()}
+
+
 def bench(args) -> dict[str, dict[str, float]]:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    base = create_model("vgg-a", num_classes=10, in_chans=3, image_size=32, width=args.width).to(device)
+    make = lambda: create_model("vgg-a", num_classes=10, in_chans=3, image_size=32,  # noqa: E731
+                                width=args.width).to(device)
+    base = make()
     x = torch.randn(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
-    results = {}
+    setups = {}
     for name in optimizers(base):
-        model = create_model("vgg-a", num_classes=10, in_chans=3, image_size=32, width=args.width).to(device)
+        model = make()
         model.load_state_dict(base.state_dict())
         opt = optimizers(model)[name]
         nn.functional.cross_entropy(model(x), y).backward()  # fixed gradients for the step timing
-
+        setups[name] = (model, opt)
+    steps = step_times(setups, args.rounds, args.steps, args.warmup, device)
+    results = {}
+    for name, (model, opt) in setups.items():
         def train_step():
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
 
-        step = time_it(opt.step, args.steps, args.warmup, device)
-        full = time_it(train_step, args.steps, args.warmup, device)
-        results[name] = {"step_ms": 1e3 * step, "train_step_ms": 1e3 * full}
+        full = time_it(train_step, args.train_steps, 2, device)
+        results[name] = {"step_ms": steps[name], "train_step_ms": 1e3 * full}
     return results
 
 
@@ -101,7 +126,9 @@ def report(results: dict[str, dict[str, float]]) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=20, help="timed repetitions (median reported)")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds of optimiser steps")
+    p.add_argument("--steps", type=int, default=5, help="optimiser steps per round (median of rounds reported)")
+    p.add_argument("--train-steps", type=int, default=10, help="timed training steps (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--width", type=float, default=1.0, help="VGG-A width multiplier (1 = the real model)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from nnlab.cli import main
 from nnlab.engine.checkpoint import load_checkpoint
 from nnlab.errors import DivergenceError
-from nnlab.functa.functaset import fit_functaset, fit_images, load_functaset
+from nnlab.functa.functaset import fit_batch, fit_functaset, fit_images, load_functaset
 from nnlab.functa.presets import get_preset
 from nnlab.functa.trainer import build_state, meta_step
 from nnlab.functa.model import FunctaConfig, LatentModulatedSiren
@@ -137,3 +138,17 @@ def test_cosine_schedule_follows_time_limit_or_steps():
     assert schedule_factor(replace(cfg, schedule="constant"), 5, 300.0) == 1.0
     with pytest.raises(ConfigError, match="schedule"):
         schedule_factor(replace(cfg, schedule="linear"), 0, 0.0)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile needs a C++ compiler")
+def test_compiled_fitting_matches_eager_including_padded_last_chunk():
+    """compile=True (fused loops, a short last chunk padded to the chunk size) gives the eager latents."""
+    torch.manual_seed(3)
+    model = LatentModulatedSiren(FunctaConfig(width=16, depth=3, latent_dim=8, meta_sgd=True))
+    images = torch.rand(21, 1, 8, 8)  # 16 + a short chunk of 5
+    eager = fit_batch(model, images, 3, chunk=16)
+    fast = fit_batch(model, images, 3, chunk=16, compile=True)
+    assert fast.latents.shape == (21, 8)
+    assert torch.allclose(fast.latents, eager.latents, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(fast.psnr, eager.psnr, rtol=1e-4, atol=1e-4)

@@ -26,6 +26,10 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <cstdint>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 // One filter row of length K; MOM: with a momentum buffer. Returns ||V_row||^2 after the update.
 template <bool MOM>
@@ -47,6 +51,18 @@ static inline float row_update(float* __restrict__ w, float* __restrict__ b, flo
   return acc;
 }
 
+// Gamma row <- f * V row. Gamma is not read by the step, so with AVX-512 it is written with
+// streaming (non-temporal) stores: no read-for-ownership of its cache lines, one memory pass.
+static inline void write_gamma(float* __restrict__ g, const float* __restrict__ v, int64_t K, float f) {
+  int64_t k = 0;
+#ifdef __AVX512F__
+  for (; k < K && (reinterpret_cast<uintptr_t>(g + k) & 63) != 0; ++k) g[k] = f * v[k];
+  const __m512 fv = _mm512_set1_ps(f);
+  for (; k + 16 <= K; k += 16) _mm512_stream_ps(g + k, _mm512_mul_ps(fv, _mm512_loadu_ps(v + k)));
+#endif
+  for (; k < K; ++k) g[k] = f * v[k];
+}
+
 // All tensors float32, contiguous; w, g, b, v, gam: (rows, K); sc: (rows,).
 // s: [momentum, 1 - dampening, lr*kappa, mu, gamma_lr, lam, kappa, weight_decay]
 void slbi_group_sgd(torch::Tensor w, torch::Tensor g, torch::Tensor b, torch::Tensor v,
@@ -65,12 +81,12 @@ void slbi_group_sgd(torch::Tensor w, torch::Tensor g, torch::Tensor b, torch::Te
           : row_update<false>(W + o, B + o, V + o, D + o, K, S[r], m, keep, lrk, inv_mu, c, wd);
       const float f = kappa * std::max(0.f, 1.f - lam / std::max(std::sqrt(acc), 1e-30f));
       S[r] = f;
-      float* __restrict__ gr = G + o;
-      const float* __restrict__ vr = V + o;
-      #pragma omp simd
-      for (int64_t k = 0; k < K; ++k) gr[k] = f * vr[k];
+      write_gamma(G + o, V + o, K, f);
     }
   });
+#ifdef __AVX512F__
+  _mm_sfence();  // order the streaming stores before anyone reads Gamma
+#endif
 }
 """
 
