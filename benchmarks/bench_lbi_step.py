@@ -10,8 +10,9 @@ Measured in one run, same model, same inputs:
 Times the vectorised path (``foreach``), the fused step of each flavour (``compiled=True``: the
 C++ kernel of :mod:`nnlab.lbi.kernels` for conv weights and ``torch.compile`` for the rest, built
 during the warm-up) and, for information, the plain per-parameter reference path
-(``foreach=False``). Optimiser steps are timed in interleaved rounds (every optimiser once per
-round; median over rounds), because the torch SGD baseline alone drifts between 3 and 5 ms.
+(``foreach=False``). Optimiser steps are timed in interleaved rounds (each baseline with its own
+flavour's optimisers, once each per round; median over rounds), because the torch SGD baseline
+alone drifts between 3 and 5 ms from one measurement to the next.
 
     python benchmarks/bench_lbi_step.py                       # the timed measurement (quiet machine)
     python benchmarks/bench_lbi_step.py --rounds 2 --steps 2 --train-steps 2 --warmup 1 \
@@ -42,6 +43,12 @@ def optimizers(model: nn.Module) -> dict:
         "slbi-adam-compiled": build_slbi_adam(model, lr=1e-3, mu=20.0, compiled=True),
         "slbi-adam-ref": build_slbi_adam(model, lr=1e-3, mu=20.0, foreach=False),
     }
+
+
+# optimisers timed together (interleaved): a baseline with the fast paths compared against it; the
+# reference paths (slow, with large temporaries) on their own
+FAMILIES = (("sgd", "slbi", "slbi-compiled"), ("adam", "slbi-adam", "slbi-adam-compiled"),
+            ("slbi-ref", "slbi-adam-ref"))
 
 
 def _sync(device: torch.device) -> None:
@@ -96,7 +103,9 @@ def bench(args) -> dict[str, dict[str, float]]:
         opt = optimizers(model)[name]
         nn.functional.cross_entropy(model(x), y).backward()  # fixed gradients for the step timing
         setups[name] = (model, opt)
-    steps = step_times(setups, args.rounds, args.steps, args.warmup, device)
+    steps = {}
+    for family in FAMILIES:  # each baseline is timed in rounds with its own flavour only
+        steps.update(step_times({n: setups[n] for n in family}, args.rounds, args.steps, args.warmup, device))
     results = {}
     for name, (model, opt) in setups.items():
         def train_step():

@@ -208,10 +208,10 @@ needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which
 @pytest.mark.parametrize("momentum", [0.9, 0.0])
 def test_fused_kernel_matches_reference_step(momentum):
     """The C++ kernel on one conv weight, 5 steps, against the per-parameter reference rule."""
-    from nnlab.lbi.kernels import group_sgd_kernel
+    from nnlab.lbi.kernels import sgd_kernels
 
-    kernel = group_sgd_kernel()
-    assert kernel is not None, "the fused kernel did not build (C++ compiler and ninja present)"
+    mod = sgd_kernels()
+    assert mod is not None, "the fused kernel did not build (C++ compiler and ninja present)"
     torch.manual_seed(8)
     w = torch.randn(6, 3, 3, 3) * torch.arange(1, 7).view(6, 1, 1, 1) / 3  # filters of growing norm
     group = dict(lr=0.1, kappa=2.0, mu=5.0, lam=1.5, momentum=momentum, dampening=0.0, weight_decay=1e-3,
@@ -224,7 +224,7 @@ def test_fused_kernel_matches_reference_step(momentum):
         if i == 0:
             buf.copy_(g)  # the first step's momentum buffer is the gradient itself
         values = [momentum, 1.0, 0.2, 5.0, 0.2, 1.5, 2.0, 1e-3]  # as group (lr*kappa = 0.2)
-        kernel(w, g, buf if momentum else g.clone(), v, gam, sc, values, bool(momentum) and i > 0)
+        mod.slbi_group_sgd(w, g, buf if momentum else g.clone(), v, gam, sc, values, bool(momentum) and i > 0)
     assert torch.allclose(w, ref_w, rtol=1e-5, atol=1e-6)
     assert torch.allclose(v, ref_state["V"], rtol=1e-5, atol=1e-6)
     assert torch.allclose(gam, ref_state["gamma"], rtol=1e-5, atol=1e-6)
@@ -257,6 +257,25 @@ def test_compiled_path_matches_reference(flavour):
             assert torch.allclose(fast.gamma(p), ref.gamma(q), rtol=1e-4, atol=1e-6)
     assert layer_sparsity(fast_model, fast) == layer_sparsity(ref_model, ref)
     assert any(0 < v < 1 for v in layer_sparsity(fast_model, fast).values())  # shrinkage was active
+
+
+@needs_compiler
+def test_compile_fallback_without_kernels_matches_reference(monkeypatch):
+    """Where the C++ kernels are unavailable (GPU, no ninja) the step goes through torch.compile."""
+    import nnlab.lbi.optim as optim
+
+    monkeypatch.setattr(optim, "sgd_kernels", lambda: None)
+    torch.manual_seed(9)
+    fast_model = Tiny()
+    ref_model = copy.deepcopy(fast_model)
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, mu=5.0, lam=0.05, kappa=2.0)
+    fast, ref = build_slbi(fast_model, compiled=True, **kw), build_slbi(ref_model, foreach=False, **kw)
+    batches = _batches(30)
+    _train(fast_model, fast, batches)
+    _train(ref_model, ref, batches)
+    for a, b in zip(fast_model.parameters(), ref_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert any(0 < v < 1 for v in layer_sparsity(fast_model, fast).values())
 
 
 @needs_compiler

@@ -1,6 +1,6 @@
-"""A fused CPU kernel for the SGD-flavour DessiLBI step of group-shrunk (conv) weights.
+"""Fused CPU kernels for the SGD-flavour DessiLBI step.
 
-One pass over each filter (row of ``C_out x K``) does everything the rule needs::
+``slbi_group_sgd`` (group-shrunk conv weights): one pass over each filter (row of ``C_out x K``) does everything the rule needs::
 
     d     = momentum * buf + (1 - dampening) * grad        (buf <- d)
     Gamma = scale * V                                     (scale of the last step: Gamma rebuilt, not read)
@@ -9,11 +9,15 @@ One pass over each filter (row of ``C_out x K``) does everything the rule needs:
     scale <- kappa * max(0, 1 - lam / ||V_row||);  Gamma <- scale * V   (row still in cache)
 
 so each step reads W, grad, buf, V and writes W, buf, V, Gamma once: 8 memory passes, against 6
-for ``torch.optim.SGD(momentum=0.9)``. ``torch.compile`` cannot fuse the per-row norm with the
-Gamma write and needs a ninth pass (:func:`nnlab.lbi.optim._materialize_gamma`).
+for ``torch.optim.SGD(momentum=0.9)``; Gamma goes out with streaming stores (it is not read), which
+saves the read-for-ownership of its cache lines. ``torch.compile`` cannot fuse the per-row norm
+with the Gamma write and needs more passes (:func:`nnlab.lbi.optim._materialize_gamma`).
+``slbi_flat_sgd``: the same rule for linear weights (element-wise shrinkage, Gamma read) and the
+plain momentum step for uncoupled params, in one loop each, so that a step makes no Python-level
+op per tensor beyond one call.
 
 The kernel is C++ built on first use with :func:`torch.utils.cpp_extension.load_inline` (needs a
-C++ compiler and ninja, as ``torch.compile`` on CPU does); :func:`group_sgd_kernel` returns
+C++ compiler and ninja, as ``torch.compile`` on CPU does); :func:`sgd_kernels` returns
 ``None`` where it cannot be built or run, and the optimiser then falls back to ``torch.compile``.
 """
 from __future__ import annotations
@@ -88,6 +92,34 @@ void slbi_group_sgd(torch::Tensor w, torch::Tensor g, torch::Tensor b, torch::Te
   _mm_sfence();  // order the streaming stores before anyone reads Gamma
 #endif
 }
+
+// Linear weights (element-wise shrinkage: no reduction) and uncoupled params (plain momentum SGD),
+// in blocks of 4096 elements. coupled: with V and Gamma (then v, gam are used, else ignored).
+void slbi_flat_sgd(torch::Tensor w, torch::Tensor g, torch::Tensor b, torch::Tensor v,
+                   torch::Tensor gam, std::vector<double> s, bool use_momentum, bool coupled) {
+  const int64_t n = w.numel();
+  const float m = s[0], keep = s[1], lrk = s[2], mu = s[3], glr = s[4], lam = s[5], kappa = s[6], wd = s[7];
+  const float c = glr / mu, inv_mu = 1.f / mu;
+  float* __restrict__ W = w.data_ptr<float>();
+  float* __restrict__ B = b.data_ptr<float>();
+  const float* __restrict__ D = g.data_ptr<float>();
+  float* __restrict__ V = coupled ? v.data_ptr<float>() : nullptr;
+  float* __restrict__ G = coupled ? gam.data_ptr<float>() : nullptr;
+  at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+    #pragma omp simd
+    for (int64_t k = i0; k < i1; ++k) {
+      float d = D[k];
+      if (use_momentum) { d = B[k] * m + D[k] * keep; B[k] = d; }
+      const float wk = W[k];
+      if (!coupled) { W[k] = wk - lrk * (d + wd * wk); continue; }
+      const float diff = wk - G[k];
+      const float vn = V[k] + c * diff;
+      W[k] = wk - lrk * (d + wd * wk + diff * inv_mu);
+      V[k] = vn;
+      G[k] = kappa * (vn - std::min(std::max(vn, -lam), lam));
+    }
+  });
+}
 """
 
 _STATE: dict = {}
@@ -96,20 +128,21 @@ _STATE: dict = {}
 def _build():
     from torch.utils.cpp_extension import load_inline
 
-    return load_inline("nnlab_slbi_kernels", cpp_sources=_SOURCE, functions=["slbi_group_sgd"],
+    return load_inline("nnlab_slbi_kernels", cpp_sources=_SOURCE, functions=["slbi_group_sgd", "slbi_flat_sgd"],
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 
-def group_sgd_kernel():
-    """The built ``slbi_group_sgd`` function, or ``None`` (with one warning) if it cannot be built."""
-    if "fn" not in _STATE:
+def sgd_kernels():
+    """The built module (``slbi_group_sgd``, ``slbi_flat_sgd``), or ``None`` (with one warning) if it
+    cannot be built."""
+    if "mod" not in _STATE:
         try:
-            _STATE["fn"] = _build().slbi_group_sgd
+            _STATE["mod"] = _build()
         except Exception as err:  # no compiler, no ninja, no write access to the build cache
             warnings.warn(f"DessiLBI fused CPU kernel unavailable ({type(err).__name__}: {err}); "
                           "falling back to torch.compile", RuntimeWarning, stacklevel=2)
-            _STATE["fn"] = None
-    return _STATE["fn"]
+            _STATE["mod"] = None
+    return _STATE["mod"]
 
 
 def kernel_applies(p: torch.Tensor) -> bool:

@@ -38,7 +38,7 @@ from typing import Iterator
 import torch
 from torch.optim import Optimizer
 
-from nnlab.lbi.kernels import group_sgd_kernel, kernel_applies
+from nnlab.lbi.kernels import kernel_applies, sgd_kernels
 
 SHRINK_KINDS = ("auto", "group", "elementwise")
 
@@ -244,8 +244,9 @@ class DessiLBI(_LBIBase):
         return loss
 
     def _step_compiled(self, group: dict, params: list, grads: list, states: list) -> None:
-        """The fast step: conv weights on CPU through the fused C++ kernel
-        (:mod:`nnlab.lbi.kernels`), everything else as one ``torch.compile``d function.
+        """The fast step: on CPU every float32 tensor through the fused C++ kernels
+        (:mod:`nnlab.lbi.kernels`); the others (GPU, or no compiler for the kernels) as one
+        ``torch.compile``d function.
 
         Group-shrunk params keep their per-filter shrink factor in ``state["gamma_scale"]`` so that the
         kernels rebuild Gamma from V instead of reading it back (one memory pass less per step)."""
@@ -260,12 +261,7 @@ class DessiLBI(_LBIBase):
                 [s.get("V", p) for s, p in zip(states, params)],  # placeholders where uncoupled (unused)
                 [s.get("gamma", p) for s, p in zip(states, params)],
                 [s.get("gamma_scale", p) for s, p in zip(states, params)]]
-        kernel = group_sgd_kernel() if any(k == "group" and kernel_applies(p) for p, k in zip(params, kinds)) \
-            else None
-        fused = [i for i, k in enumerate(kinds) if kernel and k == "group" and all(kernel_applies(c[i]) for c in cols)]
-        for i in fused:
-            kernel(*(c[i] for c in cols), values, group["momentum"] != 0)
-        rest = [i for i in range(len(params)) if i not in set(fused)]
+        rest = _kernel_step(kinds, cols, values, group["momentum"] != 0)
         if rest:
             sub = [[c[i] for i in rest] for c in cols]
             _compiled("sgd")(*sub, torch.tensor(values, dtype=torch.float64), tuple(kinds[i] for i in rest),
@@ -304,6 +300,22 @@ class DessiLBI(_LBIBase):
         torch._foreach_add_(params, d, alpha=-lrk)
         if c:
             self._gamma_update(group, pc, [states[i] for i in c])
+
+
+def _kernel_step(kinds: tuple, cols: list[list], values: list[float], use_momentum: bool) -> list[int]:
+    """Step every tensor the C++ kernels take (CPU, float32, contiguous); cols: [W, grad, buf, V,
+    Gamma, scale] lists. Returns the indices left for the torch.compile path."""
+    mod = sgd_kernels() if any(kernel_applies(p) for p in cols[0]) else None
+    rest = []
+    for i, kind in enumerate(kinds):
+        w, g, b, v, gam, sc = (c[i] for c in cols)
+        if mod is None or not all(kernel_applies(x) for x in (w, g, b, v, gam, sc)):
+            rest.append(i)
+        elif kind == "group":
+            mod.slbi_group_sgd(w, g, b, v, gam, sc, values, use_momentum)
+        else:
+            mod.slbi_flat_sgd(w, g, b, v, gam, values, use_momentum, kind == "elementwise")
+    return rest
 
 
 def group_scale(v: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
