@@ -38,8 +38,9 @@ def lbi_train_config(lbi: LBIOptions | None = None, **config: Any) -> TrainConfi
     if cfg.optimizer in LBI_OPTIMIZERS:
         cfg.optimizer_options = {**(lbi or LBIOptions()).as_options(), **cfg.optimizer_options}
     elif lbi is not None:
-        raise ConfigError(f"--kappa/--mu/--lam/--conv-lam/--gamma-lr/--compiled apply to {' or '.join(LBI_OPTIMIZERS)}, "
-                          f"not to optimizer {cfg.optimizer!r}; drop them or choose slbi")
+        raise ConfigError("--kappa/--mu/--lam/--conv-lam/--layer-lam/--layer-mu/--gamma-lr/--compiled apply to "
+                          f"{' or '.join(LBI_OPTIMIZERS)}, not to optimizer {cfg.optimizer!r}; drop them or "
+                          "choose slbi")
     return cfg
 
 

@@ -1,6 +1,7 @@
 """Fused CPU kernels for the SGD-flavour DessiLBI step.
 
-``slbi_group_sgd`` (group-shrunk conv weights): one pass over each filter (row of ``C_out x K``) does everything the rule needs::
+``slbi_group_sgd`` (group-shrunk conv weights): one pass over each filter (row of ``C_out x K``)
+does everything the rule needs::
 
     d     = momentum * buf + (1 - dampening) * grad        (buf <- d)
     Gamma = scale * V                                     (scale of the last step: Gamma rebuilt, not read)
@@ -87,10 +88,10 @@ void slbi_group_sgd(torch::Tensor w, torch::Tensor g, torch::Tensor b, torch::Te
       S[r] = f;
       write_gamma(G + o, V + o, K, f);
     }
-  });
 #ifdef __AVX512F__
-  _mm_sfence();  // order the streaming stores before anyone reads Gamma
+    _mm_sfence();  // each worker orders its own streaming stores before the join
 #endif
+  });
 }
 
 // Linear weights (element-wise shrinkage: no reduction) and uncoupled params (plain momentum SGD),
@@ -125,11 +126,27 @@ void slbi_flat_sgd(torch::Tensor w, torch::Tensor g, torch::Tensor b, torch::Ten
 _STATE: dict = {}
 
 
+def _cpu_tag() -> str:
+    """A short hash of this CPU's model and feature flags: the kernel is built with -march=native,
+    so a build cache shared by different machines (a cluster's home directory) must not mix them."""
+    import hashlib
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = "".join(line for line in f if line.startswith(("model name", "flags")))
+    except OSError:
+        info = platform.processor() + platform.machine()
+    return hashlib.sha1(info.encode()).hexdigest()[:10]
+
+
 def _build():
     from torch.utils.cpp_extension import load_inline
 
-    return load_inline("nnlab_slbi_kernels", cpp_sources=_SOURCE, functions=["slbi_group_sgd", "slbi_flat_sgd"],
-                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    return load_inline(f"nnlab_slbi_kernels_{_cpu_tag()}", cpp_sources=_SOURCE,
+                       functions=["slbi_group_sgd", "slbi_flat_sgd"],
+                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                       verbose=False)
 
 
 def sgd_kernels():
