@@ -23,11 +23,15 @@ by the momentum on every later step (an effective decay of about ``weight_decay 
 that also keeps pulling after the weights have changed).
 
 Hyperparameters live in ``param_groups`` (``lr, kappa, mu, lam, momentum, dampening,
-weight_decay, gamma_lr, coupled, shrink, foreach``); state (``momentum_buffer``, ``gamma``, ``V``)
+weight_decay, gamma_lr, coupled, shrink, foreach, compiled``); state (``momentum_buffer``,
+``gamma``, ``V``, and on the fused path ``gamma_scale``, the per-filter factor with Gamma = scale * V)
 in ``self.state[p]``. ``coupled``: ``None`` (auto: tensors with 2+ dims), ``True`` or ``False``.
 ``shrink``: ``"auto"`` (group for 4-d conv weights, element-wise otherwise), ``"group"`` (per
 slice along dim 0) or ``"elementwise"``. ``foreach=True`` takes the vectorised path
 (``torch._foreach_*`` over the group), ``False`` the plain per-parameter reference.
+``compiled=True`` takes the fused path: the C++ kernels of :mod:`nnlab.lbi.kernels` on CPU (SGD
+flavour), ``torch.compile`` otherwise (the SGD flavour takes its first step, which creates the
+momentum buffers, on the foreach path).
 """
 from __future__ import annotations
 
@@ -179,6 +183,15 @@ class _LBIBase(Optimizer):
             s["gamma"] = shrink(s["V"], lam, self.shrink_kind(p, group)).mul_(kappa)
             s.pop("gamma_scale", None)  # the compiled path's cache of Gamma / V; stale now
 
+    def _fused_state(self, group: dict, params: list, states: list) -> tuple[tuple, list, list, list]:
+        """For the fused paths: (kinds, V list, Gamma list, scale list), with params themselves as
+        placeholders where uncoupled (never read); creates the per-filter ``gamma_scale`` cache."""
+        kinds = tuple("none" if "gamma" not in s else self.shrink_kind(p, group) for p, s in zip(params, states))
+        for s, kind in zip(states, kinds):
+            if kind == "group" and "gamma_scale" not in s:
+                s["gamma_scale"] = group_scale(s["V"], s["gamma"])
+        return (kinds, *([s.get(key, p) for s, p in zip(states, params)] for key in ("V", "gamma", "gamma_scale")))
+
     def _grads(self, group: dict) -> tuple[list, list, list]:
         """(params, grads, states) of ``group`` for params that have a gradient."""
         params = [p for p in group["params"] if p.grad is not None]
@@ -253,14 +266,8 @@ class DessiLBI(_LBIBase):
         glr = group["lr"] if group["gamma_lr"] is None else group["gamma_lr"]
         values = [group["momentum"], 1 - group["dampening"], group["lr"] * group["kappa"], group["mu"], glr,
                   group["lam"], group["kappa"], group["weight_decay"]]
-        kinds = tuple("none" if "gamma" not in s else self.shrink_kind(p, group) for p, s in zip(params, states))
-        for s, kind in zip(states, kinds):
-            if kind == "group" and "gamma_scale" not in s:
-                s["gamma_scale"] = group_scale(s["V"], s["gamma"])
-        cols = [params, grads, [s.get("momentum_buffer", g) for s, g in zip(states, grads)],
-                [s.get("V", p) for s, p in zip(states, params)],  # placeholders where uncoupled (unused)
-                [s.get("gamma", p) for s, p in zip(states, params)],
-                [s.get("gamma_scale", p) for s, p in zip(states, params)]]
+        kinds, vs, gs, scales = self._fused_state(group, params, states)
+        cols = [params, grads, [s.get("momentum_buffer", g) for s, g in zip(states, grads)], vs, gs, scales]
         rest = _kernel_step(kinds, cols, values, group["momentum"] != 0)
         if rest:
             sub = [[c[i] for i in rest] for c in cols]
@@ -509,14 +516,8 @@ class DessiLBIAdam(_LBIBase):
         for s in states:
             s["step"] += 1
         steps = torch.tensor([float(s["step"]) for s in states], dtype=torch.float64)
-        kinds = tuple("none" if "gamma" not in s else self.shrink_kind(p, group) for p, s in zip(params, states))
-        for s, kind in zip(states, kinds):
-            if kind == "group" and "gamma_scale" not in s:
-                s["gamma_scale"] = group_scale(s["V"], s["gamma"])
+        kinds, vs, gs, scales = self._fused_state(group, params, states)
         ms, ss = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-        vs = [s.get("V", p) for s, p in zip(states, params)]  # placeholders where uncoupled (unused)
-        gs = [s.get("gamma", p) for s, p in zip(states, params)]
-        scales = [s.get("gamma_scale", p) for s, p in zip(states, params)]
         _compiled("adam")(params, grads, ms, ss, vs, gs, scales, steps, scalars, kinds)
         _materialize_gamma(vs, gs, scales, kinds)
 
@@ -568,3 +569,4 @@ def adam_step_reference(p: torch.Tensor, grad: torch.Tensor, state: dict, group:
     if "gamma" in state:
         state["V"].sub_((glr / mu) * (state["gamma"] - w_old))
         state["gamma"] = group["kappa"] * shrink(state["V"], group["lam"], kind)
+        state.pop("gamma_scale", None)
