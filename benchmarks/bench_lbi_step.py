@@ -91,8 +91,9 @@ def step_times(setups: dict, rounds: int, steps: int, warmup: int, device: torch
 def bench(args) -> dict[str, dict[str, float]]:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    make = lambda: create_model("vgg-a", num_classes=10, in_chans=3, image_size=32,  # noqa: E731
-                                width=args.width).to(device)
+    def make() -> nn.Module:
+        return create_model("vgg-a", num_classes=10, in_chans=3, image_size=32, width=args.width).to(device)
+
     base = make()
     x = torch.randn(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)

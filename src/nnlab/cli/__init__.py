@@ -24,6 +24,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def add_command_group(subparsers, name: str, help: str, description: str | None = None):
+    """``nnlab NAME ACTION ...``: the parser of command ``name`` and its (required) ACTION subparsers."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    actions = parser.add_subparsers(dest=f"{name}_command", metavar="ACTION")
+    actions.required = True
+    return actions
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="nnlab", description=__doc__.splitlines()[0])
     from nnlab import __version__

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 
+from nnlab.cli import add_command_group
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("data", help="list data sets, or describe one as JSON")
-    sub = parser.add_subparsers(dest="data_command", metavar="ACTION", parser_class=type(parser))
-    sub.required = True
+    sub = add_command_group(subparsers, "data", "list data sets, or describe one as JSON")
 
     p = sub.add_parser("list", help="the data set names and what they are")
     p.set_defaults(func=run_list, _parser=p)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
+from nnlab.cli import add_command_group
 from nnlab.errors import ConfigError
 
 
@@ -25,9 +26,7 @@ def _ints(text: str) -> list[int]:
 def register(subparsers) -> None:
     from nnlab.functa.presets import PRESETS
 
-    p = subparsers.add_parser("functa", help="functa: images as latent-modulated SIRENs", description=__doc__)
-    sub = p.add_subparsers(dest="functa_command", metavar="ACTION", parser_class=type(p))
-    sub.required = True
+    sub = add_command_group(subparsers, "functa", "functa: images as latent-modulated SIRENs", __doc__)
     t = sub.add_parser("train", help="meta-train a preset; writes RUN/summary.json with test_psnr")
     t.add_argument("--preset", required=True, choices=sorted(PRESETS))
     t.add_argument("--data", required=True, help="data set name (mnist, mnist-5k, celeba64, cifar10, ...)")

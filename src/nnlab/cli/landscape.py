@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nnlab.cli import add_command_group
 from nnlab.config import float_list
 
 
@@ -35,10 +36,8 @@ def _positive_float(text: str) -> float:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("landscape", help="BatchNorm and the optimisation landscape",
-                                   description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="landscape_command", metavar="ACTION", parser_class=type(parser))
-    sub.required = True
+    sub = add_command_group(subparsers, "landscape", "BatchNorm and the optimisation landscape",
+                            __doc__.splitlines()[0])
     _register_run(sub)
     _register_plot(sub)
 

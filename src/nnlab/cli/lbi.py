@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from nnlab.cli import add_command_group
 from nnlab.cli.train import KeyValues
 from nnlab.config import float_list
 from nnlab.data import DATASETS
@@ -14,10 +15,8 @@ OPTIMIZER_CHOICES = ("sgd", "slbi", "slbi-adam", "adam")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("lbi", help="DessiLBI: sparse training, pruning by Gamma, figures",
-                              description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="lbi_command", metavar="ACTION", parser_class=type(p))
-    sub.required = True
+    sub = add_command_group(subparsers, "lbi", "DessiLBI: sparse training, pruning by Gamma, figures",
+                            __doc__.splitlines()[0])
     _register_train(sub)
     _register_prune(sub)
     _register_plot(sub)

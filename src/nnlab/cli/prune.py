@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from nnlab.cli import add_command_group
 from nnlab.config import float_list, str_list
 
 
@@ -16,10 +17,8 @@ results.csv also has the achieved_ratio (token counts are whole numbers; ToMe an
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("prune", help="ViT pruning: sweep methods x ratios, evaluate pruned models",
-                              description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="prune_command", metavar="ACTION")
-    sub.required = True
+    sub = add_command_group(subparsers, "prune", "ViT pruning: sweep methods x ratios, evaluate pruned models",
+                            __doc__.splitlines()[0])
     s = sub.add_parser("sweep", help="every method at every ratio; writes DIR/results.csv, results.md, plots",
                        description="Prune a trained ViT with each method at each ratio and measure top-1/top-5, "
                                    "GFLOPs and images/s.", epilog=RATIO_HELP,

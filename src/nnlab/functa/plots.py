@@ -4,22 +4,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from nnlab.engine.io import read_json  # noqa: E402
-from nnlab.engine.metrics import read_jsonl  # noqa: E402
-from nnlab.functa.functaset import load_functaset  # noqa: E402
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+from nnlab.engine.io import read_json
+from nnlab.engine.metrics import read_jsonl
+from nnlab.functa.functaset import load_functaset
+from nnlab.report.figures import plt, save_figure
 
 
 def plot_histograms(functaset: str | Path, out: Path) -> list[Path]:
@@ -28,7 +16,7 @@ def plot_histograms(functaset: str | Path, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.hist(fs.psnr.numpy(), bins=60)
     ax.set(xlabel="PSNR (dB)", ylabel="images", title=f"mean {fs.psnr.mean():.2f} dB, n={len(fs.psnr)}")
-    paths = [_save(fig, out / "psnr-hist.png")]
+    paths = [save_figure(fig, out / "psnr-hist.png")]
     if fs.inner_mse.numel():
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for k in range(fs.inner_mse.shape[1]):
@@ -37,7 +25,7 @@ def plot_histograms(functaset: str | Path, out: Path) -> list[Path]:
             ax.hist(fs.mse.clamp_min(1e-6).log10().numpy(), bins=60, alpha=0.5, label="after the last step")
         ax.set(xlabel="log10 inner-loop MSE", ylabel="images")
         ax.legend()
-        paths.append(_save(fig, out / "inner-mse-hist.png"))
+        paths.append(save_figure(fig, out / "inner-mse-hist.png"))
     return paths
 
 
@@ -51,7 +39,7 @@ def plot_learning_curves(classify_run: str | Path | None, baseline_run: str | Pa
         ax.plot([r["epoch"] for r in recs], [100 * r["test_top1"] for r in recs], marker="o", label=label)
     ax.set(xlabel="epoch", ylabel="test top-1 (%)")
     ax.legend()
-    return _save(fig, out / "learning-curves.png")
+    return save_figure(fig, out / "learning-curves.png")
 
 
 def plot_sweep(runs: list[str | Path], out: Path) -> list[Path]:
@@ -66,7 +54,7 @@ def plot_sweep(runs: list[str | Path], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([s["latent_dim"] for s in rows], [s["test_psnr"] for s in rows], marker="o")
     ax.set(xscale="log", xlabel="latent size", ylabel="test PSNR (dB)")
-    return [out / "sweep.csv", _save(fig, out / "latent-sweep.png")]
+    return [out / "sweep.csv", save_figure(fig, out / "latent-sweep.png")]
 
 
 def plot_psnr_curve(run: str | Path, out: Path) -> Path:
@@ -79,7 +67,7 @@ def plot_psnr_curve(run: str | Path, out: Path) -> Path:
             ax.plot(*zip(*pts), label=key)
     ax.set(xlabel="meta-training minutes", ylabel="PSNR (dB)")
     ax.legend()
-    return _save(fig, out / f"psnr-{Path(run).name}.png")
+    return save_figure(fig, out / f"psnr-{Path(run).name}.png")
 
 
 def make_figures(out: str | Path, *, functaset=None, classify_run=None, baseline_run=None, sweep=None) -> list[Path]:

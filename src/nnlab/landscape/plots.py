@@ -14,14 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from nnlab.engine.metrics import read_jsonl  # noqa: E402
-from nnlab.errors import CheckpointError  # noqa: E402
-from nnlab.landscape.bands import GRADDIST, LANDSCAPE, Band, diverged, eta_band, lr_band, series  # noqa: E402
+from nnlab.engine.metrics import read_jsonl
+from nnlab.errors import CheckpointError
+from nnlab.landscape.bands import GRADDIST, LANDSCAPE, Band, diverged, eta_band, lr_band, series
+from nnlab.report.figures import plt, save_figure
 
 COLORS = {"on": "tab:red", "off": "tab:blue"}
 LABELS = {"on": "with BN", "off": "without BN"}
@@ -62,10 +58,7 @@ def _finish(fig, axes, path: Path, log: bool, log_axes=None) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_curves(groups, path: Path, log: bool) -> Path:

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+from safetensors.torch import load_file
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from nnlab.engine.checkpoint import load_checkpoint  # noqa: E402
-from nnlab.engine.metrics import read_jsonl  # noqa: E402
-from nnlab.engine.runs import RunDir  # noqa: E402
-from nnlab.errors import CheckpointError  # noqa: E402
-from nnlab.lbi.callback import LBI_FILE  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from nnlab.engine.checkpoint import load_checkpoint
+from nnlab.engine.metrics import read_jsonl
+from nnlab.engine.runs import RunDir
+from nnlab.errors import CheckpointError
+from nnlab.lbi.callback import LBI_FILE
+from nnlab.report.figures import plt, save_figure
 
 
 def epoch_records(run: str | Path) -> list[dict]:
@@ -55,7 +52,7 @@ def plot_curves(runs: list[str | Path], out: Path) -> Path:
     for ax in (ax_l, ax_a):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    return _save(fig, out / "curves.png")
+    return save_figure(fig, out / "curves.png", dpi=110)
 
 
 def plot_sparsity(runs: list[str | Path], out: Path) -> Path | None:
@@ -74,7 +71,7 @@ def plot_sparsity(runs: list[str | Path], out: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("fraction of Gamma non-zero")
     axes[0][0].legend(fontsize=8)
-    return _save(fig, out / "sparsity.png")
+    return save_figure(fig, out / "sparsity.png", dpi=110)
 
 
 def plot_gamma_paths(run: str | Path, out: Path) -> Path | None:
@@ -92,7 +89,7 @@ def plot_gamma_paths(run: str | Path, out: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("Gamma (filter norm for conv)")
     fig.suptitle(f"Gamma paths: {run_label(run)}")
-    return _save(fig, out / f"gamma_paths_{Path(run).name}.png")
+    return save_figure(fig, out / f"gamma_paths_{Path(run).name}.png", dpi=110)
 
 
 def plot_weights(runs: list[str | Path], out: Path, layer: str = "conv3") -> Path:
@@ -107,7 +104,7 @@ def plot_weights(runs: list[str | Path], out: Path, layer: str = "conv3") -> Pat
         ax.imshow(mat.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
         ax.set(title=f"{run_label(run)}{_support_note(run, layer, w.shape[0])}", xlabel="input x kernel",
                ylabel="filter")
-    return _save(fig, out / f"weights_{layer.replace('.', '_')}.png")
+    return save_figure(fig, out / f"weights_{layer.replace('.', '_')}.png", dpi=110)
 
 
 def _support_note(run: str | Path, layer: str, filters: int) -> str:
@@ -121,14 +118,6 @@ def _support_note(run: str | Path, layer: str, filters: int) -> str:
         return ""
     k = int(gammas[key].reshape(filters, -1).ne(0).any(1).sum())
     return f" ({k}/{filters} filters in support)"
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def plot_runs(runs: list[str | Path], out: str | Path, layer: str = "conv3") -> list[Path]:

@@ -51,9 +51,7 @@ def write_table(rows: list[dict], path: str | Path) -> Path:
 def write_plots(rows: list[dict], out: str | Path) -> list[Path]:
     """``accuracy_vs_ratio.png`` (top-1 against the *achieved* ratio, so capped methods do not
     pretend to reach a target) and ``accuracy_vs_throughput.png`` in ``out``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from nnlab.report.figures import plt, save_figure
 
     out = Path(out)
     base = next((r for r in rows if r["method"] == "base"), None)
@@ -71,8 +69,5 @@ def write_plots(rows: list[dict], out: str | Path) -> list[Path]:
         ax.set_ylabel("test top-1 (%)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        paths.append(out / name)
+        paths.append(save_figure(fig, out / name))
     return paths
