@@ -42,8 +42,7 @@ class FitResult:
 def _fit_chunk(model: LatentModulatedSiren, shared: meta.Shared, x: torch.Tensor, steps: int):
     """x (B, C, H, W) -> (latents (B, D), psnr (B,), inner_mse (B, steps), mse (B,))."""
     res = meta.inner_loop(model, x, steps, create_graph=False, shared=shared)
-    out = meta.predict(model, shared, res.latents).clamp(0, 1)
-    mse = (out - meta.images_to_targets(x)).pow(2).mean(dim=(1, 2))
+    mse = (res.output.clamp(0, 1) - meta.images_to_targets(x)).pow(2).mean(dim=(1, 2))
     return res.latents, meta.psnr(mse), res.inner_mse, res.mse
 
 

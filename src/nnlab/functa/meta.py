@@ -26,11 +26,13 @@ from nnlab.functa.model import LatentModulatedSiren, coordinate_grid
 @dataclass
 class InnerResult:
     """latents: (B, latent_dim) after the inner steps; inner_mse: (B, steps) per-image MSE *before*
-    each step; mse: (B,) per-image MSE after the last step (of the unclamped output)."""
+    each step; mse: (B,) per-image MSE after the last step, of output (B, P, C), the unclamped
+    reconstruction at the latents."""
 
     latents: torch.Tensor
     inner_mse: torch.Tensor
     mse: torch.Tensor
+    output: torch.Tensor
 
 
 @dataclass
@@ -91,35 +93,72 @@ def latent_grad(model: LatentModulatedSiren, shared: Shared, z: torch.Tensor, ta
                 create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Hand-written gradient of sum_b MSE_b w.r.t. z.
 
-    z (B, D) or (1, D) shared by all images, target (B, P, C) -> (grad (B, D), mse (B,)). With ``create_graph`` the result is
-    differentiable w.r.t. the model's weights and z (for second-order meta-gradients).
+    z (B, D), or (1, D) shared by all images, target (B, P, C) -> (grad (B, D), mse (B,)). With
+    ``create_graph`` the result is differentiable w.r.t. the model's weights and z (for
+    second-order meta-gradients). A shared z (step 0: every latent is zero) takes
+    :func:`_shared_latent_grad`, whose backward pass costs one image per output channel.
     """
+    if z.shape[0] == 1 and target.shape[0] > 1:
+        return _shared_latent_grad(model, shared, z, target, create_graph)
     c = model.config
-    shift, scale = model.modulations(z)
-    h, saved = None, []
-    for i in range(c.num_modulated):
-        a, h, cos = _layer_sin_cos(model, shared, shift, scale, i, h)
-        saved.append((a, cos))
-    err = torch.matmul(h, model.out.weight.t()) + (model.out.bias + 0.5) - target   # (B, P, C)
-    mse = err.pow(2).mean(dim=(1, 2))
+    shift, scale, saved, out = _forward_saved(model, shared, z)
+    err = out - target                                                           # (B, P, C)
     g_h = torch.matmul(err, (2.0 / (err.shape[1] * err.shape[2])) * model.out.weight)
     g_shift, g_scale = [], []
-    for i in reversed(range(c.num_modulated)):
+    for i, g_u, a in _backprop(model, saved, scale, g_h):                        # g_u: (B, P, W)
+        g_shift.append(c.w0 * g_u.sum(1))
+        if scale is not None:
+            g_scale.append(c.w0 * (g_u * (a if a.shape[0] == g_u.shape[0] else a.expand_as(g_u))).sum(1))
+    g_mod = _stack_mods(c, g_shift[::-1], g_scale[::-1])                          # (B, modulation_dim)
+    return _latent_map_vjp(model, z, g_mod, create_graph), err.pow(2).mean(dim=(1, 2))
+
+
+def _shared_latent_grad(model, shared, z, target, create_graph):
+    """latent_grad for one latent z (1, D) shared by all B images.
+
+    The forward pass is then the same for every image and only the error differs, and the
+    gradient is linear in the error: dMSE_b/dmod = sum_(p, c) err[b, p, c] J[c, p, :], where row
+    J[c, p] is d(output p, channel c)/dmod (scaled by 2/(P C)). The network acts pixel by pixel, so
+    one backward pass of a unit error at every pixel of channel c gives all rows J[c, :, :] at once:
+    C backward passes instead of B, then one (B, C P) x (C P, W) product per layer.
+    """
+    c = model.config
+    shift, scale, saved, out = _forward_saved(model, shared, z)                   # out: (1, P, C)
+    err = out - target                                                           # (B, P, C)
+    n, p, ch = err.shape
+    g_h = ((2.0 / (p * ch)) * model.out.weight).unsqueeze(1)                     # (C, 1, W): unit errors
+    err_flat = err.transpose(1, 2).reshape(n, ch * p)                            # (B, C P), channel-major
+    g_shift, g_scale = [], []
+    for i, g_u, a in _backprop(model, saved, scale, g_h):                        # g_u: (C, P, W)
+        g_shift.append(torch.matmul(err_flat, c.w0 * g_u.reshape(ch * p, -1)))
+        if scale is not None:
+            g_scale.append(torch.matmul(err_flat, c.w0 * (g_u * a).reshape(ch * p, -1)))
+    g_mod = _stack_mods(c, g_shift[::-1], g_scale[::-1])                          # (B, modulation_dim)
+    return _latent_map_vjp(model, z, g_mod, create_graph), err.pow(2).mean(dim=(1, 2))
+
+
+def _forward_saved(model, shared, z):
+    """Forward pass keeping what the backward needs: z (N, D) -> (shift, scale, saved, out (N, P, C)),
+    saved[i] = (pre-activation a or None, cos) of sine layer i, each (N, P, W)."""
+    shift, scale = model.modulations(z)
+    h, saved = None, []
+    for i in range(model.config.num_modulated):
+        a, h, cos = _layer_sin_cos(model, shared, shift, scale, i, h)
+        saved.append((a, cos))
+    return shift, scale, saved, torch.matmul(h, model.out.weight.t()) + (model.out.bias + 0.5)
+
+
+def _backprop(model, saved, scale, g_h):
+    """Yield (i, g_u, a) from the last sine layer to the first, where g_u = dL/du_i (N, P, W) for
+    dL/dh (N, P, W) of the last layer's output ``g_h`` (u_i: the sine's argument)."""
+    w0 = model.config.w0
+    for i in reversed(range(len(saved))):
         a, cos = saved[i]
-        g_u = g_h * cos                                                      # dL/du, (B, P, W)
-        g_sum = g_u.sum(1)
-        if scale is None:
-            g_shift.append(c.w0 * g_sum)
-            if i > 0:
-                g_h = torch.matmul(g_u, c.w0 * model.hidden[i - 1].weight)
-            continue
-        g_shift.append(c.w0 * g_sum)
-        a_full = a if a.shape[0] == g_u.shape[0] else a.expand_as(g_u)
-        g_scale.append(c.w0 * (g_u * a_full).sum(1))
+        g_u = g_h * cos
+        yield i, g_u, a
         if i > 0:
-            g_h = torch.matmul(g_u * scale[:, None, i], c.w0 * model.hidden[i - 1].weight)
-    g_mod = _stack_mods(c, g_shift[::-1], g_scale[::-1])                      # (B, modulation_dim)
-    return _latent_map_vjp(model, z, g_mod, create_graph), mse
+            g = g_u if scale is None else g_u * scale[:, None, i]
+            g_h = torch.matmul(g, w0 * model.hidden[i - 1].weight)
 
 
 def _stack_mods(c, g_shift, g_scale) -> torch.Tensor:
@@ -188,9 +227,9 @@ def inner_loop(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3
             z, mse = step(z)
         inner.append(mse.detach())
     z = z.expand(images.shape[0], -1) if z.shape[0] != images.shape[0] else z
-    err = predict(model, shared, z) - target
-    return InnerResult(z, torch.stack(inner, 1) if inner else err.new_zeros(len(z), 0),
-                       err.pow(2).mean(dim=(1, 2)))
+    out = predict(model, shared, z)
+    return InnerResult(z, torch.stack(inner, 1) if inner else out.new_zeros(len(z), 0),
+                       (out - target).pow(2).mean(dim=(1, 2)), out)
 
 
 def psnr(mse: torch.Tensor) -> torch.Tensor:
