@@ -224,7 +224,8 @@ def test_fused_kernel_matches_reference_step(momentum):
         if i == 0:
             buf.copy_(g)  # the first step's momentum buffer is the gradient itself
         values = [momentum, 1.0, 0.2, 5.0, 0.2, 1.5, 2.0, 1e-3]  # as group (lr*kappa = 0.2)
-        mod.slbi_group_sgd(w, g, buf if momentum else g.clone(), v, gam, sc, values, bool(momentum) and i > 0)
+        mod.slbi_group_sgd(w, g, buf if momentum else g.clone(), v, gam, sc, values, bool(momentum) and i > 0,
+                           True)
     assert torch.allclose(w, ref_w, rtol=1e-5, atol=1e-6)
     assert torch.allclose(v, ref_state["V"], rtol=1e-5, atol=1e-6)
     assert torch.allclose(gam, ref_state["gamma"], rtol=1e-5, atol=1e-6)
@@ -296,3 +297,31 @@ def test_compiled_path_resumes_from_state_dict():
     _train(b_model, b, more)
     for x, y in zip(a_model.parameters(), b_model.parameters()):
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize("flavour", ["sgd", "adam"])
+def test_fused_step_leaves_gamma_stale_but_state_dict_and_gamma_rebuild_it(flavour):
+    """The fused steps do not write Gamma of conv weights; what reads it (gamma(), W*, sparsity,
+    state_dict, a switch to the foreach path) gets Gamma as the reference computes it."""
+    torch.manual_seed(10)
+    fast_model = Tiny()
+    ref_model = copy.deepcopy(fast_model)
+    build = build_slbi if flavour == "sgd" else build_slbi_adam
+    kw = dict(lr=0.1 if flavour == "sgd" else 0.01, mu=5.0, lam=0.05, gamma_lr=0.1)
+    fast, ref = build(fast_model, compiled=True, **kw), build(ref_model, foreach=False, **kw)
+    _train(fast_model, fast, _batches(20))
+    _train(ref_model, ref, _batches(20))
+    conv = fast_model.conv.weight
+    assert fast.state[conv].get("gamma_stale") is True
+    saved = fast.state_dict()
+    assert "gamma_stale" not in fast.state[conv]  # rebuilt in place before saving
+    gam = saved["state"][list(fast_model.parameters()).index(conv)]["gamma"]
+    assert torch.allclose(gam, ref.gamma(ref_model.conv.weight), rtol=1e-4, atol=1e-6)
+    assert gam.abs().sum() > 0  # a real Gamma, not the zeros it starts from
+    for g in fast.param_groups:  # the foreach path reads Gamma: it must be rebuilt first
+        g["compiled"] = False
+    _train(fast_model, fast, _batches(5, seed=3))
+    _train(ref_model, ref, _batches(5, seed=3))
+    for a, b in zip(fast_model.parameters(), ref_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)

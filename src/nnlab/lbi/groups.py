@@ -81,10 +81,10 @@ def layer_sparsity(model: nn.Module, optimizer: _LBIBase) -> dict[str, float]:
 
 def layer_gammas(model: nn.Module, optimizer: _LBIBase) -> dict[str, torch.Tensor]:
     """``{param name: Gamma}`` of every coupled parameter (same shapes as the weights)."""
-    return {n: optimizer._lbi_state(p, g)["gamma"] for n, p, g in _named_coupled(model, optimizer)}
+    return {n: optimizer.gamma(p) for n, p, _ in _named_coupled(model, optimizer)}
 
 
 def layer_supports(model: nn.Module, optimizer: _LBIBase) -> dict[str, torch.Tensor]:
     """``{param name: bool support}``: (C_out,) per filter for conv, weight-shaped for linear."""
-    return {n: support(optimizer._lbi_state(p, g)["gamma"], optimizer.shrink_kind(p, g))
+    return {n: support(optimizer.gamma(p), optimizer.shrink_kind(p, g))
             for n, p, g in _named_coupled(model, optimizer)}

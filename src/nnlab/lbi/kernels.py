@@ -9,9 +9,11 @@ does everything the rule needs::
     V     <- V + (gamma_lr / mu) * (W_old - Gamma)        (and ||V_row||^2 on the way)
     scale <- kappa * max(0, 1 - lam / ||V_row||);  Gamma <- scale * V   (row still in cache)
 
-so each step reads W, grad, buf, V and writes W, buf, V, Gamma once: 8 memory passes, against 6
-for ``torch.optim.SGD(momentum=0.9)``; Gamma goes out with streaming stores (it is not read), which
-saves the read-for-ownership of its cache lines. ``torch.compile`` cannot fuse the per-row norm
+so each step reads W, grad, buf, V and writes W, buf, V once: 7 memory passes, against 6 for
+``torch.optim.SGD(momentum=0.9)``. The optimiser asks the kernel not to write Gamma at all
+(``write_g=False``): Gamma is rebuilt from V and the scale when something reads it. When written,
+Gamma goes out with streaming stores (it is not read), which saves the read-for-ownership of its
+cache lines. ``torch.compile`` cannot fuse the per-row norm
 with the Gamma write and needs more passes (:func:`nnlab.lbi.optim._materialize_gamma`).
 ``slbi_flat_sgd``: the same rule for linear weights (element-wise shrinkage, Gamma read) and the
 plain momentum step for uncoupled params, in one loop each, so that a step makes no Python-level
@@ -70,8 +72,10 @@ static inline void write_gamma(float* __restrict__ g, const float* __restrict__ 
 
 // All tensors float32, contiguous; w, g, b, v, gam: (rows, K); sc: (rows,).
 // s: [momentum, 1 - dampening, lr*kappa, mu, gamma_lr, lam, kappa, weight_decay]
+// write_g: also write Gamma = sc * V (else Gamma is left stale, for the caller to rebuild on demand).
 void slbi_group_sgd(torch::Tensor w, torch::Tensor g, torch::Tensor b, torch::Tensor v,
-                    torch::Tensor gam, torch::Tensor sc, std::vector<double> s, bool use_momentum) {
+                    torch::Tensor gam, torch::Tensor sc, std::vector<double> s, bool use_momentum,
+                    bool write_g) {
   const int64_t rows = sc.numel(), K = w.numel() / rows;
   const float m = s[0], keep = s[1], lrk = s[2], mu = s[3], glr = s[4], lam = s[5], kappa = s[6], wd = s[7];
   const float c = glr / mu, inv_mu = 1.f / mu;
@@ -86,7 +90,7 @@ void slbi_group_sgd(torch::Tensor w, torch::Tensor g, torch::Tensor b, torch::Te
           : row_update<false>(W + o, B + o, V + o, D + o, K, S[r], m, keep, lrk, inv_mu, c, wd);
       const float f = kappa * std::max(0.f, 1.f - lam / std::max(std::sqrt(acc), 1e-30f));
       S[r] = f;
-      write_gamma(G + o, V + o, K, f);
+      if (write_g) write_gamma(G + o, V + o, K, f);
     }
 #ifdef __AVX512F__
     _mm_sfence();  // each worker orders its own streaming stores before the join

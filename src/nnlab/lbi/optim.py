@@ -24,8 +24,9 @@ that also keeps pulling after the weights have changed).
 
 Hyperparameters live in ``param_groups`` (``lr, kappa, mu, lam, momentum, dampening,
 weight_decay, gamma_lr, coupled, shrink, foreach, compiled``); state (``momentum_buffer``,
-``gamma``, ``V``, and on the fused path ``gamma_scale``, the per-filter factor with Gamma = scale * V)
-in ``self.state[p]``. ``coupled``: ``None`` (auto: tensors with 2+ dims), ``True`` or ``False``.
+``gamma``, ``V``, and on the fused path ``gamma_scale``, the per-filter factor with Gamma = scale * V,
+and ``gamma_stale``: the fused path does not write Gamma of conv weights, and :meth:`gamma` and
+:meth:`state_dict` rebuild it) in ``self.state[p]``. ``coupled``: ``None`` (auto: tensors with 2+ dims), ``True`` or ``False``.
 ``shrink``: ``"auto"`` (group for 4-d conv weights, element-wise otherwise), ``"group"`` (per
 slice along dim 0) or ``"elementwise"``. ``foreach=True`` takes the vectorised path
 (``torch._foreach_*`` over the group), ``False`` the plain per-parameter reference.
@@ -136,7 +137,12 @@ class _LBIBase(Optimizer):
     def gamma(self, p: torch.Tensor) -> torch.Tensor:
         """Gamma of coupled parameter ``p`` (zeros before the first step); same shape as p."""
         group = next(g for q, g in self.coupled_params() if q is p)
-        return self._lbi_state(p, group)["gamma"]
+        return _fresh(self._lbi_state(p, group))["gamma"]
+
+    def state_dict(self) -> dict:
+        """As :meth:`torch.optim.Optimizer.state_dict`, with every Gamma up to date."""
+        _refresh(self.state.values())
+        return super().state_dict()
 
     def support_mask(self, p: torch.Tensor) -> torch.Tensor:
         """``1[Gamma != 0]`` as a float tensor of p's shape."""
@@ -146,7 +152,7 @@ class _LBIBase(Optimizer):
     def sparsity(self, p: torch.Tensor) -> float:
         """Fraction of Gamma non-zero: of filters for group-shrunk (conv) params, else of entries."""
         group = next(g for q, g in self.coupled_params() if q is p)
-        sup = support(self._lbi_state(p, group)["gamma"], self.shrink_kind(p, group))
+        sup = support(self.gamma(p), self.shrink_kind(p, group))
         return sup.float().mean().item()
 
     @contextlib.contextmanager
@@ -201,6 +207,29 @@ class _LBIBase(Optimizer):
         return params, [p.grad for p in params], [self._lbi_state(p, group) for p in params]
 
 
+def _fresh(state: dict) -> dict:
+    """``state`` with Gamma rebuilt as ``gamma_scale * V`` if a fused step left it stale."""
+    if state.pop("gamma_stale", False):
+        v = state["V"]
+        torch.mul(state["gamma_scale"].view(-1, *([1] * (v.ndim - 1))), v, out=state["gamma"])
+    return state
+
+
+def _refresh(states) -> None:
+    """Rebuild every stale Gamma in ``states`` (before a step that reads Gamma, or a state_dict)."""
+    with torch.no_grad():
+        for s in states:
+            _fresh(s)
+
+
+def _mark_stale(states: list, kinds: tuple) -> None:
+    """After a fused step: Gamma of group-shrunk params is ``gamma_scale * V``, not written; rebuilt
+    by :func:`_fresh` when read (saves a memory pass per step)."""
+    for s, kind in zip(states, kinds):
+        if kind == "group":
+            s["gamma_stale"] = True
+
+
 def _split(params: list, states: list) -> tuple[list[int], list[int]]:
     """Indices of coupled (with Gamma) and uncoupled params."""
     c = [i for i, s in enumerate(states) if "gamma" in s]
@@ -249,7 +278,9 @@ class DessiLBI(_LBIBase):
                 continue
             if group.get("compiled") and all("momentum_buffer" in s or group["momentum"] == 0 for s in states):
                 self._step_compiled(group, params, grads, states)
-            elif group["foreach"] or group.get("compiled"):
+                continue
+            _refresh(states)
+            if group["foreach"] or group.get("compiled"):
                 self._step_foreach(group, params, grads, states)
             else:
                 for p, g, s in zip(params, grads, states):
@@ -273,7 +304,7 @@ class DessiLBI(_LBIBase):
             sub = [[c[i] for i in rest] for c in cols]
             _compiled("sgd")(*sub, torch.tensor(values, dtype=torch.float64), tuple(kinds[i] for i in rest),
                              group["momentum"] != 0)
-            _materialize_gamma(sub[3], sub[4], sub[5], tuple(kinds[i] for i in rest))
+        _mark_stale(states, kinds)
 
     def _momentum(self, group: dict, grads: list, states: list) -> list:
         """Update momentum buffers (loss gradients only) and return the directions d."""
@@ -319,7 +350,7 @@ def _kernel_step(kinds: tuple, cols: list[list], values: list[float], use_moment
         if mod is None or not all(kernel_applies(x) for x in (w, g, b, v, gam, sc)):
             rest.append(i)
         elif kind == "group":
-            mod.slbi_group_sgd(w, g, b, v, gam, sc, values, use_momentum)
+            mod.slbi_group_sgd(w, g, b, v, gam, sc, values, use_momentum, False)  # Gamma left stale
         else:
             mod.slbi_flat_sgd(w, g, b, v, gam, values, use_momentum, kind == "elementwise")
     return rest
@@ -341,8 +372,8 @@ def _fused_sgd(ws: list, grads: list, bufs: list, vs: list, gs: list, scales: li
 
     For group-shrunk (conv) weights Gamma is rebuilt as ``scale * V`` (scale: (C_out,), kappa included)
     rather than read, and the new scale comes from a per-filter norm fused with the V update: per
-    step the kernel reads W, grad, buf, V and writes W, buf, V; :func:`_materialize_gamma` then
-    reads V and writes Gamma (9 memory passes; momentum SGD makes 6)."""
+    step the kernel reads W, grad, buf, V and writes W, buf, V (7 memory passes; momentum SGD makes
+    6); Gamma is left stale and rebuilt when read (:func:`_fresh`)."""
     m, keep, lrk, mu, glr, lam, kappa, wd = (scalars[i].to(ws[0].dtype) for i in range(8))
     for w, g, b, v, gam, sc, kind in zip(ws, grads, bufs, vs, gs, scales, kinds):
         d = g
@@ -370,20 +401,13 @@ def _coupling(w: torch.Tensor, v: torch.Tensor, gam: torch.Tensor, sc: torch.Ten
 def _new_gamma(v: torch.Tensor, gam: torch.Tensor, sc: torch.Tensor, kind: str, lam: torch.Tensor,
                kappa: torch.Tensor) -> None:
     """Gamma <- kappa * shrink(V) in place for element-wise kind; for group kind only the new
-    per-filter scale (C_out,) (Gamma itself is written by :func:`_materialize_gamma`, outside the
-    compiled graph: inside it, inductor stages V in a temporary and adds two memory passes)."""
+    per-filter scale (C_out,) (Gamma itself is rebuilt when read, by :func:`_fresh`: inside the
+    compiled graph, inductor would stage V in a temporary and add two memory passes)."""
     if kind == "group":
         norms = v.reshape(v.shape[0], -1).norm(dim=1).clamp_min(1e-30)
         sc.copy_(kappa * (1 - lam / norms).clamp_min(0))
     else:
         gam.copy_(kappa * (v - v.clamp(-lam, lam)))
-
-
-def _materialize_gamma(vs: list, gs: list, scales: list, kinds: tuple) -> None:
-    """Gamma <- scale * V for group-shrunk tensors (one read of V, one write of Gamma each)."""
-    for v, gam, sc, kind in zip(vs, gs, scales, kinds):
-        if kind == "group":
-            torch.mul(sc.view(-1, *([1] * (v.ndim - 1))), v, out=gam)
 
 
 def _fused_adam(ws: list, grads: list, ms: list, ss: list, vs: list, gs: list, scales: list,
@@ -491,7 +515,9 @@ class DessiLBIAdam(_LBIBase):
             self._init_moments(params, states)
             if group.get("compiled"):
                 self._step_compiled(group, params, grads, states)
-            elif group["foreach"]:
+                continue
+            _refresh(states)
+            if group["foreach"]:
                 self._step_foreach(group, params, grads, states)
             else:
                 for p, g, s in zip(params, grads, states):
@@ -519,7 +545,7 @@ class DessiLBIAdam(_LBIBase):
         kinds, vs, gs, scales = self._fused_state(group, params, states)
         ms, ss = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         _compiled("adam")(params, grads, ms, ss, vs, gs, scales, steps, scalars, kinds)
-        _materialize_gamma(vs, gs, scales, kinds)
+        _mark_stale(states, kinds)
 
     def _step_foreach(self, group: dict, params: list, grads: list, states: list) -> None:
         lrk, mu, wd, eps = group["lr"] * group["kappa"], group["mu"], group["weight_decay"], group["eps"]
