@@ -52,3 +52,13 @@ def test_report_images_and_tables_resolve(tmp_path):
     md = files.markdown.read_text()
     assert "| a metric | 50 | 98.61 |" in md and "boom" in md
     assert all((tmp_path / m).is_file() for m in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md))
+
+
+def test_headline_rows_skip_only_what_neither_side_has():
+    from nnlab.report import headline_rows
+
+    section = Section("lbi", "DessiLBI", "intro", [("x", "measured", None, 1.0), ("y", "seed only", "s", 1.0),
+                                                   ("z", "neither", None, 1.0)])
+    rows = headline_rows(section, {"x": 0.5}, {"lbi": {"s": {"value": 98.61, "source": "seed"}}})
+    assert [r[0] for r in rows] == ["measured", "seed only"]
+    assert rows[1][1] is None and rows[1][2] == 98.61  # a gap against the seed stays visible

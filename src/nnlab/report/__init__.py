@@ -134,6 +134,8 @@ def headline_rows(section: Section, metrics: dict[str, Any], seed: dict[str, Any
     for key, label, seed_key, scale in section.headline:
         value = metrics.get(key)
         ref = seed.get(section.study, {}).get(seed_key, {}) if seed_key else {}
+        if value is None and ref.get("value") is None:
+            continue  # not measured by this preset, and nothing to compare with
         rows.append([label, value * scale if isinstance(value, (int, float)) else value,
                      ref.get("value"), ref.get("source", "")])
     return rows
@@ -172,7 +174,7 @@ def build_report(outcomes, out: str | Path, sections: Sequence[Section], seed: d
     files = _collect_files(outcomes, out)
     stage_rows = [[o.name, o.status, round(o.seconds, 1), o.error] for o in outcomes]
     blocks: list[Block] = [("h1", title), *[("p", p) for p in preamble],
-                           ("table", (["stage", "status", "seconds", "error"], stage_rows))]
+                           ("table", (["stage", "status", "seconds (last attempt)", "error"], stage_rows))]
     headline = {}
     for section in sections:
         if any(o.study == section.study for o in outcomes):

@@ -77,6 +77,7 @@ def _preamble(preset: str, data_dir, outcomes: Sequence[StageOutcome]) -> list[s
     return [f"Preset {preset!r}; data: {data_dir or 'embedded mnist-5k only'}.",
             f"Machine: {platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}"
             f"{', CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else ', no GPU'}. "
-            f"Stage time: {total / 60:.1f} min in all ({ran / 60:.1f} min run now, the rest reused).",
+            f"Stage time: {total / 60:.1f} min in all, counting each stage's last attempt only "
+            f"({ran / 60:.1f} min run now, the rest reused).",
             "Numbers in the 'seed report' columns come from nnlab/reproduce/seed_numbers.yaml, with their "
             "sources; every difference from the seed's set-up is listed at the top of each section."]
