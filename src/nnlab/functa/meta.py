@@ -101,11 +101,11 @@ def latent_grad(model: LatentModulatedSiren, shared: Shared, z: torch.Tensor, ta
     if z.shape[0] == 1 and target.shape[0] > 1:
         return _shared_latent_grad(model, shared, z, target, create_graph)
     c = model.config
-    shift, scale, saved, out = _forward_saved(model, shared, z)
+    scale, saved, out = _forward_saved(model, shared, z)
     err = out - target                                                           # (B, P, C)
     g_h = torch.matmul(err, (2.0 / (err.shape[1] * err.shape[2])) * model.out.weight)
     g_shift, g_scale = [], []
-    for i, g_u, a in _backprop(model, saved, scale, g_h):                        # g_u: (B, P, W)
+    for g_u, a in _backprop(model, saved, scale, g_h):                           # g_u: (B, P, W)
         g_shift.append(c.w0 * g_u.sum(1))
         if scale is not None:
             g_scale.append(c.w0 * (g_u * (a if a.shape[0] == g_u.shape[0] else a.expand_as(g_u))).sum(1))
@@ -123,13 +123,13 @@ def _shared_latent_grad(model, shared, z, target, create_graph):
     C backward passes instead of B, then one (B, C P) x (C P, W) product per layer.
     """
     c = model.config
-    shift, scale, saved, out = _forward_saved(model, shared, z)                   # out: (1, P, C)
+    scale, saved, out = _forward_saved(model, shared, z)                          # out: (1, P, C)
     err = out - target                                                           # (B, P, C)
     n, p, ch = err.shape
     g_h = ((2.0 / (p * ch)) * model.out.weight).unsqueeze(1)                     # (C, 1, W): unit errors
     err_flat = err.transpose(1, 2).reshape(n, ch * p)                            # (B, C P), channel-major
     g_shift, g_scale = [], []
-    for i, g_u, a in _backprop(model, saved, scale, g_h):                        # g_u: (C, P, W)
+    for g_u, a in _backprop(model, saved, scale, g_h):                           # g_u: (C, P, W)
         g_shift.append(torch.matmul(err_flat, c.w0 * g_u.reshape(ch * p, -1)))
         if scale is not None:
             g_scale.append(torch.matmul(err_flat, c.w0 * (g_u * a).reshape(ch * p, -1)))
@@ -138,24 +138,24 @@ def _shared_latent_grad(model, shared, z, target, create_graph):
 
 
 def _forward_saved(model, shared, z):
-    """Forward pass keeping what the backward needs: z (N, D) -> (shift, scale, saved, out (N, P, C)),
-    saved[i] = (pre-activation a or None, cos) of sine layer i, each (N, P, W)."""
+    """Forward pass keeping what the backward needs: z (N, D) -> (scale modulations or None, saved,
+    out (N, P, C)), saved[i] = (pre-activation a or None, cos) of sine layer i, each (N, P, W)."""
     shift, scale = model.modulations(z)
     h, saved = None, []
     for i in range(model.config.num_modulated):
         a, h, cos = _layer_sin_cos(model, shared, shift, scale, i, h)
         saved.append((a, cos))
-    return shift, scale, saved, torch.matmul(h, model.out.weight.t()) + (model.out.bias + 0.5)
+    return scale, saved, torch.matmul(h, model.out.weight.t()) + (model.out.bias + 0.5)
 
 
 def _backprop(model, saved, scale, g_h):
-    """Yield (i, g_u, a) from the last sine layer to the first, where g_u = dL/du_i (N, P, W) for
+    """Yield (g_u, a) from the last sine layer to the first, where g_u = dL/du_i (N, P, W) for
     dL/dh (N, P, W) of the last layer's output ``g_h`` (u_i: the sine's argument)."""
     w0 = model.config.w0
     for i in reversed(range(len(saved))):
         a, cos = saved[i]
         g_u = g_h * cos
-        yield i, g_u, a
+        yield g_u, a
         if i > 0:
             g = g_u if scale is None else g_u * scale[:, None, i]
             g_h = torch.matmul(g, w0 * model.hidden[i - 1].weight)

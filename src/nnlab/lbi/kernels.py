@@ -13,8 +13,8 @@ so each step reads W, grad, buf, V and writes W, buf, V once: 7 memory passes, a
 ``torch.optim.SGD(momentum=0.9)``. The optimiser asks the kernel not to write Gamma at all
 (``write_g=False``): Gamma is rebuilt from V and the scale when something reads it. When written,
 Gamma goes out with streaming stores (it is not read), which saves the read-for-ownership of its
-cache lines. ``torch.compile`` cannot fuse the per-row norm
-with the Gamma write and needs more passes (:func:`nnlab.lbi.optim._materialize_gamma`).
+cache lines. ``torch.compile`` cannot fuse the per-row norm with the V update as tightly and
+needs more passes.
 ``slbi_flat_sgd``: the same rule for linear weights (element-wise shrinkage, Gamma read) and the
 plain momentum step for uncoupled params, in one loop each, so that a step makes no Python-level
 op per tensor beyond one call.

@@ -120,10 +120,9 @@ def _fit(ctx: StageContext) -> StageResult:
         fit_split(run, c["data"], split, out / f"{split}.safetensors", data_dir=data_dir_for(ctx, c["data"]),
                   chunk_size=c["chunk"])
     seconds = time.perf_counter() - t0  # data loading included; a resumed fit counts only this attempt
-    test, count = load_functaset(out / "test.safetensors"), 0
-    for split in ("train", "test"):
-        count += len(load_functaset(out / f"{split}.safetensors").labels)
-    return StageResult(metrics={"functaset_test_psnr": float(test.psnr.mean()),
+    sets = {split: load_functaset(out / f"{split}.safetensors") for split in ("train", "test")}
+    count = sum(len(fs.labels) for fs in sets.values())
+    return StageResult(metrics={"functaset_test_psnr": float(sets["test"].psnr.mean()),
                                 "fit_images_per_s": count / seconds if not ctx.resume else None})
 
 
