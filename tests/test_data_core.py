@@ -76,3 +76,14 @@ def test_flip_normalize_resize():
     assert Resize(7)(x).shape == (64, 2, 7, 7) and Resize(5)(torch.rand(1, 1, 5, 5)).shape == (1, 1, 5, 5)
     t = train_transform((0.5,), (0.5,), image_size=28, augment=True, flip=False)
     assert isinstance(t, Compose) and t(torch.rand(2, 1, 28, 28), torch.Generator()).shape == (2, 1, 28, 28)
+
+
+def test_train_transform_crop_padding():
+    x = torch.rand(16, 1, 28, 28)
+    same = train_transform((0.0,), (1.0,), image_size=28, augment=True, flip=False, padding=0)
+    assert torch.equal(same(x, torch.Generator().manual_seed(0)), x)  # padding 0: no shift
+    default = train_transform((0.0,), (1.0,), image_size=28, augment=True, flip=False)
+    four = train_transform((0.0,), (1.0,), image_size=28, augment=True, flip=False, padding=4)
+    assert torch.equal(default(x, torch.Generator().manual_seed(3)), four(x, torch.Generator().manual_seed(3)))
+    two = train_transform((0.0,), (1.0,), image_size=28, augment=True, flip=False, padding=2)
+    assert not torch.equal(two(x, torch.Generator().manual_seed(3)), four(x, torch.Generator().manual_seed(3)))

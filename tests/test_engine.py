@@ -104,7 +104,7 @@ def test_optimizer_registry_and_errors(monkeypatch):
 def test_bad_config_values_are_config_errors():
     for change, word in [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"optimizer": "x"}, "optimizer"),
                          ({"schedule": "x"}, "schedule"), ({"device": "tpu"}, "device"),
-                         ({"model_options": [1]}, "model_options")]:
+                         ({"model_options": [1]}, "model_options"), ({"crop_padding": -1}, "crop_padding")]:
         with pytest.raises(ConfigError, match=word):
             tiny(**change).validate()
 

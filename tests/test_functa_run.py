@@ -12,7 +12,8 @@ from nnlab.engine.checkpoint import load_checkpoint
 from nnlab.errors import DivergenceError
 from nnlab.functa.functaset import fit_batch, fit_functaset, fit_images, load_functaset
 from nnlab.functa.presets import get_preset
-from nnlab.functa.trainer import build_state, meta_step
+from nnlab.functa import trainer
+from nnlab.functa.trainer import CollapseGuard, build_state, meta_step
 from nnlab.functa.model import FunctaConfig, LatentModulatedSiren
 
 
@@ -49,6 +50,47 @@ def test_nan_raises_divergence_error():
         state.model.out.bias.fill_(float("nan"))
     with pytest.raises(DivergenceError, match="outer-lr"):
         meta_step(state, torch.rand(2, 1, 8, 8), get_preset("tiny").train)
+
+
+def test_collapse_guard_rolls_back_then_gives_up():
+    cfg = get_preset("tiny").train
+    state = build_state(get_preset("tiny"), torch.device("cpu"))
+    trainer._set_lr(state, cfg)
+    guard, good = CollapseGuard(cfg), state.model.out.weight.clone()
+    assert guard.check(state, 20.0) is None                     # first value: the best so far
+    with torch.no_grad():
+        state.model.out.weight.zero_()
+    state.step = 8
+    assert guard.check(state, 20.0 - cfg.collapse_db + 0.5) is None     # a dip, not a collapse
+    back = guard.check(state, 3.0)
+    assert back is not None and back.step == 0 and state.step == 0
+    assert torch.equal(state.model.out.weight, good)
+    assert state.optimizer.param_groups[0]["base_lr"] == pytest.approx(cfg.outer_lr / 2)
+    for k in range(2, cfg.max_rollbacks + 1):                   # each rollback halves again
+        guard.check(state, 3.0)
+        assert state.optimizer.param_groups[0]["base_lr"] == pytest.approx(cfg.outer_lr / 2 ** k)
+    with pytest.raises(DivergenceError, match="lower --outer-lr"):
+        guard.check(state, 3.0)
+
+
+def test_collapsed_run_rolls_back_and_finishes(tmp_path, monkeypatch):
+    real, vals = trainer.evaluate_psnr, iter([20.0, 21.0, 4.0, 21.5, 22.0, 22.5, 23.0])
+
+    def fake(model, images, *args, **kwargs):  # validation (16 held-out images) collapses once
+        return {"psnr": next(vals), "psnr_std": 0.0, "mse": 0.01} if len(images) == 16 \
+            else real(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate_psnr", fake)
+    out = tmp_path / "run"
+    assert main(["functa", "train", "--preset", "tiny", "--data", "mnist-5k", "--steps", "16", "--out", str(out)]) == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    back = [r for r in records if "rollback_from" in r]
+    assert len(back) == 1 and back[0]["rollback_from"] == 12 and back[0]["step"] == 8
+    assert back[0]["lr_factor"] == 0.5 and back[0]["best_val_psnr"] == 21.0
+    vals_seen = [r["step"] for r in records if "val_psnr" in r]
+    assert vals_seen == [4, 8, 12, 16]                          # the collapsed record was dropped
+    assert load_checkpoint(out / "checkpoint").step == 16
+    assert sorted(p.name for p in (out / "checkpoint").glob("model-*")) == ["model-00000016.safetensors"]
 
 
 def test_functaset_chunks_shards_and_resume(tmp_path):

@@ -78,6 +78,9 @@ def _register_train(sub) -> None:
     p.add_argument("--schedule", choices=SCHEDULES.names(), default="cosine")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--crop-padding", type=int, default=None, metavar="PIXELS",
+                   help="padding of the --augment random crop (default 4 for 28+ pixel images, else 2)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="in [0, 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample", type=int, default=16, help="Gamma entries followed per layer")
     p.add_argument("--eval-wstar", action=argparse.BooleanOptionalAction, default=True,

@@ -77,6 +77,8 @@ def register(subparsers) -> None:
                    help="random crop with padding (and --flip)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False,
                    help="random horizontal flips with --augment (not for digits)")
+    p.add_argument("--crop-padding", type=int, default=None, metavar="PIXELS",
+                   help="padding of the --augment random crop (default 4 for 28+ pixel images, else 2)")
     p.add_argument("--seed", type=int, default=0, help="model init, batch order, augmentation")
     p.add_argument("--log-every", type=_positive_int, default=50, help="steps between metric records")
     p.add_argument("--checkpoint-every", type=_nonneg_int, default=0, help="steps; 0 = epoch ends only")

@@ -96,11 +96,15 @@ class Compose:
         return x
 
 
-def train_transform(mean, std, *, image_size: int, augment: bool, flip: bool) -> Transform:
-    """Standard classifier training transform: [crop(pad 4) + optional flip] + normalise."""
+def train_transform(mean, std, *, image_size: int, augment: bool, flip: bool,
+                    padding: int | None = None) -> Transform:
+    """Standard classifier training transform: [random crop + optional flip] + normalise.
+
+    The crop pads by ``padding`` pixels (default: 4 for images of 28 pixels or more, else 2)."""
     steps: list[Transform] = []
     if augment:
-        steps.append(RandomCrop(image_size, padding=4 if image_size >= 28 else 2))
+        pad = (4 if image_size >= 28 else 2) if padding is None else padding
+        steps.append(RandomCrop(image_size, padding=pad))
         if flip:
             steps.append(RandomHorizontalFlip())
     steps.append(Normalize(mean, std))

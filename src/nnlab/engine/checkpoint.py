@@ -70,6 +70,15 @@ def _prune_old(folder: Path, keep: int) -> None:
         (folder / f"state-{s:08d}.pt").unlink(missing_ok=True)
 
 
+def discard_after(folder: str | Path, step: int) -> None:
+    """Delete the checkpoints of steps after ``step`` (before saving a rolled-back run's state)."""
+    for p in Path(folder).glob("model-*.safetensors"):
+        s = int(p.stem.split("-")[1])
+        if s > step:
+            p.unlink(missing_ok=True)
+            (Path(folder) / f"state-{s:08d}.pt").unlink(missing_ok=True)
+
+
 def has_checkpoint(folder: str | Path) -> bool:
     return (Path(folder) / "latest.json").is_file()
 

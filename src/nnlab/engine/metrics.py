@@ -21,8 +21,17 @@ class MetricsLogger:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            self._keep_until(resume_step)
+        self._file = open(self.path, "a")
+
+    def _keep_until(self, step: int) -> None:
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def truncate(self, step: int) -> None:
+        """Drop the records after ``step`` (a run rolled back to that step)."""
+        self._file.close()
+        self._keep_until(step)
         self._file = open(self.path, "a")
 
     def log(self, record: dict[str, Any]) -> None:

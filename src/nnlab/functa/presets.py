@@ -33,6 +33,8 @@ class MetaTrainConfig:
     val_images: int = 500               # held out from the end of the train split
     ckpt_every: int = 100
     eval_batch: int = 100               # images per batch when fitting the test split
+    collapse_db: float = 6.0           # val PSNR this far below the best: roll back, halve the lr (0 = off)
+    max_rollbacks: int = 3             # then stop with a DivergenceError
     seed: int = 0
 
 

@@ -4,9 +4,14 @@
 on images held out from the train split every ``val_every``), checkpoint/ (atomic, resumable) and
 summary.json with ``test_psnr``: the mean per-image PSNR (dB, data in [0, 1], reconstruction
 clamped to [0, 1]) over the whole test split after the inner steps.
+
+Long runs at a high outer learning rate can collapse without a NaN: the shared network stops
+fitting and the inner loop no longer lowers the error. :class:`CollapseGuard` watches the
+validation PSNR and rolls such a run back to its best validation step with half the learning rate.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -17,7 +22,8 @@ from tqdm import tqdm
 
 from nnlab.data import BatchLoader, ImageSet, load_dataset
 from nnlab.engine import distributed as dist
-from nnlab.engine.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from nnlab.engine.checkpoint import (discard_after, has_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+                                    set_rng_state)
 from nnlab.engine.metrics import MetricsLogger
 from nnlab.engine.runs import RunDir
 from nnlab.errors import CheckpointError, ConfigError, DivergenceError
@@ -176,12 +182,79 @@ def _set_lr(state: TrainState, cfg: MetaTrainConfig) -> float:
     return factor
 
 
+@dataclass
+class Snapshot:
+    """The training state at a validation step, kept in memory to roll back to."""
+    step: int
+    psnr: float
+    model: dict
+    optimizer: dict
+    rng: dict
+
+
+class CollapseGuard:
+    """Rolls a collapsed run back (see the module docstring).
+
+    ``check`` after each validation: a new best PSNR is snapshotted; a PSNR more than
+    ``cfg.collapse_db`` below the best restores the best snapshot (weights, optimiser, random
+    state, step) with the outer learning rate halved, ``cfg.max_rollbacks`` times at most, then
+    raises a :class:`DivergenceError`. The snapshot lives in memory, from this process's start.
+    Every process validates the same images, so all DDP ranks decide alike.
+    """
+
+    def __init__(self, cfg: MetaTrainConfig):
+        self.cfg, self.best, self.rollbacks = cfg, None, 0
+
+    def check(self, state: TrainState, psnr: float) -> Snapshot | None:
+        """Return the snapshot rolled back to, or None when training goes on as it is."""
+        if self.best is None or psnr > self.best.psnr:
+            self.best = Snapshot(state.step, psnr, {k: v.clone() for k, v in state.model.state_dict().items()},
+                                 copy.deepcopy(state.optimizer.state_dict()), rng_state())
+            return None
+        if self.cfg.collapse_db <= 0 or psnr >= self.best.psnr - self.cfg.collapse_db:
+            return None
+        if self.rollbacks >= self.cfg.max_rollbacks:
+            raise DivergenceError(
+                f"meta-training collapsed at step {state.step}: validation PSNR {psnr:.2f} dB against the best "
+                f"{self.best.psnr:.2f} dB at step {self.best.step}, after {self.rollbacks} rollback(s) with a "
+                "halved learning rate each; start again with a lower --outer-lr")
+        self.rollbacks += 1
+        b = self.best
+        for group in b.optimizer["param_groups"]:
+            group["base_lr"] = group.get("base_lr", group["lr"]) * 0.5
+        state.model.load_state_dict(b.model)
+        state.optimizer.load_state_dict(b.optimizer)
+        set_rng_state(b.rng)
+        state.step = b.step
+        return b
+
+
+def _validate(state, cfg, val, log, run, guard, runner) -> bool:
+    """Validation PSNR, logged; True when the guard rolled the run back (checkpoint rewritten)."""
+    v = evaluate_psnr(state.model, val, cfg.inner_steps, cfg.eval_batch, runner=runner)
+    if log is not None:
+        log.log({"step": state.step, "minutes": state.elapsed / 60, "val_psnr": v["psnr"]})
+    at, back = state.step, guard.check(state, v["psnr"])
+    if back is None:
+        return False
+    tqdm.write(f"meta-training collapsed at step {at} (validation PSNR {v['psnr']:.2f} dB, best "
+               f"{back.psnr:.2f} dB): rolled back to step {back.step} with half the outer learning rate")
+    if log is not None:
+        log.truncate(back.step)
+        log.log({"step": back.step, "rollback_from": at, "collapsed_val_psnr": v["psnr"],
+                 "best_val_psnr": back.psnr, "lr_factor": 0.5 ** guard.rollbacks})
+    if dist.is_main():
+        discard_after(run.checkpoint_dir, back.step)
+    save_state(state, run)
+    return True
+
+
 def _meta_train(state, cfg, loader, val, log, run, runner, progress) -> None:
     device = state.model.out.weight.device
     limit = cfg.time_limit_min * 60 if cfg.time_limit_min > 0 else float("inf")
     bar = tqdm(total=cfg.steps, initial=state.step, desc="meta-train", disable=None if progress else True)
     window: list[torch.Tensor] = []
-    batches = _batches(loader, state.step)
+    batches, guard = _batches(loader, state.step), CollapseGuard(cfg)
     while state.step < cfg.steps and state.elapsed < limit:
         t0 = time.perf_counter()
         state.model.train()
@@ -196,9 +269,10 @@ def _meta_train(state, cfg, loader, val, log, run, runner, progress) -> None:
             bar.set_postfix(psnr=f"{psnr:.2f}")
             log.log({"step": state.step, "minutes": state.elapsed / 60, "train_psnr": psnr,
                      "inner_mse": res.inner_mse.mean(0).tolist()})
-        if state.step % cfg.val_every == 0 and log is not None:
-            v = evaluate_psnr(state.model, val, cfg.inner_steps, cfg.eval_batch, runner=runner)
-            log.log({"step": state.step, "minutes": state.elapsed / 60, "val_psnr": v["psnr"]})
+        if state.step % cfg.val_every == 0 and _validate(state, cfg, val, log, run, guard, runner):
+            batches, bar.n = _batches(loader, state.step), state.step
+            window.clear()
+            continue
         if state.step % cfg.ckpt_every == 0:
             save_state(state, run)
     bar.close()
