@@ -199,7 +199,8 @@ class CollapseGuard:
     ``cfg.collapse_db`` below the best restores the best snapshot (weights, optimiser, random
     state, step) with the outer learning rate halved, ``cfg.max_rollbacks`` times at most, then
     raises a :class:`DivergenceError`. The snapshot lives in memory, from this process's start.
-    Every process validates the same images, so all DDP ranks decide alike.
+    Every process validates the same images, so all DDP ranks decide alike. Time spent before a
+    rollback still counts towards ``time_limit_min``.
     """
 
     def __init__(self, cfg: MetaTrainConfig):
@@ -223,7 +224,7 @@ class CollapseGuard:
         for group in b.optimizer["param_groups"]:
             group["base_lr"] = group.get("base_lr", group["lr"]) * 0.5
         state.model.load_state_dict(b.model)
-        state.optimizer.load_state_dict(b.optimizer)
+        state.optimizer.load_state_dict(copy.deepcopy(b.optimizer))  # the snapshot may be needed again
         set_rng_state(b.rng)
         state.step = b.step
         return b

@@ -39,7 +39,8 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
     "sgd": dict(optimizer="sgd", lr=0.1, momentum=0.9),
     # mu 5 (a tight coupling: W stays near Gamma, so filters outside Gamma's support carry little)
     # and lambda 16 on conv3 (about a fifth of its filters in the support after 32 epochs): conv3
-    # pruned at 0.8 then loses ~0.0 points (98.97%); with mu 20, lambda 6: 99.06% but -4.6 points.
+    # pruned at 0.8 then loses <= 0.02 points; with label smoothing 0.1 (TRAIN) the model reaches
+    # 99.00-99.08% over seeds 0-2. With mu 20, lambda 6: 99.06% but -4.6 points at 0.8.
     "slbi": dict(optimizer="slbi", lr=0.1, momentum=0.9,
                  lbi=dict(kappa=1.0, mu=5.0, lam=1.0, layer_lam={"conv3": 16.0})),
     "slbi-adam": dict(optimizer="slbi-adam", lr=0.001, momentum=0.9,
@@ -55,8 +56,8 @@ QUICK_OPTIMIZERS: dict[str, dict[str, Any]] = {
 # Training settings per preset: the seed's are LeNet-5 on full MNIST, 32 epochs, batch 128.
 TRAIN: dict[str, dict[str, Any]] = {
     "quick": dict(model="lenet5", data="mnist-5k", epochs=8, batch_size=128, augment=False),
-    "cpu": dict(model="lenet5", data="mnist", epochs=32, batch_size=128, augment=True),
-    "paper": dict(model="lenet5", data="mnist", epochs=32, batch_size=128, augment=True),
+    "cpu": dict(model="lenet5", data="mnist", epochs=32, batch_size=128, augment=True, label_smoothing=0.1),
+    "paper": dict(model="lenet5", data="mnist", epochs=32, batch_size=128, augment=True, label_smoothing=0.1),
 }
 LABELS = {"sgd": "SGD", "slbi": "SGD+DessiLBI", "slbi-adam": "Adam+DessiLBI"}
 
@@ -73,6 +74,9 @@ def notes_for(train: dict[str, Any], opts: dict[str, dict[str, Any]]) -> list[st
                      "MNIST (60,000 / 10,000), so accuracies are lower and noisier than the seed's.")
     if train["epochs"] != 32:
         notes.append(f"Schedule: {train['epochs']} epochs (cosine) instead of the seed's 32.")
+    if train.get("label_smoothing"):
+        notes.append(f"All three runs use label smoothing {train['label_smoothing']:g} and random crops "
+                     "(pad 4); the seed does not say it used either.")
     lbi = opts["slbi"]["lbi"]
     adam = opts["slbi-adam"]["lbi"]
     notes.append(f"Settings: SGD+DessiLBI with kappa {lbi['kappa']:g}, mu {lbi['mu']:g}, lambda {lbi['lam']:g} and "
