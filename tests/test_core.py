@@ -27,6 +27,17 @@ def test_checkpoint_roundtrip_keeps_latest_only(tmp_path):
     assert len(list(tmp_path.glob("model-*.safetensors"))) == 1
 
 
+def test_checkpoint_of_an_earlier_step_replaces_later_ones(tmp_path):
+    for step in (3, 5, 7):
+        save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, {}, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("model-*")) == ["model-00000005.safetensors",
+                                                               "model-00000007.safetensors"]
+    save_checkpoint(tmp_path, 4, {"w": torch.full((2,), 4.0)}, {}, keep=2)   # a run rolled back to 4
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.step == 4 and torch.equal(ckpt.tensors["w"], torch.full((2,), 4.0))
+    assert sorted(p.name for p in tmp_path.glob("state-*")) == ["state-00000004.pt"]
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {})
     (tmp_path / "model-00000001.safetensors").write_bytes(b"garbage")

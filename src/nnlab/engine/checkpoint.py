@@ -52,31 +52,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tensor],
                     state: dict[str, Any], keep: int = 1) -> Path:
-    """Write a checkpoint for ``step`` into ``folder`` and make it the latest; keep ``keep`` of them."""
+    """Write a checkpoint for ``step`` into ``folder`` and make it the latest; keep ``keep`` of them
+    (0: all). Checkpoints of later steps (left by a run rolled back or restarted) are deleted after
+    the new one is in place, so ``latest.json`` never names a missing file."""
     folder = Path(folder)
     model_name, state_name = f"model-{step:08d}.safetensors", f"state-{step:08d}.pt"
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(folder / model_name, lambda tmp: save_file(flat, tmp))
     atomic_write(folder / state_name, lambda tmp: torch.save(state, tmp))
     write_json(folder / "latest.json", {"step": step, "model": model_name, "state": state_name})
-    _prune_old(folder, keep)
+    _prune(folder, step, keep)
     return folder / model_name
 
 
-def _prune_old(folder: Path, keep: int) -> None:
+def _prune(folder: Path, step: int, keep: int) -> None:
+    """Delete checkpoints after ``step``, and all but the last ``keep`` up to it."""
     steps = sorted({int(p.stem.split("-")[1]) for p in folder.glob("model-*.safetensors")})
-    for s in steps[:-keep] if keep > 0 else []:
+    earlier = [s for s in steps if s <= step]
+    for s in [s for s in steps if s > step] + (earlier[:-keep] if keep > 0 else []):
         (folder / f"model-{s:08d}.safetensors").unlink(missing_ok=True)
         (folder / f"state-{s:08d}.pt").unlink(missing_ok=True)
-
-
-def discard_after(folder: str | Path, step: int) -> None:
-    """Delete the checkpoints of steps after ``step`` (before saving a rolled-back run's state)."""
-    for p in Path(folder).glob("model-*.safetensors"):
-        s = int(p.stem.split("-")[1])
-        if s > step:
-            p.unlink(missing_ok=True)
-            (Path(folder) / f"state-{s:08d}.pt").unlink(missing_ok=True)
 
 
 def has_checkpoint(folder: str | Path) -> bool:

@@ -22,8 +22,7 @@ from tqdm import tqdm
 
 from nnlab.data import BatchLoader, ImageSet, load_dataset
 from nnlab.engine import distributed as dist
-from nnlab.engine.checkpoint import (discard_after, has_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                                    set_rng_state)
+from nnlab.engine.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from nnlab.engine.metrics import MetricsLogger
 from nnlab.engine.runs import RunDir
 from nnlab.errors import CheckpointError, ConfigError, DivergenceError
@@ -233,10 +232,10 @@ class CollapseGuard:
 def _validate(state, cfg, val, log, run, guard, runner) -> bool:
     """Validation PSNR, logged; True when the guard rolled the run back (checkpoint rewritten)."""
     v = evaluate_psnr(state.model, val, cfg.inner_steps, cfg.eval_batch, runner=runner)
-    if log is not None:
-        log.log({"step": state.step, "minutes": state.elapsed / 60, "val_psnr": v["psnr"]})
     at, back = state.step, guard.check(state, v["psnr"])
     if back is None:
+        if log is not None:
+            log.log({"step": at, "minutes": state.elapsed / 60, "val_psnr": v["psnr"]})
         return False
     tqdm.write(f"meta-training collapsed at step {at} (validation PSNR {v['psnr']:.2f} dB, best "
                f"{back.psnr:.2f} dB): rolled back to step {back.step} with half the outer learning rate")
@@ -244,9 +243,7 @@ def _validate(state, cfg, val, log, run, guard, runner) -> bool:
         log.truncate(back.step)
         log.log({"step": back.step, "rollback_from": at, "collapsed_val_psnr": v["psnr"],
                  "best_val_psnr": back.psnr, "lr_factor": 0.5 ** guard.rollbacks})
-    if dist.is_main():
-        discard_after(run.checkpoint_dir, back.step)
-    save_state(state, run)
+    save_state(state, run)  # also deletes the checkpoints after back.step
     return True
 
 
