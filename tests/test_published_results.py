@@ -27,3 +27,41 @@ def test_published_report_is_complete_and_self_contained(folder: Path):
     unfinished = [s["name"] for s in summary["stages"] if s["status"] not in ("done", "reused")]
     assert not unfinished, f"stages that did not finish: {unfinished}"
     assert set(summary["headline"]) == {"functa", "vit", "bn", "lbi"}
+
+
+GEN = RESULTS / "functa-gen"
+
+
+@pytest.mark.skipif(not (GEN / "mnist-diffusion-conditional" / "model.safetensors").is_file(),
+                    reason="no published generative functa run")
+def test_published_conditional_generator_samples_the_class_asked_for(tmp_path):
+    """The published generator and functa run load from the folder as it is (no ../shared), and
+    the published LeNet-5 feature network reads its class-3 samples as 3s."""
+    import torch
+
+    from nnlab.functa.generate.features import LeNetFeatures
+    from nnlab.functa.generate.model import load_generator
+    from nnlab.functa.generate.plots import decode
+    from nnlab.functa.generate.run import _recorded_run, sample_to_png
+    from nnlab.functa.reconstruct import load_model
+    from safetensors.torch import load_file
+
+    folder = GEN / "mnist-diffusion-conditional"
+    assert sample_to_png(folder, tmp_path / "s.png", n=4, klass=3, size=64).is_file()
+    gen, siren = load_generator(folder / "model.safetensors"), load_model(_recorded_run(folder))
+    images = decode(siren, gen.sample(40, torch.full((40,), 3)), 28)
+    net = LeNetFeatures(1, 28, 10, (0.0,), (1.0,))
+    net.load_state_dict(load_file(next((GEN / "feature-nets").glob("mnist-lenet5-*.safetensors"))))
+    assert (net.eval()(images).argmax(1) == 3).float().mean() >= 0.8
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["class_accuracy_mean"] >= 0.9 and summary["fid"] < summary["fid_gaussian"]
+
+
+@pytest.mark.skipif(not GEN.is_dir(), reason="no published generative functa runs")
+def test_published_generators_beat_the_gaussian_baseline():
+    runs = {p.parent.name: json.loads(p.read_text()) for p in GEN.glob("*/summary.json") if "fid" in p.read_text()}
+    assert "mnist-diffusion" in runs and "mnist-flow" in runs
+    assert runs["mnist-diffusion"]["fid"] <= 0.5 * runs["mnist-diffusion"]["fid_gaussian"]
+    assert runs["mnist-flow"]["fid"] < runs["mnist-flow"]["fid_gaussian"]
+    for s in runs.values():
+        assert s["fid_reconstruction"] < s["fid"] and s["num_samples"] >= 5000

@@ -65,3 +65,43 @@ def float_list(text: str) -> list[float]:
 def str_list(text: str) -> list[str]:
     """argparse type: ``"a,b"`` -> ``["a", "b"]``."""
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in dataclass ``cls``'s source: its help text."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    pattern = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
+    return {m.group(1): m.group(2).strip() for m in map(pattern.match, source.splitlines()) if m}
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> list[str]:
+    """Add one ``--field-name`` flag per field of dataclass ``cls`` (type, default and help from the
+    dataclass itself: the one source of defaults). Flags default to None, so only explicit ones
+    override; :func:`dataclass_from_args` builds the dataclass. Returns the field names added."""
+    helps, names = field_help(cls), []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in skip or f.default is dataclasses.MISSING:
+            continue
+        flag, text = "--" + f.name.replace("_", "-"), helps.get(f.name, "")
+        if isinstance(f.default, bool):
+            if f.default:
+                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const",
+                                    const=False, help=f"turn off: {text}" if text else None)
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_const", const=True, help=text or None)
+        else:
+            parser.add_argument(flag, dest=f.name, type=type(f.default), metavar=f.name.upper(),
+                                help=f"{text} (default {f.default})" if text else f"default {f.default}")
+        names.append(f.name)
+    return names
+
+
+def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """``cls`` from the dataclass defaults with the flags that were given (not None) on top."""
+    return from_dict(cls, vars(args))

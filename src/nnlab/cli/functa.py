@@ -1,4 +1,4 @@
-"""``nnlab functa``: meta-train a latent-modulated SIREN, fit functasets, reconstruct, classify."""
+"""``nnlab functa``: meta-train a latent-modulated SIREN, fit functasets, reconstruct, classify, generate."""
 from __future__ import annotations
 
 import json
@@ -99,6 +99,59 @@ def _register_extra(sub) -> None:
     p.add_argument("--sweep", nargs="+", help="train runs of a latent-size sweep (PSNR vs latent size)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run_plot, _parser=p)
+    _register_generate(sub)
+
+
+def _register_generate(sub) -> None:
+    from nnlab.config import add_dataclass_options
+    from nnlab.functa.generate.model import GenerateConfig
+
+    g = sub.add_parser("generate", help="train diffusion / flow / gaussian on a functaset; sample, FID, figures",
+                       description="Train a generative model on the latents of a train functaset, decode samples "
+                                   "with the run's SIREN, and score them (FID in nnlab feature space, "
+                                   "precision/recall, memorisation); writes GEN/summary.json and GEN/samples.png.")
+    g.add_argument("run", metavar="RUN", help="functa training run (nnlab functa train)")
+    g.add_argument("functaset", metavar="FUNCTASET", help="its train functaset (nnlab functa fit --split train)")
+    add_dataclass_options(g, GenerateConfig, skip=("time_limit_min",))
+    g.add_argument("--time-limit", type=float, dest="time_limit_min", metavar="MIN",
+                   help="stop training after MIN minutes (default: no limit)")
+    g.add_argument("--data", help="data set of the functaset (default: the one it records)")
+    g.add_argument("--data-dir", help="folder or .tar.gz of the data set (for the FID reference images)")
+    g.add_argument("--test-functaset", help="test-split functaset (default: fitted into GEN/)")
+    g.add_argument("--feature-net", help="feature network .safetensors (default: trained once per data set, cached)")
+    g.add_argument("--out", required=True, metavar="GEN")
+    g.add_argument("--resume", action="store_true", help="continue GEN/checkpoint")
+    g.set_defaults(func=run_generate, _parser=g)
+
+    s = sub.add_parser("sample", help="PNG grid of samples from a trained generator (nnlab functa generate)")
+    s.add_argument("gen", metavar="GEN")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--class", type=int, dest="klass", help="class to sample (conditional generators)")
+    s.add_argument("--size", type=int, help="render size in pixels (default: the data's)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--run", help="functa run to decode with (default: the one GEN records)")
+    s.add_argument("--out", required=True, help="output .png")
+    s.set_defaults(func=run_sample, _parser=s)
+
+
+def run_generate(args) -> int:
+    from nnlab.config import dataclass_from_args
+    from nnlab.functa.generate.model import GenerateConfig
+    from nnlab.functa.generate.run import generate
+
+    config = dataclass_from_args(GenerateConfig, args)
+    summary = generate(args.run, args.functaset, args.out, config, data=args.data, data_dir=args.data_dir,
+                       test_functaset=args.test_functaset, feature_net=args.feature_net, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}, indent=1))
+    return 0
+
+
+def run_sample(args) -> int:
+    from nnlab.functa.generate.run import sample_to_png
+
+    print(sample_to_png(args.gen, args.out, n=args.n, klass=args.klass, size=args.size, seed=args.seed,
+                        run=args.run))
+    return 0
 
 
 def run_train(args) -> int:

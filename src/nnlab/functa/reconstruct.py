@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from nnlab.config import from_dict
-from nnlab.engine.checkpoint import load_checkpoint
+from nnlab.engine.checkpoint import has_checkpoint, load_checkpoint
+from safetensors.torch import load_file
 from nnlab.engine.runs import RunDir
 from nnlab.errors import CheckpointError
 from nnlab.functa.functaset import fit_images
@@ -16,7 +17,8 @@ from nnlab.functa.model import FunctaConfig, LatentModulatedSiren
 
 
 def load_model(run: str | Path, device: str | torch.device = "cpu") -> LatentModulatedSiren:
-    """The meta-learned model of run folder ``run`` (config.yaml + latest checkpoint)."""
+    """The meta-learned model of run folder ``run``: config.yaml plus the latest checkpoint, or
+    ``model.safetensors`` (the final weights alone, as published runs ship them)."""
     rd = RunDir(run) if Path(run).is_dir() else None
     if rd is None:
         raise CheckpointError(f"run folder {run} does not exist; train one with 'nnlab functa train'")
@@ -24,7 +26,18 @@ def load_model(run: str | Path, device: str | torch.device = "cpu") -> LatentMod
     if "model" not in config:
         raise CheckpointError(f"{run} is not a functa run (config.yaml has no 'model' section)")
     model = LatentModulatedSiren(from_dict(FunctaConfig, config["model"]))
-    model.load_state_dict(load_checkpoint(rd.checkpoint_dir).tensors)
+    final = rd.path / "model.safetensors"
+    if has_checkpoint(rd.checkpoint_dir) or not final.is_file():
+        tensors = load_checkpoint(rd.checkpoint_dir).tensors
+    else:
+        try:
+            tensors = load_file(final)
+        except Exception as exc:  # safetensors raises several types for corrupt files
+            raise CheckpointError(f"{final} is unreadable ({exc}); copy it again from the trained run") from None
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError:
+        raise CheckpointError(f"the weights in {run} do not match its config.yaml; use the run's own files") from None
     return model.to(device).eval()
 
 

@@ -158,8 +158,19 @@ def train_functa(preset: Preset, data: str, out: str | Path, *, data_dir: str | 
     if log is not None:
         log.log({"step": state.step, "test_psnr": test["psnr"]})
         log.close()
+        save_final_weights(state.model, run)
         run.write_summary(summary)
     return summary
+
+
+def save_final_weights(model: LatentModulatedSiren, run: RunDir) -> Path:
+    """RUN/model.safetensors: the final weights alone, enough to publish and reuse the run."""
+    from safetensors.torch import save_file
+
+    from nnlab.engine.io import atomic_write
+
+    flat = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    return atomic_write(run.path / "model.safetensors", lambda tmp: save_file(flat, tmp))
 
 
 def schedule_factor(cfg: MetaTrainConfig, step: int, elapsed: float) -> float:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from nnlab.report import Section
+from nnlab.reproduce.functa_generate import HEADLINE as GENERATE_HEADLINE
+from nnlab.reproduce.functa_generate import generate_stages
 from nnlab.reproduce.common import check_preset, data_dir_for, work_dir, write_csv
 from nnlab.reproduce.stages import Stage, StageContext, StageResult
 
@@ -34,7 +36,13 @@ SECTION = Section(
               ("celeba64_test_psnr", "CelebA (aligned, 64x64) test PSNR, latent 256 (dB)", None, 1.0),
               ("celeba64_psnr_latent_64", "CelebA (aligned, 64x64) test PSNR, latent 64 (dB)", None, 1.0),
               ("pixel_lenet_top1", "LeNet-5 on pixels (quick stand-in for the ResNet), test top-1 (%)", None,
-               100.0)])
+               100.0), *GENERATE_HEADLINE])
+
+# Generators of the cpu (and paper) preset: time-limited, as measured in BENCHMARKS.md.
+GENERATE_CPU = dict(mnist=[dict(model="diffusion", time_limit_min=20.0, steps=1_000_000),
+                           dict(model="diffusion", conditional=True, time_limit_min=20.0, steps=1_000_000),
+                           dict(model="flow", time_limit_min=15.0, steps=1_000_000)],
+                    faces=[dict(model="diffusion", time_limit_min=20.0, steps=1_000_000, samples=5000)])
 
 # Per preset: data set, functa preset, main latent size, latent sweep, meta-training overrides,
 # functaset chunk size, classifier settings, pixel-baseline epochs, reconstruction sizes.
@@ -42,15 +50,19 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "quick": dict(data="mnist-5k", preset="mnist-cpu", main=256, latents=[64, 256, 1024],
                   train=dict(steps=100, val_images=200, val_every=50, log_every=10, ckpt_every=20),
                   chunk=500, classify=dict(hidden=[512, 512], epochs=30), pixel_epochs=10,
-                  pixel_options=dict(model="lenet5"), sizes=[28, 64, 128]),
+                  pixel_options=dict(model="lenet5"), sizes=[28, 64, 128],
+                  generate=dict(mnist=[dict(model="diffusion", conditional=True, steps=400, width=256, blocks=2,
+                                            samples=1000, sample_steps=50, feature_epochs=3)])),
     "cpu": dict(data="mnist", preset="mnist-cpu", main=256, latents=[64, 128, 256, 512, 1024],
                 train=dict(time_limit_min=30.0), sweep_train=dict(time_limit_min=10.0), chunk=1000,
                 classify=dict(), pixel_epochs=1, pixel_options=dict(), sizes=[28, 64, 128],
-                faces=dict(preset="celeba64-cpu", latents=[64, 256], main=256, train=dict(time_limit_min=15.0))),
+                faces=dict(preset="celeba64-cpu", latents=[64, 256], main=256, train=dict(time_limit_min=15.0)),
+                generate=GENERATE_CPU),
     "paper": dict(data="mnist", preset="mnist-seed", main=512, latents=[64, 128, 256, 512, 1024],
                   train=dict(), chunk=1000, classify=dict(), pixel_epochs=30, pixel_options=dict(),
                   sizes=[28, 64, 128],
-                  faces=dict(preset="celeba64-paper", latents=[64, 128, 256, 512, 1024], main=256, train=dict())),
+                  faces=dict(preset="celeba64-paper", latents=[64, 128, 256, 512, 1024], main=256, train=dict()),
+                  generate=GENERATE_CPU),
 }
 SEED_STEPS = 100_000  # mnist-seed: the seed's meta-training length (batch 4)
 
@@ -226,7 +238,10 @@ def stages(preset: str) -> list[Stage]:
                  needs=(*names, "functa-fit", "functa-classify", "functa-pixels"))
     # The time-limited stages (meta-training) first, so that a run can hand the epoch-limited rest to
     # parallel processes (``--only``) without starving a time budget.
-    return [*latent, *_face_stages(s.get("faces")), recon, fit, clf, pix, figs]
+    faces = _face_stages(s.get("faces"))
+    faces_main = next((st.name for st in faces if st.config["main"]), None)
+    gen = generate_stages(s.get("generate"), main.name, faces_main, s["data"])
+    return [*latent, *faces, recon, fit, clf, pix, figs, *gen]
 
 
 def _face_stages(f: dict[str, Any] | None) -> list[Stage]:
