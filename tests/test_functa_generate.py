@@ -237,6 +237,14 @@ def _cli(capsys, *args):
     return code, capsys.readouterr().err
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _own_cache(tmp_path_factory):
+    """Feature networks and decoded data of this module go to a temporary cache, not the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NNLAB_DATA", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny_functa(tmp_path_factory):
     """A 10-step tiny functa run on the embedded digits and its train functaset."""

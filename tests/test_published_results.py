@@ -32,7 +32,7 @@ def test_published_report_is_complete_and_self_contained(folder: Path):
 GEN = RESULTS / "functa-gen"
 
 
-@pytest.mark.skipif(not (GEN / "mnist-diffusion-conditional" / "model.safetensors").is_file(),
+@pytest.mark.skipif(not (GEN / "gen-mnist-diffusion-conditional" / "model.safetensors").is_file(),
                     reason="no published generative functa run")
 def test_published_conditional_generator_samples_the_class_asked_for(tmp_path):
     """The published generator and functa run load from the folder as it is (no ../shared), and
@@ -46,7 +46,7 @@ def test_published_conditional_generator_samples_the_class_asked_for(tmp_path):
     from nnlab.functa.reconstruct import load_model
     from safetensors.torch import load_file
 
-    folder = GEN / "mnist-diffusion-conditional"
+    folder = GEN / "gen-mnist-diffusion-conditional"
     assert sample_to_png(folder, tmp_path / "s.png", n=4, klass=3, size=64).is_file()
     gen, siren = load_generator(folder / "model.safetensors"), load_model(_recorded_run(folder))
     images = decode(siren, gen.sample(40, torch.full((40,), 3)), 28)
@@ -60,8 +60,8 @@ def test_published_conditional_generator_samples_the_class_asked_for(tmp_path):
 @pytest.mark.skipif(not GEN.is_dir(), reason="no published generative functa runs")
 def test_published_generators_beat_the_gaussian_baseline():
     runs = {p.parent.name: json.loads(p.read_text()) for p in GEN.glob("*/summary.json") if "fid" in p.read_text()}
-    assert "mnist-diffusion" in runs and "mnist-flow" in runs
-    assert runs["mnist-diffusion"]["fid"] <= 0.5 * runs["mnist-diffusion"]["fid_gaussian"]
-    assert runs["mnist-flow"]["fid"] < runs["mnist-flow"]["fid_gaussian"]
+    assert "gen-mnist-diffusion" in runs and "gen-mnist-flow" in runs
+    assert runs["gen-mnist-diffusion"]["fid"] <= 0.5 * runs["gen-mnist-diffusion"]["fid_gaussian"]
+    assert runs["gen-mnist-flow"]["fid"] < runs["gen-mnist-flow"]["fid_gaussian"]
     for s in runs.values():
         assert s["fid_reconstruction"] < s["fid"] and s["num_samples"] >= 5000

@@ -48,3 +48,17 @@ def interpolation_grid(siren: LatentModulatedSiren, pairs: list[tuple[torch.Tens
     """One row per latent pair: ``steps`` renders at ``size`` from the first latent to the second."""
     lat = torch.cat([interpolate(a, b, steps) for a, b in pairs])
     return save_tiles(decode(siren, lat, size), len(pairs), path)
+
+
+def plot_training(run: str | Path, path: str | Path) -> Path:
+    """Training loss against minutes from ``run/metrics.jsonl`` (diffusion: eps MSE; flow: nats/dim)."""
+    from nnlab.engine.metrics import read_jsonl
+    from nnlab.report.figures import plt, save_figure
+
+    recs = [r for r in read_jsonl(Path(run) / "metrics.jsonl") if "loss" in r]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["minutes"] for r in recs], [r["loss"] for r in recs])
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)

@@ -24,7 +24,7 @@ from nnlab.functa.generate.flow import bits_per_dim
 from nnlab.functa.generate.gaussian import GaussianModel
 from nnlab.functa.generate.metrics import fid, memorisation, precision_recall
 from nnlab.functa.generate.model import GenerateConfig, Generator, config_from, save_generator
-from nnlab.functa.generate.plots import decode, interpolation_grid, save_tiles
+from nnlab.functa.generate.plots import decode, interpolation_grid, plot_training, save_tiles
 from nnlab.functa.generate.train import ema_generator, resume_or_new, train
 from nnlab.functa.model import config_hash
 from nnlab.reproduce.common import write_csv
@@ -183,6 +183,8 @@ def _figures(gen: Generator, siren, lat, g_lat, test_fs: Functaset, size: int, o
     pairs = [(test_fs.latents[i], test_fs.latents[(i + n // 2) % n]) for i in range(0, min(n, 4))]
     for s in sorted({size, 128}):
         paths.append(interpolation_grid(siren, pairs, s, out / f"interpolations-{s}.png"))
+    if (out / "metrics.jsonl").is_file() and gen.config.model != "gaussian":
+        paths.append(plot_training(out, out / "training-loss.png"))
     return [p.name for p in paths]
 
 
@@ -199,7 +201,7 @@ def sample_to_png(gen_dir: str | Path, out: str | Path, *, n: int = 64, klass: i
         raise ConfigError(f"--n must be at least 1, got {n}")
     y = None if klass is None else torch.full((n,), klass, dtype=torch.long)
     lat = gen.sample(n, y, seed=seed)
-    size = size or _data_size(siren, gen_dir)
+    size = size or _data_size(gen_dir)
     return save_tiles(decode(siren, lat, size), max(1, round(n ** 0.5)), out)
 
 
@@ -212,5 +214,5 @@ def _recorded_run(gen_dir: Path) -> Path:
     raise ConfigError(f"the functa run of {gen_dir} ({cfg.get('run')}) is not there; pass --run")
 
 
-def _data_size(siren, gen_dir: Path) -> int:
+def _data_size(gen_dir: Path) -> int:
     return int(RunDir(gen_dir).load_config().get("image_size", 28))
