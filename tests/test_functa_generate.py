@@ -288,6 +288,8 @@ def test_conditional_diffusion_and_flow_write_their_extra_fields(tiny_functa, tm
     assert (tmp_path / "cond" / "samples-by-class.png").is_file()
     f = _gen(tiny_functa, tmp_path / "flow", model="flow", steps=10)
     assert math.isfinite(f["test_bpd"]) and math.isfinite(f["test_bpd_gaussian"])
+    g = _gen(tiny_functa, tmp_path / "gauss", model="gaussian")  # the baseline itself: the same draws
+    assert g["fid"] == pytest.approx(g["fid_gaussian"], rel=1e-9)
 
 
 def test_sample_command_renders_any_size_and_class(tiny_functa, tmp_path, capsys):
@@ -314,6 +316,12 @@ def test_generate_bad_inputs_are_one_line_errors(tiny_functa, tmp_path, capsys):
         (tmp_path / "other.safetensors", tmp_path / "y", [], "fitted by another model"),
         (tmp_path / "missing.safetensors", tmp_path / "y", [], "does not exist"),
     ]
+    from safetensors import safe_open
+
+    with safe_open(t / "train.safetensors", "pt") as f:
+        meta = dict(f.metadata())
+    save_file({**fs, "labels": torch.full_like(fs["labels"], -1)}, tmp_path / "unlabelled.safetensors", metadata=meta)
+    cases.append((tmp_path / "unlabelled.safetensors", tmp_path / "y", ["--conditional"], "needs a labelled functaset"))
     for functaset, out, extra, fragment in cases:
         code, err = _cli(capsys, "functa", "generate", t / "run", functaset, "--out", out, *extra)
         assert code == 2 and fragment in err and err.count("\n") == 1, err
