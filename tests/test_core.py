@@ -68,3 +68,17 @@ def test_cli_unknown_command_is_one_line():
     out = subprocess.run([sys.executable, "-m", "nnlab", "frobnicate"], capture_output=True, text=True)
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_importing_nnlab_changes_no_process_setting():
+    """Only the command line sets OMP_WAIT_POLICY; a library import must leave the user's process alone."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = ("import os, nnlab, nnlab.cli, nnlab.functa.generate.run; print(os.environ.get('OMP_WAIT_POLICY'));"
+            "nnlab.cli.main(['data', 'list']); print(os.environ.get('OMP_WAIT_POLICY'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert lines[0] == "None" and lines[-1] == "PASSIVE"

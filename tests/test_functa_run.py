@@ -196,3 +196,19 @@ def test_compiled_fitting_matches_eager_including_padded_last_chunk():
     assert fast.latents.shape == (21, 8)
     assert torch.allclose(fast.latents, eager.latents, rtol=1e-4, atol=1e-5)
     assert torch.allclose(fast.psnr, eager.psnr, rtol=1e-4, atol=1e-4)
+
+
+def test_functa_train_takes_architecture_flags_over_the_preset(tmp_path):
+    """COIN++'s MNIST configuration from the command line: 5 layers of 64, latent 64, plain SGD inner loop."""
+    import yaml
+
+    from nnlab.cli import main
+
+    out = tmp_path / "coin"
+    assert main(["functa", "train", "--preset", "mnist-cpu", "--width", "64", "--depth", "5", "--latent-dim", "64",
+                 "--no-meta-sgd", "--inner-lr", "1e-2", "--batch-size", "16", "--outer-lr", "1e-5",
+                 "--data", "mnist-5k", "--steps", "2", "--val-every", "2", "--out", str(out)]) == 0
+    model = yaml.safe_load((out / "config.yaml").read_text())["model"]
+    assert (model["width"], model["depth"], model["latent_dim"], model["meta_sgd"], model["inner_lr"]) == \
+        (64, 5, 64, False, 0.01)
+    assert (out / "model.safetensors").is_file()  # the final weights, for publishing without checkpoints

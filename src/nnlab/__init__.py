@@ -1,15 +1,11 @@
 """nnlab: four deep-learning studies (functa, ViT pruning, BatchNorm landscape, DessiLBI) in one toolkit.
 
 The library never parses argv; the command-line front end lives in :mod:`nnlab.cli`.
+Importing nnlab changes no process-wide setting. The ``nnlab`` command sets
+``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep instead of spinning) before torch starts its
+thread pool; library users who want the same set it in the environment before importing torch.
 """
-import os
-
-# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a busy machine
-# spinning threads wait on each other and small-model CPU training runs ~8x slower. Override by
-# setting OMP_WAIT_POLICY yourself.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from nnlab.errors import NnlabError  # noqa: E402
+from nnlab.errors import NnlabError
 
 __version__ = "0.1.0"
 __all__ = ["NnlabError", "__version__"]

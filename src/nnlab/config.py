@@ -81,20 +81,20 @@ def field_help(cls: type) -> dict[str, str]:
 
 
 def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> list[str]:
-    """Add one ``--field-name`` flag per field of dataclass ``cls`` (type, default and help from the
-    dataclass itself: the one source of defaults). Flags default to None, so only explicit ones
-    override; :func:`dataclass_from_args` builds the dataclass. Returns the field names added."""
+    """Add one ``--field-name`` flag per scalar field of dataclass ``cls`` (type, default and help from
+    the dataclass itself: the one source of defaults; booleans get ``--x`` and ``--no-x``). Flags
+    default to None, so only explicit ones override; :func:`dataclass_from_args` builds the
+    dataclass. Returns the field names added."""
     helps, names = field_help(cls), []
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name in skip or f.default is dataclasses.MISSING:
+        if f.name in skip or f.default is dataclasses.MISSING:  # default_factory fields are lists
             continue
         flag, text = "--" + f.name.replace("_", "-"), helps.get(f.name, "")
-        if isinstance(f.default, bool):
-            if f.default:
-                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const",
-                                    const=False, help=f"turn off: {text}" if text else None)
-            else:
-                parser.add_argument(flag, dest=f.name, action="store_const", const=True, help=text or None)
+        if isinstance(f.default, bool):  # --x / --no-x: a preset may have turned it on or off
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{text} (default {'on' if f.default else 'off'})" if text else None)
+        elif not isinstance(f.default, (int, float, str)):
+            continue  # lists and tuples: set them in a config file
         else:
             parser.add_argument(flag, dest=f.name, type=type(f.default), metavar=f.name.upper(),
                                 help=f"{text} (default {f.default})" if text else f"default {f.default}")

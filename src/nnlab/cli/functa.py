@@ -43,6 +43,11 @@ def register(subparsers) -> None:
     t.add_argument("--checkpointing", action="store_const", const=True, dest="use_checkpoint",
                    help="recompute inner steps in the backward pass (saves memory)")
     t.add_argument("--val-every", type=int)
+    from nnlab.config import add_dataclass_options
+    from nnlab.functa.model import FunctaConfig
+
+    arch = t.add_argument_group("model (override the preset's FunctaConfig)")
+    add_dataclass_options(arch, FunctaConfig, skip=("latent_dim", "in_dims", "out_channels"))
     t.add_argument("--device", default="auto")
     t.add_argument("--out", required=True)
     t.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint")
@@ -155,13 +160,14 @@ def run_sample(args) -> int:
 
 
 def run_train(args) -> int:
+    from nnlab.functa.model import FunctaConfig
     from nnlab.functa.presets import get_preset
     from nnlab.functa.trainer import train_functa
 
     preset = get_preset(args.preset, latent_dim=args.latent_dim, steps=args.steps, batch_size=args.batch_size,
                         outer_lr=args.outer_lr, inner_steps=args.inner_steps, time_limit_min=args.time_limit_min,
                         first_order=args.first_order, use_checkpoint=args.use_checkpoint, val_every=args.val_every,
-                        schedule=args.schedule)
+                        schedule=args.schedule, model_overrides={f: getattr(args, f, None) for f in FunctaConfig.__dataclass_fields__})
     summary = train_functa(preset, args.data, args.out, data_dir=args.data_dir, resume=args.resume, device=args.device)
     print(json.dumps(summary, indent=1))
     return 0

@@ -73,12 +73,19 @@ PRESETS: dict[str, Preset] = {
 
 
 def get_preset(name: str, *, latent_dim: int | None = None, steps: int | None = None,
-               **train_overrides) -> Preset:
-    """Preset ``name`` with optional overrides (``None`` keeps the preset's value)."""
+               model_overrides: dict | None = None, **train_overrides) -> Preset:
+    """Preset ``name`` with optional overrides (``None`` keeps the preset's value); ``model_overrides``
+    are :class:`FunctaConfig` fields (width, depth, w0, meta_sgd, inner_lr, ...)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown functa preset {name!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[name]
-    model = replace(p.model, latent_dim=latent_dim) if latent_dim is not None else replace(p.model)
+    arch = {k: v for k, v in (model_overrides or {}).items() if v is not None}
+    if latent_dim is not None:
+        arch["latent_dim"] = latent_dim
+    bad_arch = sorted(set(arch) - set(FunctaConfig.__dataclass_fields__))
+    if bad_arch:
+        raise ConfigError(f"unknown functa model option(s) {bad_arch}")
+    model = replace(p.model, **arch)
     overrides = {k: v for k, v in train_overrides.items() if v is not None}
     if steps is not None:
         overrides["steps"] = steps
