@@ -65,3 +65,9 @@ def test_published_generators_beat_the_gaussian_baseline():
     assert runs["gen-mnist-flow"]["fid"] < runs["gen-mnist-flow"]["fid_gaussian"]
     for s in runs.values():
         assert s["fid_reconstruction"] < s["fid"] and s["num_samples"] >= 5000
+
+
+@pytest.mark.skipif(not (GEN / "README.md").is_file(), reason="no published generative functa runs")
+def test_published_generative_readme_figures_resolve():
+    refs = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", (GEN / "README.md").read_text())
+    assert refs and not [r for r in refs if not (GEN / r).is_file()]

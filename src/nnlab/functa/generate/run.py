@@ -71,7 +71,11 @@ def _inputs(run_path: Path, functaset: Path, data: str | None):
 
 def _test_functaset(siren, splits, path: Path | None, out: Path, steps: int) -> Functaset:
     if path is not None:
-        return load_functaset(path)
+        fs = load_functaset(path)
+        if fs.metadata.get("model_hash") not in (None, config_hash(siren)):
+            raise ConfigError(f"--test-functaset {path} was fitted by another model; fit the test split with "
+                              "the same functa run")
+        return fs
     target = out / "test-functaset.safetensors"
     if not target.is_file():
         fit_functaset(siren, splits.test.images, splits.test.labels, target, steps=steps)
@@ -90,6 +94,9 @@ def generate(run: str | Path, functaset: str | Path, out: str | Path, config: Ge
     siren, fs, data = _inputs(Path(run), Path(functaset), data)
     num_classes = _num_classes(fs, config)
     splits = load_dataset(data, data_dir)
+    if splits.shape[0] != siren.config.out_channels:
+        raise ConfigError(f"data set {data} has {splits.shape[0]} channel(s) but run {run} renders "
+                          f"{siren.config.out_channels}; pass the --data the functa run was trained on")
     rd = RunDir(out)
     _check_resume(config, rd, resume)
     rd.save_config({"generate": asdict(config), "run": str(run), "run_relative": os.path.relpath(run, out),
