@@ -260,3 +260,29 @@ def test_custom_model_and_three_classes(tmp_path):
     res = train(tiny(epochs=2, batch_size=16, train_limit=None, test_limit=None), tmp_path / "r",
                 model=model, data=data)
     assert res.model is model and res.summary["test_top5"] == 1.0 and res.summary["params"] == 195
+
+
+def test_a_non_finite_model_is_never_checkpointed(tmp_path):
+    """The newest checkpoint on disk stays the last finite one (issue 16)."""
+    from nnlab.engine.checkpoint import load_checkpoint, save_checkpoint
+    from nnlab.errors import DivergenceError
+
+    good = {"w": torch.ones(3)}
+    save_checkpoint(tmp_path, 5, good, {"k": 1})
+    with pytest.raises(DivergenceError, match=r"not finite at step 6 \(w\).*step 5\) is the last finite one"):
+        save_checkpoint(tmp_path, 6, {"w": torch.tensor([1.0, float("nan"), 0.0])}, {"k": 2})
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.step == 5 and torch.equal(ckpt.tensors["w"], good["w"])
+    assert not list(tmp_path.glob("*00000006*"))
+
+
+def test_functa_run_at_a_huge_outer_lr_leaves_no_nan_checkpoint(tmp_path, capsys):
+    from nnlab.cli import main
+
+    out = tmp_path / "nan"
+    assert main(["functa", "train", "--preset", "tiny", "--data", "mnist-5k", "--steps", "60", "--outer-lr", "1e6",
+                 "--out", str(out)]) == 2
+    assert "not finite" in capsys.readouterr().err
+    for f in out.glob("checkpoint/model-*.safetensors"):
+        from safetensors.torch import load_file
+        assert all(torch.isfinite(v).all() for v in load_file(f).values())

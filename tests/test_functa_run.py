@@ -212,3 +212,18 @@ def test_functa_train_takes_architecture_flags_over_the_preset(tmp_path):
     assert (model["width"], model["depth"], model["latent_dim"], model["meta_sgd"], model["inner_lr"]) == \
         (64, 5, 64, False, 0.01)
     assert (out / "model.safetensors").is_file()  # the final weights, for publishing without checkpoints
+
+
+def test_functa_resume_refuses_a_changed_configuration(tmp_path, capsys):
+    """Resume must not silently switch data set, inner steps or outer lr (issue 16); more steps is fine."""
+    from nnlab.cli import main
+
+    out = str(tmp_path / "run")
+    base = ["functa", "train", "--preset", "tiny", "--data", "mnist-5k", "--steps", "4", "--out", out]
+    assert main(base) == 0
+    for extra, fragment in ((["--inner-steps", "5"], "inner_steps 3 -> 5"), (["--outer-lr", "0.01"], "outer_lr"),
+                            (["--width", "32"], "width 16 -> 32")):
+        capsys.readouterr()
+        assert main([*base, "--resume", *extra]) == 2
+        assert fragment in capsys.readouterr().err
+    assert main([*base[:6], "--steps", "6", *base[8:], "--resume"]) == 0

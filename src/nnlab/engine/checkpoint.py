@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nnlab.engine.io import atomic_write, read_json, write_json
-from nnlab.errors import CheckpointError
+from nnlab.errors import CheckpointError, DivergenceError
 
 
 @dataclass
@@ -58,11 +58,24 @@ def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tens
     folder = Path(folder)
     model_name, state_name = f"model-{step:08d}.safetensors", f"state-{step:08d}.pt"
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    check_finite(folder, step, flat)
     atomic_write(folder / model_name, lambda tmp: save_file(flat, tmp))
     atomic_write(folder / state_name, lambda tmp: torch.save(state, tmp))
     write_json(folder / "latest.json", {"step": step, "model": model_name, "state": state_name})
     _prune(folder, step, keep)
     return folder / model_name
+
+
+def check_finite(folder: Path, step: int, tensors: dict[str, torch.Tensor]) -> None:
+    """A :class:`DivergenceError` instead of a checkpoint of non-finite weights: the newest checkpoint
+    on disk stays the last finite one, so ``--resume`` (with a lower learning rate) can go on from it."""
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is None:
+        return
+    last = read_json(folder / "latest.json")["step"] if has_checkpoint(folder) else None
+    kept = f"the newest checkpoint (step {last}) is the last finite one" if last is not None else "none was written"
+    raise DivergenceError(f"weights are not finite at step {step} ({bad}), so they were not checkpointed and "
+                          f"{kept}; start again with a lower learning rate")
 
 
 def _prune(folder: Path, step: int, keep: int) -> None:

@@ -145,6 +145,7 @@ def train_functa(preset: Preset, data: str, out: str | Path, *, data_dir: str | 
     val = splits.train.images[len(splits.train) - cfg.val_images:]
     state = build_state(preset, info.device)
     if resume and has_checkpoint(run.checkpoint_dir):
+        check_resume_config(run, preset, data)
         resume_state(state, run.checkpoint_dir)
     elif dist.is_main():
         run.save_config({"model": asdict(preset.model), "train": asdict(cfg), "data": data})
@@ -161,6 +162,31 @@ def train_functa(preset: Preset, data: str, out: str | Path, *, data_dir: str | 
         save_final_weights(state.model, run)
         run.write_summary(summary)
     return summary
+
+
+# meta-training options a resumed run may change: its length and its bookkeeping
+RESUMABLE = ("steps", "time_limit_min", "log_every", "val_every", "ckpt_every", "eval_batch", "workers")
+
+
+def check_resume_config(run: RunDir, preset: Preset, data: str) -> None:
+    """Refuse ``--resume`` with another model, data set or meta-training setting than the run's
+    (its length and logging may change); a ConfigError names each difference."""
+    old = run.load_config()
+    new = {"model": asdict(preset.model), "train": asdict(preset.train), "data": data}
+    diffs = [f"data {old.get('data')} -> {data}"] if old.get("data") != data else []
+    for section in ("model", "train"):
+        saved = old.get(section, {})
+        for key, value in new[section].items():
+            if section == "train" and key in RESUMABLE:
+                continue
+            was = saved.get(key)
+            if isinstance(value, (list, tuple)):
+                value, was = list(value), list(was) if isinstance(was, (list, tuple)) else was
+            if key in saved and was != value:
+                diffs.append(f"{key} {was} -> {value}")
+    if diffs:
+        raise ConfigError(f"--resume with a changed configuration ({'; '.join(diffs)}) in {run.path}; drop "
+                          "those options to continue the run as it was, or use a new --out")
 
 
 def save_final_weights(model: LatentModulatedSiren, run: RunDir) -> Path:
