@@ -100,11 +100,15 @@ def _tiny_flow(conditional: bool) -> Flow:
     return flow.eval()
 
 
+def _flow_case(conditional: bool, n: int):
+    """A tiny flow, float64 inputs x (n, 5) and labels y (n,) or None."""
+    y = torch.randint(0, 3, (n,)) if conditional else None
+    return _tiny_flow(conditional), torch.randn(n, 5, dtype=torch.float64), y
+
+
 @pytest.mark.parametrize("conditional", [False, True])
 def test_flow_inverse_of_forward_is_identity(conditional):
-    flow = _tiny_flow(conditional)
-    x = torch.randn(16, 5, dtype=torch.float64)
-    y = torch.randint(0, 3, (16,)) if conditional else None
+    flow, x, y = _flow_case(conditional, 16)
     z, _ = flow(x, y)
     assert not torch.allclose(z, x)
     assert torch.allclose(flow.inverse(z, y), x, atol=1e-10)
@@ -112,9 +116,7 @@ def test_flow_inverse_of_forward_is_identity(conditional):
 
 @pytest.mark.parametrize("conditional", [False, True])
 def test_flow_logdet_matches_autograd_jacobian(conditional):
-    flow = _tiny_flow(conditional)
-    x = torch.randn(6, 5, dtype=torch.float64)
-    y = torch.randint(0, 3, (6,)) if conditional else None
+    flow, x, y = _flow_case(conditional, 6)
     _, logdet = flow(x, y)
     for i in range(len(x)):
         yi = None if y is None else y[i:i + 1]

@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from nnlab.config import from_dict
 from nnlab.engine.checkpoint import has_checkpoint, load_checkpoint
-from safetensors.torch import load_file
 from nnlab.engine.runs import RunDir
 from nnlab.errors import CheckpointError
 from nnlab.functa.functaset import fit_images

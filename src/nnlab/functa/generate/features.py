@@ -92,7 +92,8 @@ class FeatureNet:
 
     @property
     def label(self) -> str:
-        return f"FID (nnlab {'LeNet-5' if self.kind == 'lenet5' else 'rotation-CNN' if self.task == 'rotation' else 'CNN'} features)"
+        name = "LeNet-5" if self.kind == "lenet5" else "rotation-CNN" if self.task == "rotation" else "CNN"
+        return f"FID (nnlab {name} features)"
 
 
 def _choose(splits: DatasetSplits) -> tuple[str, str]:
@@ -194,10 +195,10 @@ def embed(fn: FeatureNet, images: torch.Tensor, batch: int = 500) -> tuple[torch
     """float images (N, C, H, W) in [0, 1] (or uint8) -> (features (N, F), predicted class (N,))."""
     feats, preds = [], []
     net = fn.net.eval()
+    head = net.net.fc2 if isinstance(net, LeNetFeatures) else net.head
     for part in images.split(batch):
         x = part.float() / 255 if part.dtype == torch.uint8 else part.float()
         f = net.features(x)
-        head = net.net.fc2 if isinstance(net, LeNetFeatures) else net.head
         feats.append(f)
         preds.append(head(f).argmax(1))
     return torch.cat(feats), torch.cat(preds)

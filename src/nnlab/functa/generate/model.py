@@ -8,7 +8,7 @@ and :meth:`Generator.sample` returns latents in the functaset's own units, ready
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from nnlab.config import from_dict
 from nnlab.engine.io import atomic_write
 from nnlab.errors import CheckpointError, ConfigError
 from nnlab.functa.classify import Normalizer
@@ -81,11 +82,6 @@ class GenerateConfig:
     # fields that only change sampling or evaluation: a resumed run may change them
     EVAL_FIELDS = ("guidance", "sampler", "sample_steps", "clip_x0", "samples", "steps", "time_limit_min", "log_every",
                    "ckpt_every")
-
-
-def config_from(values: dict) -> GenerateConfig:
-    names = {f.name for f in fields(GenerateConfig)}
-    return GenerateConfig(**{k: v for k, v in values.items() if k in names})
 
 
 @dataclass
@@ -165,14 +161,12 @@ def load_generator(path: str | Path) -> Generator:
         with safe_open(path, "pt") as f:
             meta = dict(f.metadata() or {})
         tensors = load_file(path)
-        config = config_from(json.loads(meta["config"]))
+        config = from_dict(GenerateConfig, json.loads(meta["config"]))
         num_classes, dim = int(meta["num_classes"]), int(meta["dim"])
         net, sched = build_net(config, dim, num_classes)
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         norm = Normalizer(tensors["norm.mean"], tensors["norm.std"])
-    except (KeyError, ValueError, RuntimeError, OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not a readable nnlab generator ({type(exc).__name__}); "
+    except Exception as exc:  # safetensors, json and load_state_dict raise several types
+        raise CheckpointError(f"{path} is not a readable nnlab generator ({type(exc).__name__}: {exc}); "
                               "train it again with 'nnlab functa generate'") from None
-    except Exception as exc:  # safetensors' own error types
-        raise CheckpointError(f"{path} is not a readable nnlab generator ({exc})") from None
     return Generator(config, net.eval(), norm, num_classes, sched)

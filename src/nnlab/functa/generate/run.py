@@ -23,7 +23,8 @@ from nnlab.functa.generate import features as F
 from nnlab.functa.generate.flow import bits_per_dim
 from nnlab.functa.generate.gaussian import GaussianModel
 from nnlab.functa.generate.metrics import fid, memorisation, precision_recall
-from nnlab.functa.generate.model import GenerateConfig, Generator, config_from, save_generator
+from nnlab.config import from_dict
+from nnlab.functa.generate.model import GenerateConfig, Generator, save_generator
 from nnlab.functa.generate.plots import decode, interpolation_grid, plot_training, save_tiles
 from nnlab.functa.generate.train import ema_generator, resume_or_new, train
 from nnlab.functa.model import config_hash
@@ -48,7 +49,7 @@ def _check_resume(cfg: GenerateConfig, run: RunDir, resume: bool) -> None:
         return
     if not has_config:
         return
-    old = config_from(run.load_config().get("generate", {}))
+    old = from_dict(GenerateConfig, run.load_config().get("generate", {}))
     changed = [k for k, v in asdict(cfg).items() if k not in GenerateConfig.EVAL_FIELDS and getattr(old, k) != v]
     if changed:
         raise ConfigError(f"--resume with changed option(s) {', '.join(changed)} (the run in {run.path} used "
@@ -215,8 +216,10 @@ def sample_to_png(gen_dir: str | Path, out: str | Path, *, n: int = 64, klass: i
 def _recorded_run(gen_dir: Path) -> Path:
     """The functa run of a generator folder: relative to the folder first (published copies move)."""
     cfg = RunDir(gen_dir).load_config()
-    for candidate in (gen_dir / cfg.get("run_relative", ""), Path(cfg.get("run", ""))):
-        if str(candidate) and (candidate / "config.yaml").is_file():
+    candidates = [gen_dir / cfg["run_relative"]] if cfg.get("run_relative") else []
+    candidates += [Path(cfg["run"])] if cfg.get("run") else []
+    for candidate in candidates:  # never the generator folder itself, whose config.yaml is no functa run
+        if (candidate / "config.yaml").is_file():
             return candidate
     raise ConfigError(f"the functa run of {gen_dir} ({cfg.get('run')}) is not there; pass --run")
 
