@@ -247,8 +247,47 @@ def test_max_steps_eval_every_and_bf16_on_cpu_warns(tmp_path, digits):
         assert torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(was)
-    assert res.summary["steps"] == 8 and res.summary["epochs"] == 2
-    assert [("test_top1" in r) for r in res.history] == [False, True]
+    # 6 steps per epoch: step 8 is a third into epoch 2, evaluated for the summary, out of the history
+    assert res.summary["steps"] == 8 and res.summary["epochs"] == pytest.approx(8 / 6)
+    assert [("test_top1" in r) for r in res.history] == [False] and 0 <= res.summary["test_top1"] <= 1
+    assert res.summary["complete"] is False
+
+
+class LRs(Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_after_backward(self, ctx):
+        self.lrs.append(ctx.lr)
+
+
+def test_max_steps_stops_without_changing_the_schedule_and_resume_continues(tmp_path, digits):
+    """Issue 14: --max-steps N stops after N steps; the lr of every step is the full run's, and a
+    resume without it ends bit-identical to an uninterrupted run (mid-epoch stop included)."""
+    cfg = dict(schedule="cosine", epochs=2, checkpoint_every=0)
+    full_lrs, part_lrs = LRs(), LRs()
+    full = train(tiny(**cfg), tmp_path / "full", callbacks=[full_lrs], data=digits)
+    part = train(tiny(**cfg, max_steps=4), tmp_path / "part", callbacks=[part_lrs], data=digits)
+    assert part.summary["steps"] == 4 and part.summary["complete"] is False
+    assert part_lrs.lrs == full_lrs.lrs[:4] and full_lrs.lrs[3] < full_lrs.lrs[0]  # cosine, not cut short
+    rest = train(tiny(**cfg), tmp_path / "part", resume=True, callbacks=[LRs()], data=digits)
+    assert rest.summary["complete"] is True and rest.summary["steps"] == full.summary["steps"]
+    for k, v in weights(full.model).items():
+        assert torch.equal(v, weights(rest.model)[k]), k
+    losses = lambda run: [(r["step"], r["loss"]) for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+
+
+def test_threads_are_applied_and_recorded(tmp_path, digits):
+    before = torch.get_num_threads()
+    try:
+        res = train(tiny(epochs=1, max_steps=1, threads=1), tmp_path / "r", data=digits)
+        assert torch.get_num_threads() == 1 and res.summary["threads"] == 1
+        assert res.run.load_config()["threads"] == 1
+        res = train(tiny(epochs=1, max_steps=1), tmp_path / "s", data=digits)  # unset: the count in use
+        assert res.run.load_config()["threads"] == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_custom_model_and_three_classes(tmp_path):
@@ -286,3 +325,38 @@ def test_functa_run_at_a_huge_outer_lr_leaves_no_nan_checkpoint(tmp_path, capsys
     for f in out.glob("checkpoint/model-*.safetensors"):
         from safetensors.torch import load_file
         assert all(torch.isfinite(v).all() for v in load_file(f).values())
+
+
+def test_recheck_reproduces_a_run_and_catches_a_changed_one(tmp_path, digits):
+    """Issue 14: rerunning a run's config.yaml for its first steps gives its logged losses; a
+    published loss that the code no longer produces is reported as a difference."""
+    import json
+
+    from nnlab.engine.recheck import recheck
+
+    train(tiny(epochs=2, threads=1), tmp_path / "pub", data=digits)  # mnist-5k: the rerun loads it too
+    ok = recheck(tmp_path / "pub", tmp_path / "again", max_steps=5, progress=False)
+    assert ok.ok and ok.steps == [2, 4] and ok.max_rel_diff == 0.0
+    lines = (tmp_path / "pub" / "metrics.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    recs[1]["loss"] *= 1.001  # the step-4 record, as if the code had changed
+    (tmp_path / "pub" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    bad = recheck(tmp_path / "pub", tmp_path / "third", max_steps=5, progress=False)
+    assert not bad.ok and bad.max_rel_diff == pytest.approx(0.001 / 1.001, rel=1e-3)
+    with pytest.raises(ConfigError, match="raise --max-steps"):
+        recheck(tmp_path / "pub", tmp_path / "fourth", max_steps=1)
+
+
+def test_a_run_folder_being_written_is_refused_to_a_second_writer(tmp_path, digits):
+    """Issue 16: two processes training into one folder would interleave checkpoints and metrics."""
+    from nnlab.engine.runs import RunDir
+    from nnlab.landscape.sweep import run_sweep
+
+    with RunDir(tmp_path / "r").lock():  # as another live process would hold it
+        with pytest.raises(CheckpointError, match=r"being written by pid \d+.*choose another --out"):
+            train(tiny(epochs=1, max_steps=1), tmp_path / "r", data=digits)
+        from test_landscape_sweep import tiny_sweep
+        with pytest.raises(CheckpointError, match="being written by"):
+            run_sweep(tiny_sweep(), tmp_path / "r", data=digits)
+    res = train(tiny(epochs=1, max_steps=1), tmp_path / "r", data=digits)  # released: fine now
+    assert res.summary["steps"] == 1

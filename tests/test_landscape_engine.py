@@ -83,3 +83,19 @@ def test_bad_probe_settings_are_config_errors():
         LandscapeProbe(every=30, hessian_every=45)
     with pytest.raises(ConfigError, match="positive"):
         LandscapeProbe(eta_factors=[0.5, 0.0])
+
+
+def test_the_callback_probes_what_the_step_saw(tmp_path):
+    """Issue 14: dropout masks replayed (at a tiny step size the probe's loss is the step's loss),
+    the clipped step followed, and the same-batch beta logged beside the seed's beta_t."""
+    cfg = tiny_config(model_options={"width": 0.0625, "dropout": 0.5}, grad_clip=0.05, epochs=1, momentum=0.0,
+                      weight_decay=0.0, schedule="constant")
+    train(cfg, tmp_path / "r", data=synthetic(), callbacks=[LandscapeProbe(every=3, eta_factors=[1e-7])])
+    recs = probe_records(tmp_path / "r" / "metrics.jsonl")
+    land = [r for r in recs if r["probe"] == "landscape"]
+    dist = [r for r in recs if r["probe"] == "graddist"]
+    for r in land:
+        assert r["land_loss_min"] == pytest.approx(r["train_loss"], rel=1e-5)
+        assert r["land_step_norm"] == pytest.approx(min(0.05, r["land_grad_norm"]), rel=1e-3)
+    assert dist and all(r["beta_same"] > 0 and r["move_norm"] > 0 for r in dist)
+    assert all(r["move_norm"] == pytest.approx(0.05 * 0.05, rel=1e-3) for r in dist)  # lr x clipped norm

@@ -166,3 +166,104 @@ def test_training_with_probes_is_bit_identical_to_training_without():
     for k in plain:
         assert torch.equal(plain[k], probed[k]), k
     assert not math.isnan(float(probed["0.weight"].sum()))
+
+
+# --------------------------------------------------------------------------- issue 14: fidelity
+
+
+def test_dropout_masks_are_replayed_so_a_tiny_step_sees_the_training_loss():
+    """Without replay, dropout draws new masks and beta at a tiny step is huge (the 6.2e6 defect)."""
+    from nnlab.engine.checkpoint import rng_state
+
+    model = tiny_bn_net(dropout=0.5).train()
+    x, y = batch()
+    before = rng_state()
+    model.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    eta = [1e-6]
+    replayed = landscape_step(model, F.cross_entropy, x, y, eta, replay_rng=before)
+    fresh = landscape_step(model, F.cross_entropy, x, y, eta)
+    assert replayed.losses[0].item() == pytest.approx(loss.item(), rel=1e-5)
+    assert abs(fresh.losses[0].item() - loss.item()) > 1e-3
+    assert replayed.grad_dists[0] < 1e-3 * replayed.grad_norm < fresh.grad_dists[0]
+    ref = landscape_step_reference(model, F.cross_entropy, x, y, default_etas(0.1), replay_rng=before)
+    fast = landscape_step(model, F.cross_entropy, x, y, default_etas(0.1), replay_rng=before)
+    torch.testing.assert_close(fast.grad_dists, ref.grad_dists, rtol=1e-4, atol=1e-6)
+
+
+def test_probe_in_the_training_precision():
+    """autocast=True evaluates as bf16-autocast training does; fp32 probing gives another loss."""
+    model = tiny_bn_net(dropout=0.0).train()
+    x, y = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = F.cross_entropy(model(x).float(), y)
+    backward(model, x, y)
+    fp32 = F.cross_entropy(model(x), y)
+    bf16 = landscape_step(model, F.cross_entropy, x, y, [1e-9], autocast=True)
+    plain = landscape_step(model, F.cross_entropy, x, y, [1e-9])
+    assert bf16.losses[0].item() == pytest.approx(trained.item(), rel=1e-6)
+    assert plain.losses[0].item() == pytest.approx(fp32.item(), rel=1e-6)
+    assert abs(trained.item() - fp32.item()) > 1e-5  # the two precisions do differ here
+
+
+def test_clipped_step_direction_on_the_quadratic():
+    """With clipping the points are w - eta * clip(g) and beta divides by ||eta clip(g)||."""
+    from nnlab.landscape.probe import clipped
+
+    torch.manual_seed(4)
+    a = torch.diag(torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64))
+    model = Quadratic(a)
+    model.zero_grad()
+    model.loss(model(None), None).backward()
+    w, g = model.w.detach().clone(), model.w.grad.clone()
+    max_norm = 0.25 * float(g.norm())
+    d = clipped([g], max_norm)
+    ref = g.clone().requires_grad_(False)
+    p = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    p.grad = ref.clone()
+    torch.nn.utils.clip_grad_norm_([p], max_norm)
+    torch.testing.assert_close(d[0], p.grad)
+    res = landscape_step(model, model.loss, None, None, [0.1, 0.3], direction=d)
+    for k, eta in enumerate([0.1, 0.3]):
+        v = w - eta * d[0]
+        assert res.losses[k].item() == pytest.approx(float(0.5 * v @ a @ v), rel=1e-10)
+        assert res.betas[k].item() == pytest.approx(float((a @ d[0]).norm() / d[0].norm()), rel=1e-10)
+    assert res.step_norm == pytest.approx(max_norm, rel=1e-5) and res.grad_norm == pytest.approx(float(g.norm()))
+
+
+def test_same_batch_beta_is_the_curvature_along_the_actual_move():
+    """After a momentum step (move != lr ||g||), beta_same = ||A dw|| / ||dw|| exactly."""
+    from nnlab.landscape.probe import same_batch_distance
+
+    torch.manual_seed(5)
+    q = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))[0]
+    a = q @ torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.3, 0.1], dtype=torch.float64)) @ q.T
+    model = Quadratic(a)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(3):  # build up momentum
+        opt.zero_grad()
+        model.loss(model(None), None).backward()
+        opt.step()
+    opt.zero_grad()
+    model.loss(model(None), None).backward()
+    w0, g0 = model.w.detach().clone(), model.w.grad.clone()
+    opt.step()
+    dw = model.w.detach() - w0
+    res = same_batch_distance(model, model.loss, None, None, [g0], [w0], [model.w])
+    assert res.move == pytest.approx(float(dw.norm()), rel=1e-12)
+    assert abs(res.move - 0.05 * float(g0.norm())) > 0.1 * res.move  # momentum: the seed's lr||g|| is off
+    assert res.dist == pytest.approx(float((a @ dw).norm()), rel=1e-9)
+    assert res.beta == pytest.approx(float((a @ dw).norm() / dw.norm()), rel=1e-9)
+
+
+def test_hessian_logs_its_convergence():
+    torch.manual_seed(3)
+    q = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
+    a = q @ torch.diag(torch.tensor([5.0, 4.0, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64)) @ q.T
+    model = Quadratic(a)
+    short = top_hessian_eigenvalue(model, model.loss, None, None, iters=2, tol=1e-12)
+    long = top_hessian_eigenvalue(model, model.loss, None, None, iters=400, tol=1e-12)
+    assert not short.converged and short.iterations == 2
+    assert long.converged and long.eigenvalue == pytest.approx(5.0, rel=1e-9)
+    assert long.residual < 1e-4 < short.residual

@@ -5,6 +5,7 @@ import pytest
 
 from nnlab.cli import main
 from nnlab.engine.io import read_json
+from nnlab.engine.metrics import read_jsonl
 from nnlab.errors import ConfigError
 from nnlab.landscape.bands import band_medians, eta_band, last_half_median, lr_band
 from nnlab.landscape.sweep import SweepConfig, pair_dir, run_sweep, train_config
@@ -39,6 +40,8 @@ def test_bands_and_last_half_medians():
     assert m["beta_eff"] == pytest.approx((4.0 + 1.0) / 2) and m["beta_t"] == pytest.approx(2.0)
     assert m["lr_loss_band"] == pytest.approx(0.6) and m["lr_gdist_band"] == pytest.approx(0.2)
     assert m["hess_top"] is None
+    m0 = band_medians({0.1: a, 0.2: b}, total_steps=100, start=0)  # e.g. "after epoch 1" with epoch1=0
+    assert m0["eta_loss_band"] == pytest.approx((0.5 + 0.2) / 2)  # all steps: per-run medians 0.5, 0.2
     blown = [land(1, 1.0, 9.0, 0.0, 9.0, 99.0, 9.0), {"event": "diverged", "step": 5}]
     assert band_medians({0.1: a, 0.2: b, 9.0: blown}, total_steps=100) == m  # diverged run left out
 
@@ -121,3 +124,20 @@ def test_sweep_on_real_cifar10(shared_data, tmp_path):
     summary = run_sweep(cfg, tmp_path).summary
     assert summary["complete"] and all(r["test_top1"] is not None for r in summary["runs"])
     assert all(summary["band_medians"][bn]["eta_loss_band"] > 0 for bn in ("on", "off"))
+
+
+def test_parallel_jobs_and_max_steps_give_the_sequential_result(tmp_path):
+    """Issue 14: --jobs 2 trains pairs in two processes (1 thread each) to the numbers of a
+    sequential 1-thread sweep; --max-steps stops the pairs unfinished and a rerun completes them."""
+    data = synthetic()
+    seq = run_sweep(tiny_sweep(bn="on", threads=1), tmp_path / "seq", data=data)
+    cut = run_sweep(tiny_sweep(bn="on", jobs=2, max_steps=2), tmp_path / "par", data=data)
+    assert not cut.summary["complete"] and not any(r["finished"] for r in cut.summary["runs"])
+    par = run_sweep(tiny_sweep(bn="on", jobs=2), tmp_path / "par", data=data)
+    assert par.ran == [("on", 0.05), ("on", 0.1)] and par.summary["complete"]
+    assert par.summary["top1"] == seq.summary["top1"]
+    for lr in (0.05, 0.1):
+        a = [r for r in read_jsonl(pair_dir(tmp_path / "seq", "on", lr) / "metrics.jsonl") if "probe" in r]
+        b = [r for r in read_jsonl(pair_dir(tmp_path / "par", "on", lr) / "metrics.jsonl") if "probe" in r]
+        assert a == b
+        assert read_json(pair_dir(tmp_path / "par", "on", lr) / "summary.json")["threads"] == 1

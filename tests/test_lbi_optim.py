@@ -123,15 +123,71 @@ def test_adam_coupled_first_step_by_hand():
     assert opt.state[w]["step"] == 1
 
 
-def test_weight_decay_does_not_leak_into_momentum():
-    w = nn.Parameter(torch.ones(3, 3))
-    opt = DessiLBI([w], lr=0.1, momentum=0.9, weight_decay=0.5)
-    grads = [torch.full((3, 3), 0.1 * k) for k in range(1, 4)]
-    for g in grads:
-        w.grad = g.clone()
-        opt.step()
-    expected = grads[0] * 0.81 + grads[1] * 0.9 + grads[2]
-    assert torch.allclose(opt.state[w]["momentum_buffer"], expected)
+def test_default_weight_decay_is_coupled_l2_as_torch_sgd():
+    """Issue 14: the official code's decay in the momentum buffer is torch.optim.SGD's coupled L2."""
+    torch.manual_seed(2)
+    a, b = Tiny(), Tiny()
+    b.load_state_dict(a.state_dict())
+    ours = DessiLBI(a.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01, coupled=False)
+    theirs = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    batches = _batches(20)
+    _train(a, ours, batches)
+    _train(b, theirs, batches)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    # a coupled weight: buf_t = 0.9 buf_{t-1} + g_t + wd W_t, by hand over 3 steps (foreach and reference)
+    for foreach in (True, False):
+        w = nn.Parameter(torch.ones(3, 3))
+        opt = DessiLBI([w], lr=0.1, momentum=0.9, weight_decay=0.5, foreach=foreach)
+        expected = torch.zeros(3, 3)
+        for k in range(1, 4):
+            w.grad = torch.full((3, 3), 0.1 * k)
+            expected = 0.9 * expected + w.grad + 0.5 * w.detach()
+            opt.step()
+        assert torch.allclose(opt.state[w]["momentum_buffer"], expected), foreach
+
+
+def test_decoupled_weight_decay_keeps_the_buffer_to_loss_gradients():
+    for foreach in (True, False):
+        w = nn.Parameter(torch.ones(3, 3))
+        opt = DessiLBI([w], lr=0.1, momentum=0.9, weight_decay=0.5, decoupled_wd=True, foreach=foreach)
+        grads = [torch.full((3, 3), 0.1 * k) for k in range(1, 4)]
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        expected = grads[0] * 0.81 + grads[1] * 0.9 + grads[2]
+        assert torch.allclose(opt.state[w]["momentum_buffer"], expected), foreach
+
+
+@pytest.mark.parametrize("flavour", ["sgd", "adam"])
+def test_compiled_step_falls_back_to_foreach_once_when_it_cannot_build(monkeypatch, flavour):
+    """Issue 14: without a C++ compiler torch.compile raises InductorError on first use; the step
+    then runs on the foreach path (one warning), matches it, and counts each step once."""
+    import warnings as w
+
+    import nnlab.lbi.optim as optim
+    from torch._inductor.exc import InductorError
+
+    def no_compiler(*args):
+        raise InductorError(RuntimeError("InvalidCxxCompiler: No working C++ compiler found"), None)
+
+    monkeypatch.setattr(optim, "_COMPILED", {"sgd": no_compiler, "adam": no_compiler})
+    monkeypatch.setattr(optim, "sgd_kernels", lambda: None)
+    torch.manual_seed(9)
+    fast_model = Tiny()
+    ref_model = copy.deepcopy(fast_model)
+    build, kw = (build_slbi, dict(lr=0.1)) if flavour == "sgd" else (build_slbi_adam, dict(lr=0.01))
+    kw.update(momentum=0.9, weight_decay=1e-3, mu=5.0, lam=0.05)
+    fast, ref = build(fast_model, compiled=True, **kw), build(ref_model, **kw)
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        _train(fast_model, fast, _batches(5))
+    _train(ref_model, ref, _batches(5))
+    assert len([c for c in caught if "compiled step unavailable" in str(c.message)]) == 1
+    for a, b in zip(fast_model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
+    if flavour == "adam":
+        assert all(s["step"] == 5 for s in fast.state.values())
 
 
 def test_default_groups_couple_conv_and_linear_weights_only():
@@ -215,7 +271,7 @@ def test_fused_kernel_matches_reference_step(momentum):
     torch.manual_seed(8)
     w = torch.randn(6, 3, 3, 3) * torch.arange(1, 7).view(6, 1, 1, 1) / 3  # filters of growing norm
     group = dict(lr=0.1, kappa=2.0, mu=5.0, lam=1.5, momentum=momentum, dampening=0.0, weight_decay=1e-3,
-                 gamma_lr=0.2)
+                 gamma_lr=0.2, decoupled_wd=True)  # the kernel's own form; coupled L2 adds wd*W to g first
     ref_w, ref_state = w.clone(), {"gamma": torch.zeros_like(w), "V": torch.zeros_like(w)}
     buf, v, gam, sc = torch.zeros_like(w), torch.zeros_like(w), torch.zeros_like(w), torch.zeros(6)
     for i in range(5):

@@ -144,7 +144,7 @@ def test_failing_stage_is_reported_and_only_selects_studies(tmp_path, capsys):
     assert main(["reproduce", "--preset", "fake-test", "--out", str(out), "--only", "bogus"]) == 2
 
 
-@pytest.mark.parametrize("preset", ["quick", "cpu", "paper"])
+@pytest.mark.parametrize("preset", ["quick", "cpu", "paper", "cpu-full"])
 def test_presets_cover_every_study_with_headlines_against_the_seed(preset):
     stages = PRESETS.get(preset)()
     names = [s.name for s in stages]
@@ -157,6 +157,27 @@ def test_presets_cover_every_study_with_headlines_against_the_seed(preset):
     for stage in stages:  # stages read only outcomes of stages listed before them
         assert all(n in names[: names.index(stage.name)] for n in stage.needs), stage.name
     assert [s.key() for s in stages] == [s.key() for s in PRESETS.get(preset)()]  # stable keys
+
+
+def test_cpu_full_preset_is_the_seed_scale_cifar_runs():
+    """Issue 14: the lr 0.1 pair at full width on all 50k images (the seed's Table 3 schedule), the
+    band at width 0.5, and DessiLBI on both seed models with both flavours, 20 epochs each."""
+    from nnlab.landscape.sweep import SweepConfig
+    from nnlab.reproduce.study_lbi import sparsest_conv
+
+    stages = {s.name: s for s in PRESETS.get("cpu-full")()}
+    pair = SweepConfig(**stages["bn-lr0.1"].config["sweep"]).validate()
+    assert (pair.lrs, pair.width, pair.train_subset, pair.epochs, pair.batch_size) == ([0.1], None, None, 20, 128)
+    assert (pair.momentum, pair.weight_decay, pair.every, pair.eta_count, pair.hessian_every) == (0.0, 0.0, 30, 8, 300)
+    band = SweepConfig(**stages["bn-band"].config["sweep"])
+    assert band.width == 0.5 and band.lrs == [0.05, 0.075, 0.1, 0.125, 0.15] and band.train_subset is None
+    runs = [n for n in stages if n.startswith("lbi-") and not n.endswith(("-prune", "-figures"))]
+    assert sorted(runs) == ["lbi-resnet56-adam", "lbi-resnet56-sgd", "lbi-vgg-a-adam", "lbi-vgg-a-sgd"]
+    assert all(stages[n].config["epochs"] >= 20 and stages[n].config["data"] == "cifar10" for n in runs)
+    assert all(f"{n}-prune" in stages for n in runs)
+    assert {s.study for s in stages.values()} == {"bn", "lbi"}
+    assert sparsest_conv({"a.weight": 0.9, "b.weight": 0.2, "c.weight": 0.0}) == "b.weight"
+    assert sparsest_conv({"a.weight": 0.0, "b.weight": 0.0}) == "a.weight"
 
 
 def test_quick_preset_uses_only_the_embedded_digits():

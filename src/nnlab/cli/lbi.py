@@ -75,6 +75,9 @@ def _register_train(sub) -> None:
     p.add_argument("--compiled", action="store_const", const=True, default=None,
                    help="fused optimiser step: a C++ kernel for conv weights and torch.compile for the rest "
                         "(built on first use; needs a C++ compiler)")
+    p.add_argument("--decoupled-wd", action="store_const", const=True, default=None,
+                   help="slbi: decoupled weight decay (default: coupled L2 in the momentum buffer, as the "
+                        "official code and torch SGD; slbi-adam always decouples)")
     p.add_argument("--schedule", choices=SCHEDULES.names(), default="cosine")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False)
@@ -86,6 +89,9 @@ def _register_train(sub) -> None:
     p.add_argument("--eval-wstar", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate W * 1[Gamma != 0] every epoch")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after N steps, schedule unchanged (--resume without it continues)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (recorded in config.yaml)")
     p.add_argument("--train-limit", type=int, default=None, help="use N random train images")
     p.add_argument("--test-limit", type=int, default=None, help="use N random test images")
     p.add_argument("--no-progress", dest="progress", action="store_false")

@@ -86,7 +86,10 @@ def register(subparsers) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: GPU if any")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU only)")
     p.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels (slower)")
-    p.add_argument("--max-steps", type=_positive_int, default=None)
+    p.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="stop after N steps without changing the schedule (--resume without it continues)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice); config.yaml records the count used")
     p.add_argument("--train-limit", type=_positive_int, default=None, help="use N random train images")
     p.add_argument("--test-limit", type=_positive_int, default=None, help="use N random test images")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no bars or epoch lines")

@@ -6,10 +6,15 @@ Layout of ``RUN/``::
     metrics.jsonl     per-step / per-epoch records (:class:`nnlab.engine.metrics.MetricsLogger`)
     checkpoint/       latest checkpoint (:mod:`nnlab.engine.checkpoint`)
     summary.json      headline results, written at the end
+    .lock             held (flock) by the one process writing the folder; a second one is refused
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,14 @@ class RunDir:
     def summary_path(self) -> Path:
         return self.path / "summary.json"
 
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold ``RUN/.lock`` while writing the folder: a second process (a command rerun while the
+        first still trains) gets a CheckpointError instead of interleaving checkpoints and metrics.
+        An OS lock (flock), so a killed process never leaves a stale one. No-op without fcntl."""
+        with folder_lock(self.path):
+            yield self
+
     def save_config(self, config: Any) -> Path:
         """Write ``config`` (a dataclass or dict) as ``config.yaml``."""
         data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
@@ -56,3 +69,29 @@ class RunDir:
         if not self.summary_path.is_file():
             raise CheckpointError(f"{self.path} has no summary.json; the run has not finished")
         return read_json(self.summary_path)
+
+
+@contextlib.contextmanager
+def folder_lock(path: str | Path):
+    """Exclusive, non-blocking lock of folder ``path`` (``path/.lock`` records the holder's pid)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise CheckpointError(f"{path} is being written by {holder}; wait for it to finish (or stop it), "
+                                  "or choose another --out folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                      f"({' '.join(sys.argv[:3])})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock

@@ -50,7 +50,7 @@ from nnlab.engine.runs import RunDir
 from nnlab.errors import CheckpointError, ConfigError, DivergenceError
 
 # Config keys that may change between a run and its resumption (they do not change the numbers).
-RESUME_MAY_DIFFER = ("device", "data_dir", "progress")
+RESUME_MAY_DIFFER = ("device", "data_dir", "progress", "max_steps", "threads")
 
 
 @dataclass
@@ -58,8 +58,12 @@ class TrainConfig:
     """Everything that defines a training run; saved as ``RUN/config.yaml``.
 
     batch_size is per process. checkpoint_every counts optimiser steps (0: only at epoch ends);
-    eval_every counts epochs (the last epoch is always evaluated). max_steps stops early (and
-    shortens the schedule); train_limit / test_limit keep a seeded random subset (for tests).
+    eval_every counts epochs (the last epoch is always evaluated). max_steps stops the run after
+    that many steps without changing its schedule (the lr at step t is the same as in the full run;
+    a mid-epoch stop saves a checkpoint, so ``resume`` with a larger or no max_steps continues it
+    bit-identically, and ``summary.json`` says ``"complete": false``). threads sets torch's CPU
+    thread count (unset: torch's default); ``config.yaml`` records the count used, since CPU results
+    are bit-identical only at the same count. train_limit / test_limit keep a seeded random subset.
     deterministic asks torch for deterministic kernels (GPU runs bit-identical across resumes, slower);
     CPU runs are deterministic without it.
     schedule_options go to the schedule (``min_factor`` for cosine, ``milestones`` as fractions
@@ -96,6 +100,7 @@ class TrainConfig:
     bf16: bool = False
     deterministic: bool = False
     max_steps: int | None = None
+    threads: int | None = None
     train_limit: int | None = None
     test_limit: int | None = None
     progress: bool = True
@@ -117,6 +122,7 @@ class TrainConfig:
                   ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0: only at epoch ends)"),
                   ("eval_every", self.eval_every >= 1, ">= 1"),
                   ("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 or unset"),
+                  ("threads", self.threads is None or self.threads >= 1, ">= 1 or unset"),
                   ("train_limit", self.train_limit is None or self.train_limit >= 1, ">= 1 or unset"),
                   ("test_limit", self.test_limit is None or self.test_limit >= 1, ">= 1 or unset")]
         for name, ok, want in checks:
@@ -159,7 +165,8 @@ class TrainContext:
     """What callbacks see. ``model`` is the plain module (never the DDP wrapper); ``x`` (B, C, H, W),
     ``y`` (B,) and ``loss`` (0-d tensor, with graph until the step ends) are the current batch;
     ``step`` counts optimiser steps done; ``epoch`` is 0-based; ``lr`` is the first group's lr;
-    ``log(record)`` writes a metrics record (rank 0 only; ``step``/``epoch`` filled in)."""
+    ``log(record)`` writes a metrics record (rank 0 only; ``step``/``epoch`` filled in);
+    ``autocast``: the forward runs under bf16 autocast (probes must use the same precision)."""
 
     config: TrainConfig
     model: nn.Module
@@ -179,6 +186,7 @@ class TrainContext:
     batch_index: int = 0
     rank: int = 0
     world_size: int = 1
+    autocast: bool = False
 
 
 class Callback:
@@ -186,6 +194,8 @@ class Callback:
     plain data only) is saved in checkpoints and handed back to :meth:`load_state_dict` on resume."""
 
     def on_train_start(self, ctx: TrainContext) -> None: ...
+
+    def on_step_start(self, ctx: TrainContext) -> None: ...  # batch in ctx.x/ctx.y, before the forward
 
     def on_after_backward(self, ctx: TrainContext) -> None: ...  # grads ready, before optimizer.step()
 
@@ -277,6 +287,13 @@ def _seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.manual_seed(seed)
 
 
+def _resolve_threads(config: TrainConfig) -> TrainConfig:
+    """Apply ``config.threads`` (when set) and return the config with the count in use."""
+    if config.threads is not None and config.threads != torch.get_num_threads():
+        torch.set_num_threads(config.threads)
+    return dataclasses.replace(config, threads=torch.get_num_threads())
+
+
 def _config_diff(saved: dict, current: dict) -> list[str]:
     keys = (set(saved) | set(current)) - set(RESUME_MAY_DIFFER)
     return sorted(k for k in keys if saved.get(k) != current.get(k))
@@ -301,7 +318,9 @@ class _Trainer:
 
     def __init__(self, config: TrainConfig, out: Path, resume: bool, callbacks: list[Callback],
                  model: nn.Module | None, data: DatasetSplits | None):
-        self.config, self.callbacks = config, callbacks
+        self.callbacks = callbacks
+        self.config = _resolve_threads(config)
+        config = self.config
         self.dist = D.init_from_env(config.device)
         self.main = self.dist.rank == 0
         self.run_dir = RunDir(out)
@@ -317,9 +336,7 @@ class _Trainer:
                                          weight_decay=config.weight_decay, **config.optimizer_options)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.train_loader, self.test_loader = self._loaders()
-        self.total_steps = config.epochs * len(self.train_loader)
-        if config.max_steps is not None:
-            self.total_steps = min(self.total_steps, config.max_steps)
+        self.total_steps = config.epochs * len(self.train_loader)  # max_steps never shortens it
         self.scheduler = build_scheduler(self.optimizer, config.schedule, total_steps=self.total_steps,
                                          warmup_steps=config.warmup_steps, **config.schedule_options)
         self.p = _Progress()
@@ -334,6 +351,10 @@ class _Trainer:
             raise CheckpointError(f"{self.run_dir.path} already holds a run with a checkpoint; pass "
                                   "--resume to continue it, or choose a new --out folder")
         saved, current = self.run_dir.load_config(), self.config.to_dict()
+        if saved.get("threads") not in (None, current["threads"]):
+            warnings.warn(f"resuming {self.run_dir.path} on {current['threads']} threads; it ran on "
+                          f"{saved['threads']}, so it will not be bit-identical to an uninterrupted run",
+                          stacklevel=4)
         diff = _config_diff(saved, current)
         if diff:
             detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
@@ -421,6 +442,10 @@ class _Trainer:
     # ---- run
 
     def run(self) -> TrainResult:
+        with self.run_dir.lock() if self.main else nullcontext():
+            return self._run_locked()
+
+    def _run_locked(self) -> TrainResult:
         if self.resuming:
             self._restore()
         elif self.main:
@@ -431,9 +456,10 @@ class _Trainer:
         try:
             for cb in self.callbacks:
                 cb.on_train_start(self.ctx)
-            while not self._done():
-                self._run_epoch()
-            summary = self._finish()
+            stopped = None
+            while not self._done() and stopped is None:
+                stopped = self._run_epoch()
+            summary = self._finish(stopped)
         finally:
             if self.logger is not None:
                 self.logger.close()
@@ -449,13 +475,14 @@ class _Trainer:
             device=self.dist.device, step=self.p.step, epoch=self.p.epoch, x=None, y=None, loss=None,
             lr=self.optimizer.param_groups[0]["lr"], run=self.run_dir, log=self._log, data=self.data,
             scheduler=self.scheduler, batch_index=self.p.batch, rank=self.dist.rank,
-            world_size=self.dist.world_size)
+            world_size=self.dist.world_size, autocast=self.autocast)
 
     def _log(self, record: dict) -> None:
         if self.logger is not None:
             self.logger.log({"step": self.ctx.step, "epoch": self.ctx.epoch + 1, **record})
 
-    def _run_epoch(self) -> None:
+    def _run_epoch(self) -> dict | None:
+        """One epoch from batch ``p.batch``; returns the stop record when max_steps ends it early."""
         c, p = self.config, self.p
         self.train_loader.set_epoch(p.epoch)
         self.net.train()
@@ -476,7 +503,25 @@ class _Trainer:
         finally:
             bar.close()
             p.train_time += time.perf_counter() - start
+        if p.batch < len(self.train_loader):  # max_steps stopped it mid-epoch
+            return self._stop_mid_epoch()
         self._end_epoch(time.perf_counter() - start, (p.count - start_count) * self.dist.world_size)
+        return None
+
+    def _stop_mid_epoch(self) -> dict:
+        """Checkpoint mid-epoch (a resume goes on from here), then evaluate for the summary; the
+        evaluation is logged as an ``"event": "max_steps"`` record and kept out of the history."""
+        self._save()
+        p = self.p
+        sums = D.all_reduce_sum(torch.tensor([p.loss_sum, p.correct, p.count], dtype=torch.float64))
+        n = max(1.0, float(sums[2]))
+        ev = evaluate(self.model, self.test_loader, self.dist.device, autocast=self.autocast)
+        record = {"step": p.step, "epoch": p.epoch + p.batch / len(self.train_loader),
+                  "event": "max_steps", "train_loss": float(sums[0]) / n, "train_top1": float(sums[1]) / n,
+                  "test_loss": ev.loss, "test_top1": ev.top1, "test_top5": ev.top5, "test_count": ev.count}
+        if self.logger is not None:
+            self.logger.log(record)
+        return record
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimiser step on batch x (B, C, H, W), y (B,); returns the (rank-averaged) loss."""
@@ -484,6 +529,8 @@ class _Trainer:
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
         ctx.x, ctx.y, ctx.epoch, ctx.batch_index = x, y, p.epoch, p.batch
         ctx.lr = self.optimizer.param_groups[0]["lr"]
+        for cb in self.callbacks:
+            cb.on_step_start(ctx)
         with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext():
             logits = self.net(x)
             loss = self.loss_fn(logits.float(), y)
@@ -547,10 +594,11 @@ class _Trainer:
         p.epoch, p.batch, p.loss_sum, p.correct, p.count = p.epoch + 1, 0, 0.0, 0.0, 0.0
         self._save()
 
-    def _finish(self) -> dict[str, Any]:
+    def _finish(self, stopped: dict | None = None) -> dict[str, Any]:
+        """The summary; ``stopped``: the stop record of a run that max_steps ended mid-epoch."""
         from nnlab.models import count_parameters
 
-        hist = self.p.history
+        hist = self.p.history + ([stopped] if stopped else [])
         evaluated = [r for r in hist if "test_top1" in r]
         last, best = evaluated[-1], max(evaluated, key=lambda r: r["test_top1"])
         summary = {
@@ -560,7 +608,8 @@ class _Trainer:
             "epochs": hist[-1]["epoch"], "steps": self.p.step, "train_time_s": self.p.train_time,
             "params": count_parameters(self.model), "model": self.config.model, "data": self.config.data,
             "optimizer": self.config.optimizer, "world_size": self.dist.world_size,
-            "device": str(self.dist.device), "run": str(self.run_dir.path),
+            "device": str(self.dist.device), "run": str(self.run_dir.path), "threads": self.config.threads,
+            "complete": self.p.epoch >= self.config.epochs,
         }
         if self.main:
             self.run_dir.write_summary(summary)

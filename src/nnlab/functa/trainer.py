@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -134,9 +135,16 @@ def _batches(loader: BatchLoader, step: int):
 
 def train_functa(preset: Preset, data: str, out: str | Path, *, data_dir: str | Path | None = None,
                  resume: bool = False, device: str = "auto", progress: bool = True) -> dict:
-    """Meta-train ``preset`` on data set ``data``; returns (and writes) the summary dict."""
+    """Meta-train ``preset`` on data set ``data``; returns (and writes) the summary dict. The run
+    folder is locked while it trains (a second process writing it is refused)."""
     info = dist.init_from_env(device)
-    run, cfg = RunDir(out), preset.train
+    run = RunDir(out)
+    with run.lock() if dist.is_main() else nullcontext():
+        return _train_functa(preset, data, run, info, data_dir, resume, progress)
+
+
+def _train_functa(preset: Preset, data: str, run: RunDir, info, data_dir, resume: bool, progress: bool) -> dict:
+    cfg = preset.train
     splits = load_dataset(data, data_dir)
     check_data(preset.model, splits.shape, data)
     if len(splits.train) <= cfg.val_images + cfg.batch_size:

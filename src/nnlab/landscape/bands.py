@@ -2,9 +2,10 @@
 
 A probe logs, every ``every`` steps, one record with ``"probe": "landscape"`` and keys
 ``step, lr, train_loss, land_loss_min, land_loss_max, land_gdist_min, land_gdist_max, land_beta,
-land_grad_norm`` (and ``hess_top`` when the Hessian probe is on), and at the following step one
-record with ``"probe": "graddist"`` and keys ``step`` (t+1), ``grad_dist`` (||g_{t+1} - g_t||),
-``beta_t``.
+land_grad_norm, land_step_norm`` (and ``hess_top, hess_iters, hess_converged, hess_residual`` when
+the Hessian probe is on), and at the following step one record with ``"probe": "graddist"`` and
+keys ``step`` (t+1), ``grad_dist`` (||g_{t+1} - g_t||), ``beta_t`` (the seed's, consecutive
+batches), ``grad_dist_same``, ``move_norm``, ``beta_same`` (same batch B_t, actual move).
 
 - Per-step bands over step sizes (the paper's Fig. 4): ``land_loss_max - land_loss_min`` and
   ``land_gdist_max - land_gdist_min``.
@@ -71,9 +72,11 @@ def diverged(records: Iterable[dict]) -> bool:
     return any(r.get("event") == "diverged" for r in records)
 
 
-def last_half_median(steps: list[int], values: list[float], total_steps: int) -> float | None:
-    """Median of ``values`` at steps > total_steps / 2; None if there are none."""
-    tail = [v for s, v in zip(steps, values) if s > total_steps / 2]
+def last_half_median(steps: list[int], values: list[float], total_steps: int,
+                     start: float | None = None) -> float | None:
+    """Median of ``values`` at steps > ``start`` (default total_steps / 2); None if there are none."""
+    start = total_steps / 2 if start is None else start
+    tail = [v for s, v in zip(steps, values) if s > start]
     return statistics.median(tail) if tail else None
 
 
@@ -82,26 +85,31 @@ def _median_of(xs: list[float | None]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def band_medians(runs: Mapping[float, list[dict]], total_steps: int) -> dict[str, float | None]:
-    """Last-half medians for one BN setting; ``runs`` maps lr -> that run's records.
+def band_medians(runs: Mapping[float, list[dict]], total_steps: int,
+                 start: float | None = None) -> dict[str, float | None]:
+    """Last-half medians for one BN setting; ``runs`` maps lr -> that run's records. ``start``:
+    take the medians over steps > start instead (e.g. after the first epoch).
 
     eta_loss_band, eta_gdist_band, beta_eff: medians over lrs of each run's last-half median of the
     per-step band over step sizes / of the effective beta. lr_loss_band, lr_gdist_band: last-half
-    median of the width of the band across lrs. beta_t: median over lrs of the seed's beta_t.
-    hess_top: the same for the top Hessian eigenvalue (None when not probed). Diverged runs are
-    left out (their records stop early and end in huge values).
+    median of the width of the band across lrs. beta_t: median over lrs of the seed's beta_t;
+    beta_same: of the same-batch beta. hess_top: the same for the top Hessian eigenvalue (None
+    when not probed); hess_converged: the fraction of Hessian probes that converged. Diverged runs
+    are left out (their records stop early and end in huge values).
     """
     runs = {lr: r for lr, r in runs.items() if not diverged(r)}
     out: dict[str, float | None] = {}
     for name, quantity in (("eta_loss_band", "loss"), ("eta_gdist_band", "gdist")):
         bands = [eta_band(r, quantity) for r in runs.values()]
-        out[name] = _median_of([last_half_median(b.steps, b.width, total_steps) for b in bands])
+        out[name] = _median_of([last_half_median(b.steps, b.width, total_steps, start) for b in bands])
     for name, probe, key in (("beta_eff", LANDSCAPE, "land_beta"), ("beta_t", GRADDIST, "beta_t"),
-                             ("hess_top", LANDSCAPE, "hess_top")):
+                             ("beta_same", GRADDIST, "beta_same"), ("hess_top", LANDSCAPE, "hess_top")):
         per = [series(r, probe, key) for r in runs.values()]
-        out[name] = _median_of([last_half_median(sorted(s), [s[k] for k in sorted(s)], total_steps)
+        out[name] = _median_of([last_half_median(sorted(s), [s[k] for k in sorted(s)], total_steps, start)
                                 for s in per])
     for name, probe, key in (("lr_loss_band", LANDSCAPE, "train_loss"), ("lr_gdist_band", GRADDIST, "grad_dist")):
         band = lr_band({lr: series(r, probe, key) for lr, r in runs.items()})
-        out[name] = last_half_median(band.steps, band.width, total_steps) if len(runs) > 1 else None
+        out[name] = last_half_median(band.steps, band.width, total_steps, start) if len(runs) > 1 else None
+    flags = [bool(r["hess_converged"]) for rs in runs.values() for r in rs if "hess_converged" in r]
+    out["hess_converged"] = sum(flags) / len(flags) if flags else None
     return out

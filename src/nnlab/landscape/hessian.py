@@ -19,29 +19,40 @@ from torch import nn
 from torch.func import functional_call
 
 from nnlab.errors import ConfigError
-from nnlab.landscape.probe import LossFn, restore, snapshot
+from nnlab.landscape.probe import LossFn, probe_loss, restore, snapshot
 
 
 @dataclass
 class HessianResult:
-    """eigenvalue: the estimate; iterations: HVPs used; converged: relative change < tol at the end."""
+    """eigenvalue: the estimate lambda = v.Hv (||v|| = 1); iterations: HVPs used; converged: the
+    relative change of lambda fell below tol; residual: ||Hv - lambda v|| / |lambda| at the last
+    iterate (0 for an exact eigenvector; it shrinks more slowly than the eigenvalue settles)."""
 
     eigenvalue: float
     iterations: int
     converged: bool
+    residual: float
 
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
 
 
+def _residual(v: Sequence[torch.Tensor], hv: Sequence[torch.Tensor], lam: float) -> float:
+    r = _dot(hv, hv) - 2 * lam * _dot(v, hv) + lam * lam * _dot(v, v)  # ||Hv - lam v||^2
+    return float(r.clamp_min(0).sqrt()) / max(abs(lam), 1e-12)
+
+
 def top_hessian_eigenvalue(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, *,
-                           iters: int = 20, tol: float = 1e-3, seed: int = 0,
-                           params: Sequence[torch.Tensor] | None = None) -> HessianResult:
+                           iters: int = 100, tol: float = 1e-3, seed: int = 0,
+                           params: Sequence[torch.Tensor] | None = None, replay_rng: dict | None = None,
+                           autocast: bool = False) -> HessianResult:
     """Largest-magnitude eigenvalue of d^2 L / dw^2 on batch ``x`` (B, ...), ``y`` (B, ...).
 
     ``params`` default to all parameters that require grad. The start vector comes from a private
     generator seeded with ``seed``; weights, buffers and the global RNG are restored afterwards.
+    ``replay_rng`` / ``autocast``: the training step's RNG state and precision
+    (:func:`nnlab.landscape.probe.probe_loss`). Stops early once lambda changes by less than tol.
     """
     if iters < 1 or tol <= 0:
         raise ConfigError(f"power iteration needs iters >= 1 and tol > 0, got iters={iters}, tol={tol}")
@@ -49,13 +60,13 @@ def top_hessian_eigenvalue(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y
     snap = snapshot(model, params)
     try:
         with torch.enable_grad():
-            loss = loss_fn(model(x), y)
+            loss = probe_loss(model, loss_fn, x, y, autocast=autocast, replay_rng=replay_rng)
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         used = [i for i, g in enumerate(grads) if g is not None]
         grads, ps = [grads[i] for i in used], [params[i] for i in used]
         gen = torch.Generator(device=ps[0].device).manual_seed(seed)
         v = [torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) for p in ps]
-        lam, converged, it = 0.0, False, 0
+        lam, converged, it, hv = 0.0, False, 0, v
         for it in range(1, iters + 1):
             scale = float(_dot(v, v).sqrt())
             v = [t / scale for t in v]
@@ -63,10 +74,11 @@ def top_hessian_eigenvalue(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y
             hv = [torch.zeros_like(p) if h is None else h.detach() for h, p in zip(hv, ps)]
             new = float(_dot(v, hv))
             converged = it > 1 and abs(new - lam) <= tol * max(abs(new), 1e-12)
-            lam, v = new, hv
-            if converged:
+            lam = new
+            if converged or it == iters:
                 break
-        return HessianResult(eigenvalue=lam, iterations=it, converged=converged)
+            v = hv
+        return HessianResult(eigenvalue=lam, iterations=it, converged=converged, residual=_residual(v, hv, lam))
     finally:
         restore(model, snap, params)
 

@@ -6,8 +6,11 @@ same axes, optional log-scale y axes:
 - ``curves.png``: training loss (per probe step) and test top-1 (per epoch), every lr;
 - ``loss_band.png``: loss landscape band: over step sizes at one lr (left), across lrs (right);
 - ``gpred_band.png``: gradient predictiveness band, the same two views;
-- ``beta.png``: effective beta-smoothness (left) and the seed's beta_t (right);
-- ``hessian.png``: top Hessian eigenvalue, when it was probed.
+- ``beta.png``: effective beta-smoothness (left), the same-batch beta along the actual step
+  (middle) and the seed's consecutive-batch beta_t (right; labelled as mixing batch noise, and its
+  lr ||g_t|| denominator is the distance moved only at momentum 0);
+- ``hessian.png``: top Hessian eigenvalue, when it was probed, with the power iteration's
+  residual ||Hv - lambda v|| / |lambda| beside it (hollow markers: not converged).
 """
 from __future__ import annotations
 
@@ -94,33 +97,43 @@ def plot_band(groups, quantity: str, path: Path, log: bool, lr: float | None) ->
 
 
 def plot_beta(groups, path: Path, log: bool) -> Path:
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    keys = ((LANDSCAPE, "land_beta"), (GRADDIST, "beta_same"), (GRADDIST, "beta_t"))
     for bn, runs in groups.items():
         for i, (lr, recs) in enumerate(runs.items()):
             alpha = 0.35 + 0.65 * (i + 1) / len(runs)
-            for ax, probe, key in ((a, LANDSCAPE, "land_beta"), (b, GRADDIST, "beta_t")):
+            for ax, (probe, key) in zip(axes, keys):
                 s = series(recs, probe, key)
                 ax.plot(sorted(s), [s[k] for k in sorted(s)], color=COLORS[bn], alpha=alpha, lw=1,
                         label=f"{LABELS[bn]}, lr {lr:g}")
-    a.set(title="effective beta-smoothness: max ||g' - g|| / ||eta g||", ylabel="beta")
-    b.set(title="seed's beta_t = ||g_{t+1} - g_t|| / (lr ||g_t||)", ylabel="beta_t")
-    return _finish(fig, [a, b], path, log)
+    axes[0].set(title="effective beta-smoothness: max ||g' - g|| / ||eta g||", ylabel="beta")
+    axes[1].set(title="same batch: ||g(w_{t+1}; B_t) - g_t|| / ||w_{t+1} - w_t||", ylabel="beta_same")
+    axes[2].set(title="seed's beta_t = ||g_{t+1} - g_t|| / (lr ||g_t||)\n(consecutive batches: "
+                "includes batch noise)", ylabel="beta_t")
+    return _finish(fig, list(axes), path, log)
 
 
 def plot_hessian(groups, path: Path, log: bool) -> Path | None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, res) = plt.subplots(1, 2, figsize=(11, 4))
     drawn = False
     for bn, runs in groups.items():
         for lr, recs in runs.items():
             s = series(recs, LANDSCAPE, "hess_top")
             drawn |= bool(s)
-            ax.plot(sorted(s), [s[k] for k in sorted(s)], "o-", ms=3, color=COLORS[bn],
-                    label=f"{LABELS[bn]}, lr {lr:g}")
+            ax.plot(sorted(s), [s[k] for k in sorted(s)], "-", color=COLORS[bn], label=f"{LABELS[bn]}, lr {lr:g}")
+            done = {int(r["step"]) for r in recs if r.get("hess_converged") is not False and "hess_top" in r}
+            for steps, face in ((sorted(k for k in s if k in done), COLORS[bn]),
+                                (sorted(k for k in s if k not in done), "none")):
+                ax.scatter(steps, [s[k] for k in steps], s=12, edgecolors=COLORS[bn], facecolors=face)
+            r = series(recs, LANDSCAPE, "hess_residual")
+            res.plot(sorted(r), [r[k] for k in sorted(r)], "o-", ms=3, color=COLORS[bn],
+                     label=f"{LABELS[bn]}, lr {lr:g}")
     if not drawn:
         plt.close(fig)
         return None
-    ax.set(title="top Hessian eigenvalue (power iteration)", ylabel="lambda_max")
-    return _finish(fig, [ax], path, log)
+    ax.set(title="top Hessian eigenvalue (power iteration; hollow: not converged)", ylabel="lambda_max")
+    res.set(title="power-iteration residual ||Hv - lambda v|| / |lambda|", ylabel="residual")
+    return _finish(fig, [ax, res], path, log)
 
 
 def make_figures(run: str | Path, out: str | Path, *, log: bool = False, lr: float | None = None) -> list[Path]:

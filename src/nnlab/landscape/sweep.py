@@ -6,7 +6,9 @@ Layout of ``RUN/``::
     bn-on/lr-0.1/           one engine run folder per (bn, lr): config.yaml, metrics.jsonl,
                             checkpoint/, summary.json (written when that pair finished)
     metrics.jsonl, .csv     every pair's records with ``bn`` and ``lr_run`` added
-    summary.json            final test top-1 per (bn, lr), band-width medians per bn
+    summary.json            final test top-1 per (bn, lr); band-width, beta and Hessian medians per
+                            bn over the last half of training (band_medians) and after epoch 1
+                            (band_medians_after_epoch1), and the same per lr (band_medians_per_lr)
 
 A pair whose loss becomes NaN/inf (plain VGG-A at high lr can) gets a ``summary.json`` with
 ``"diverged": true`` and the sweep goes on. Rerunning the same command continues a killed sweep:
@@ -32,6 +34,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +46,12 @@ from tqdm import tqdm
 from nnlab.engine.checkpoint import has_checkpoint
 from nnlab.engine.io import to_jsonable, atomic_write, atomic_write_text, read_json, write_json
 from nnlab.engine.metrics import read_jsonl
+from nnlab.engine.runs import folder_lock
 from nnlab.errors import ConfigError, DivergenceError
 from nnlab.landscape.bands import band_medians
 
 BN_CHOICES = {"both": ("off", "on"), "on": ("on",), "off": ("off",)}
-MAY_DIFFER = ("data_dir", "progress")  # settings that do not change the numbers
+MAY_DIFFER = ("data_dir", "progress", "jobs", "threads", "max_steps")  # settings that leave the numbers
 
 
 # The documented reduced schedule for 2 CPU cores (see the module docstring), as SweepConfig fields.
@@ -59,7 +63,10 @@ REDUCED_CPU: dict[str, Any] = dict(model="vgg-a", bn="both", data="cifar10", lrs
 @dataclass
 class SweepConfig:
     """Settings of a sweep. ``train_subset`` / ``test_subset``: seeded random subsets (None: all).
-    ``width``: channel multiplier passed to the model (``model_options["width"]``)."""
+    ``width``: channel multiplier passed to the model (``model_options["width"]``). ``max_steps``:
+    stop every pair after that many steps (schedule unchanged; rerun without it to continue).
+    ``jobs``: pairs trained at once, each in its own process; ``threads``: torch threads per pair
+    (default: torch's choice with 1 job, else the CPU count divided by ``jobs``)."""
 
     model: str = "vgg-a"
     bn: str = "both"
@@ -73,7 +80,7 @@ class SweepConfig:
     eta_low: float = 0.5
     eta_high: float = 4.0
     hessian_every: int = 0
-    hessian_iters: int = 20
+    hessian_iters: int = 100
     width: float | None = None
     train_subset: int | None = None
     test_subset: int | None = None
@@ -82,6 +89,9 @@ class SweepConfig:
     augment: bool = True
     seed: int = 0
     checkpoint_every: int = 100
+    max_steps: int | None = None
+    jobs: int = 1
+    threads: int | None = None
     progress: bool = True
 
     def validate(self) -> "SweepConfig":
@@ -91,6 +101,10 @@ class SweepConfig:
             raise ConfigError(f"lrs must be a non-empty list of positive numbers, got {self.lrs}")
         if len(set(self.lrs)) != len(self.lrs):
             raise ConfigError(f"lrs has duplicates: {self.lrs}; list each learning rate once")
+        if self.jobs < 1 or (self.threads is not None and self.threads < 1):
+            raise ConfigError(f"jobs and threads must be at least 1, got jobs={self.jobs}, threads={self.threads}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be at least 1 or unset, got {self.max_steps}")
         if self.eta_count < 1 or not 0 < self.eta_low <= self.eta_high:
             raise ConfigError(f"step sizes need eta_count >= 1 and 0 < eta_low <= eta_high, got "
                               f"{self.eta_count}, {self.eta_low}, {self.eta_high}")
@@ -129,7 +143,8 @@ def train_config(cfg: SweepConfig, bn: str, lr: float):
                        momentum=cfg.momentum, weight_decay=cfg.weight_decay, schedule="constant",
                        augment=cfg.augment, flip=cfg.augment, seed=cfg.seed, log_every=cfg.every,
                        checkpoint_every=cfg.checkpoint_every, train_limit=cfg.train_subset,
-                       test_limit=cfg.test_subset, progress=cfg.progress)
+                       test_limit=cfg.test_subset, progress=cfg.progress, max_steps=cfg.max_steps,
+                       threads=cfg.threads)
 
 
 def _check_same_sweep(run: Path, cfg: SweepConfig) -> None:
@@ -156,43 +171,95 @@ class SweepResult:
     skipped: list[tuple[str, float]]
 
 
-def run_sweep(cfg: SweepConfig, out: str | Path, *, data=None) -> SweepResult:
-    """Train every (bn, lr) pair of ``cfg`` into ``out`` with a :class:`LandscapeProbe`, resumably.
+def finished(folder: Path) -> bool:
+    """True when the pair in ``folder`` trained to its end (or diverged); a pair stopped by
+    max_steps has ``"complete": false`` in its summary and is not finished."""
+    path = Path(folder) / "summary.json"
+    return path.is_file() and bool(read_json(path).get("complete", True))
 
-    data: a :class:`nnlab.data.DatasetSplits` to use (default: ``load_dataset(cfg.data, cfg.data_dir)``).
-    """
+
+def _train_pair(cfg: SweepConfig, run: Path, bn: str, lr: float, data=None) -> None:
+    """Train (or resume) one (bn, lr) pair with a :class:`LandscapeProbe`; a divergence is a result."""
     from nnlab.data import load_dataset
     from nnlab.engine.train import train
     from nnlab.landscape.callback import LandscapeProbe
     from nnlab.landscape.probe import default_etas
 
+    folder = pair_dir(run, bn, lr)
+    data = load_dataset(cfg.data, cfg.data_dir) if data is None else data
+    probe = LandscapeProbe(every=cfg.every, eta_factors=default_etas(1.0, cfg.eta_count, cfg.eta_low, cfg.eta_high),
+                           hessian_every=cfg.hessian_every, hessian_iters=cfg.hessian_iters)
+    try:
+        train(train_config(cfg, bn, lr), folder, resume=has_checkpoint(folder / "checkpoint"),
+              callbacks=[probe], data=data)
+    except DivergenceError as exc:  # a result of the study (no-BN at high lr), not a failure
+        write_json(folder / "summary.json", {"diverged": True, "error": str(exc), "test_top1": None})
+
+
+def run_sweep(cfg: SweepConfig, out: str | Path, *, data=None) -> SweepResult:
+    """Train every (bn, lr) pair of ``cfg`` into ``out`` with a :class:`LandscapeProbe`, resumably;
+    ``cfg.jobs`` pairs at a time.
+
+    data: a :class:`nnlab.data.DatasetSplits` to use (default: ``load_dataset(cfg.data, cfg.data_dir)``).
+    The sweep folder is locked while it runs (a second process on it is refused).
+    """
     cfg.validate()
+    if cfg.jobs > 1 and cfg.threads is None:
+        cfg = dataclasses.replace(cfg, threads=max(1, (os.cpu_count() or 1) // cfg.jobs))
     run = Path(out)
-    run.mkdir(parents=True, exist_ok=True)
+    with folder_lock(run):  # a second sweep process on the same folder is refused
+        return _run_sweep_locked(cfg, run, data)
+
+
+def _run_sweep_locked(cfg: SweepConfig, run: Path, data) -> SweepResult:
+    from nnlab.data import load_dataset
+
     _check_same_sweep(run, cfg)
-    ran, skipped = [], []
     pairs = cfg.pairs()
-    for i, (bn, lr) in enumerate(tqdm(pairs, desc="landscape sweep", unit="run", disable=None if cfg.progress
-                                      else True, dynamic_ncols=True)):
-        folder = pair_dir(run, bn, lr)
-        if (folder / "summary.json").is_file():
-            skipped.append((bn, lr))
-            continue
+    skipped = [pair for pair in pairs if finished(pair_dir(run, *pair))]
+    todo = [pair for pair in pairs if pair not in skipped]
+    if todo and cfg.jobs > 1:
+        _run_parallel(cfg, run, todo, data)
+    for i, (bn, lr) in enumerate(todo if cfg.jobs == 1 else []):
         if cfg.progress:
-            tqdm.write(f"[{i + 1}/{len(pairs)}] bn {bn}, lr {lr:g} -> {folder}", file=sys.stderr)
-        if data is None:
-            data = load_dataset(cfg.data, cfg.data_dir)
-        probe = LandscapeProbe(every=cfg.every, eta_factors=default_etas(1.0, cfg.eta_count, cfg.eta_low,
-                                                                         cfg.eta_high),
-                               hessian_every=cfg.hessian_every, hessian_iters=cfg.hessian_iters)
-        try:
-            train(train_config(cfg, bn, lr), folder, resume=has_checkpoint(folder / "checkpoint"),
-                  callbacks=[probe], data=data)
-        except DivergenceError as exc:  # a result of the study (no-BN at high lr), not a failure
-            write_json(folder / "summary.json", {"diverged": True, "error": str(exc), "test_top1": None})
-        ran.append((bn, lr))
+            tqdm.write(f"[{i + 1}/{len(todo)}] bn {bn}, lr {lr:g} -> {pair_dir(run, bn, lr)}", file=sys.stderr)
+        data = load_dataset(cfg.data, cfg.data_dir) if data is None else data
+        _train_pair(cfg, run, bn, lr, data)
         collect(run, cfg)
-    return SweepResult(collect(run, cfg), ran, skipped)
+    return SweepResult(collect(run, cfg), todo, skipped)
+
+
+def _last_step(folder: Path) -> int:
+    path = folder / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return int(json.loads(lines[-1]).get("step", 0)) if lines else 0
+    except (OSError, ValueError):  # a line being written
+        return 0
+
+
+def _run_parallel(cfg: SweepConfig, run: Path, todo: list[tuple[str, float]], data) -> None:
+    """Train ``todo`` in ``cfg.jobs`` spawned processes; one bar counts the steps of all of them
+    (read from their metrics files every few seconds); the summary is rewritten as pairs finish."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    quiet = dataclasses.replace(cfg, progress=False)  # one bar here instead of interleaved ones
+    bar = tqdm(desc=f"landscape sweep ({cfg.jobs} jobs)", unit="step", disable=None if cfg.progress else True,
+               dynamic_ncols=True)
+    with cf.ProcessPoolExecutor(cfg.jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_pair, quiet, run, bn, lr, data): (bn, lr) for bn, lr in todo}
+        pending = set(futures)
+        while pending:
+            done, pending = cf.wait(pending, timeout=10, return_when=cf.FIRST_COMPLETED)
+            for f in done:
+                f.result()  # re-raise a pair's error here
+                collect(run, cfg)
+                bn, lr = futures[f]
+                tqdm.write(f"finished bn {bn}, lr {lr:g}", file=sys.stderr)
+            bar.n = sum(_last_step(pair_dir(run, bn, lr)) for bn, lr in todo)
+            bar.refresh()
+    bar.close()
 
 
 def merged_records(run: Path, cfg: SweepConfig) -> list[dict]:
@@ -219,6 +286,29 @@ def write_csv(path: Path, records: list[dict]) -> Path:
     return atomic_write(path, write)
 
 
+def _pair_rows(run: Path, cfg: SweepConfig, bn: str) -> list[dict[str, Any]]:
+    """One summary row per lr of ``bn``, from each pair's ``summary.json`` (empty while it trains)."""
+    rows = []
+    for lr in sorted(cfg.lrs):
+        path = pair_dir(run, bn, lr) / "summary.json"
+        s = read_json(path) if path.is_file() else {}
+        rows.append({"bn": bn, "lr": lr, "finished": bool(s) and bool(s.get("complete", True)),
+                     "diverged": bool(s.get("diverged")), "test_top1": s.get("test_top1"),
+                     "best_test_top1": s.get("best_test_top1"), "steps": s.get("steps"),
+                     "train_time_s": s.get("train_time_s")})
+    return rows
+
+
+def _medians(per_lr: dict[float, list[dict]]) -> dict[str, Any]:
+    """Band medians of one BN setting: over the last half, after epoch 1, and both per lr."""
+    total = max((int(r["step"]) for recs in per_lr.values() for r in recs), default=0)
+    epoch1 = min((int(r["step"]) for recs in per_lr.values() for r in recs if "test_top1" in r), default=None)
+    after = (lambda runs: band_medians(runs, total, start=epoch1)) if epoch1 else (lambda runs: {})
+    return {"last_half": band_medians(per_lr, total), "after_epoch1": after(per_lr),
+            "per_lr": {f"{lr:g}": {"last_half": band_medians({lr: recs}, total), "after_epoch1": after({lr: recs})}
+                       for lr, recs in per_lr.items()}}
+
+
 def collect(run: str | Path, cfg: SweepConfig) -> dict[str, Any]:
     """Rewrite ``RUN/metrics.jsonl``, ``RUN/metrics.csv`` and ``RUN/summary.json``; return the summary."""
     run = Path(run)
@@ -226,20 +316,14 @@ def collect(run: str | Path, cfg: SweepConfig) -> dict[str, Any]:
     atomic_write_text(run / "metrics.jsonl", "".join(
         json.dumps(to_jsonable(r)) + "\n" for r in records))
     write_csv(run / "metrics.csv", records)
-    runs, medians = [], {}
-    for bn in BN_CHOICES[cfg.bn]:
-        per_lr = {lr: [r for r in records if r["bn"] == bn and r["lr_run"] == lr] for lr in sorted(cfg.lrs)}
-        for lr in sorted(cfg.lrs):
-            path = pair_dir(run, bn, lr) / "summary.json"
-            s = read_json(path) if path.is_file() else {}
-            runs.append({"bn": bn, "lr": lr, "finished": bool(s), "diverged": bool(s.get("diverged")),
-                         "test_top1": s.get("test_top1"),
-                         "best_test_top1": s.get("best_test_top1"), "steps": s.get("steps"),
-                         "train_time_s": s.get("train_time_s")})
-        total = max((int(r["step"]) for recs in per_lr.values() for r in recs), default=0)
-        medians[bn] = band_medians({lr: recs for lr, recs in per_lr.items() if recs}, total)
+    runs = [row for bn in BN_CHOICES[cfg.bn] for row in _pair_rows(run, cfg, bn)]
+    med = {bn: _medians({lr: recs for lr in sorted(cfg.lrs)
+                         if (recs := [r for r in records if r["bn"] == bn and r["lr_run"] == lr])})
+           for bn in BN_CHOICES[cfg.bn]}
     summary = {"complete": all(r["finished"] for r in runs), "settings": dataclasses.asdict(cfg),
-               "runs": runs, "band_medians": medians,
+               "runs": runs, "band_medians": {bn: m["last_half"] for bn, m in med.items()},
+               "band_medians_after_epoch1": {bn: m["after_epoch1"] for bn, m in med.items()},
+               "band_medians_per_lr": {bn: m["per_lr"] for bn, m in med.items()},
                "top1": {bn: {f"{r['lr']:g}": r["test_top1"] for r in runs if r["bn"] == bn}
                         for bn in BN_CHOICES[cfg.bn]}}
     write_json(run / "summary.json", summary)

@@ -12,7 +12,8 @@ from nnlab.errors import ConfigError
 from nnlab.lbi.callback import LBICallback
 
 LBI_OPTIMIZERS = ("slbi", "slbi-adam")
-LBI_OPTION_NAMES = ("kappa", "mu", "lam", "conv_lam", "layer_lam", "layer_mu", "gamma_lr", "compiled")
+LBI_OPTION_NAMES = ("kappa", "mu", "lam", "conv_lam", "layer_lam", "layer_mu", "gamma_lr", "compiled",
+                    "decoupled_wd")
 
 
 @dataclass
@@ -27,6 +28,7 @@ class LBIOptions:
     layer_mu: dict | None = None
     gamma_lr: float | None = None
     compiled: bool | None = None  # fused step (C++ kernel for conv weights, torch.compile for the rest)
+    decoupled_wd: bool | None = None  # SGD flavour: decoupled decay instead of the official coupled L2
 
     def as_options(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -49,7 +51,7 @@ def train_lbi(config: TrainConfig, out: str | Path, *, resume: bool = False, sam
     """Train with :class:`LBICallback`; add ``sparsity`` (last epoch, per layer; empty for non-LBI
     optimisers) and ``test_top1_wstar`` / ``test_top5_wstar`` to ``summary.json``."""
     result = train(config, out, resume=resume, callbacks=[LBICallback(sample, eval_wstar, config.seed)])
-    last = result.history[-1]
+    last = result.history[-1] if result.history else {}  # empty when max_steps stopped epoch 1
     extra = {"sparsity": last.get("sparsity", {})}
     extra.update({k: last[k] for k in ("test_top1_wstar", "test_top5_wstar") if k in last})
     result.summary.update(extra)

@@ -56,7 +56,7 @@ def build_slbi(model: nn.Module, *, lr: float, momentum: float = 0.9, weight_dec
                conv_lam: float | None = None, layer_lam: dict | None = None, layer_mu: dict | None = None,
                **options) -> DessiLBI:
     """:class:`DessiLBI` over :func:`param_groups` of ``model``; options: kappa, mu, lam (conv_lam:
-    lam of conv weights, default lam), gamma_lr, dampening, shrink, foreach, compiled."""
+    lam of conv weights, default lam), gamma_lr, dampening, shrink, foreach, compiled, decoupled_wd."""
     return DessiLBI(param_groups(model, weight_decay, conv_lam, layer_lam, layer_mu), lr=lr, momentum=momentum,
                     **options)
 
@@ -66,6 +66,7 @@ def build_slbi_adam(model: nn.Module, *, lr: float, momentum: float = 0.9, weigh
                     **options) -> DessiLBIAdam:
     """:class:`DessiLBIAdam` over :func:`param_groups`; ``momentum`` is beta1 unless ``betas`` given."""
     options.setdefault("betas", (momentum, 0.999))
+    options.pop("decoupled_wd", None)  # the Adam flavour always decouples (AdamW style)
     return DessiLBIAdam(param_groups(model, weight_decay, conv_lam, layer_lam, layer_mu), lr=lr, **options)
 
 

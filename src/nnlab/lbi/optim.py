@@ -5,22 +5,24 @@ Gamma through the loss ``L(W) + ||W - Gamma||^2 / (2 mu)`` and moves Gamma along
 Bregman (inverse-scale-space) path: Gamma's support grows over training, important filters and
 weights first. One step, for a coupled weight W (``lrk = lr * kappa``)::
 
-    W     <- W - lrk * (d + weight_decay * W + (W - Gamma) / mu)   # d: (momentum) loss gradient
+    W     <- W - lrk * (d + (W - Gamma) / mu)     # d: momentum buffer of g + weight_decay * W
     V     <- V - (gamma_lr / mu) * (Gamma - W_old)                 # gamma_lr defaults to lr
     Gamma <- kappa * shrink(V, lambda)
 
 ``shrink`` is the element-wise soft threshold ``sign(v) max(|v| - lambda, 0)`` for linear weights
 and group shrinkage per output filter ``max(0, 1 - lambda / ||V_g||) V_g`` for conv weights.
 Uncoupled parameters (biases, norm parameters by default) take the plain step
-``W <- W - lrk * (d + weight_decay * W)``; kappa scales them too so that every parameter sees the
-same loss step (as in the original code).
+``W <- W - lrk * d``; kappa scales them too so that every parameter sees the same loss step (as in
+the original code).
 
-Weight decay: it is *decoupled* from the momentum buffer. The buffer holds only loss gradients
-(``buf <- momentum * buf + (1 - dampening) * grad``) and ``weight_decay * W`` is added to the step
-after it. The original DessiLBI code (``slbi_opt.py``) adds ``weight_decay * W`` in place to the
-tensor it got back from the momentum buffer, so the decay leaks into the buffer and is compounded
-by the momentum on every later step (an effective decay of about ``weight_decay / (1 - momentum)``
-that also keeps pulling after the weights have changed).
+Weight decay (SGD flavour): by default it is *coupled* L2, as in the official DessiLBI code and in
+``torch.optim.SGD(weight_decay=...)``: ``buf <- momentum * buf + (1 - dampening) * (g + wd * W)``,
+``d = buf``. (The official ``slbi_opt.py`` adds ``wd * W`` in place to the tensor it got back from
+the buffer; the buffer then holds exactly the same sum, so it is this rule, not a leak.) With
+``decoupled_wd=True`` the buffer holds only loss gradients and ``lrk * wd * W`` is subtracted
+after it (``W <- W - lrk * (d + wd * W + (W - Gamma)/mu)``): at momentum 0.9 this decays about
+10x less than the coupled form at the same ``weight_decay``, whose momentum compounds it to about
+``wd / (1 - momentum)``. The Adam flavour always decouples (AdamW style, see :class:`DessiLBIAdam`).
 
 Hyperparameters live in ``param_groups`` (``lr, kappa, mu, lam, momentum, dampening,
 weight_decay, gamma_lr, coupled, shrink, foreach, compiled``); state (``momentum_buffer``,
@@ -32,12 +34,15 @@ slice along dim 0) or ``"elementwise"``. ``foreach=True`` takes the vectorised p
 (``torch._foreach_*`` over the group), ``False`` the plain per-parameter reference.
 ``compiled=True`` takes the fused path: the C++ kernels of :mod:`nnlab.lbi.kernels` on CPU (SGD
 flavour), ``torch.compile`` otherwise (the SGD flavour takes its first step, which creates the
-momentum buffers, on the foreach path).
+momentum buffers, on the foreach path). When ``torch.compile`` cannot build (inductor needs a C++
+compiler on CPU), the step falls back to the foreach path for good, with one warning, and no
+state is advanced twice.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Iterator
 
 import torch
@@ -248,16 +253,18 @@ class DessiLBI(_LBIBase):
     lr: step size (> 0). kappa: damping factor of the inverse-scale-space flow (> 0).
     mu: coupling strength; smaller mu pulls W harder towards Gamma. lam: shrinkage threshold.
     gamma_lr: step of V (``None``: use lr). momentum/dampening: as torch.optim.SGD.
+    weight_decay: coupled L2 as torch.optim.SGD (official form); ``decoupled_wd=True``: decoupled.
     """
 
     def __init__(self, params, lr: float = 0.1, kappa: float = 1.0, mu: float = 100.0,
                  momentum: float = 0.9, weight_decay: float = 0.0, lam: float = 1.0,
                  dampening: float = 0.0, gamma_lr: float | None = None, coupled: bool | None = None,
-                 shrink: str = "auto", foreach: bool = True, compiled: bool = False):
+                 shrink: str = "auto", foreach: bool = True, compiled: bool = False,
+                 decoupled_wd: bool = False):
         _check("momentum", momentum, 0 <= momentum < 1, "in [0, 1)")
         defaults = dict(lr=lr, kappa=kappa, mu=mu, momentum=momentum, weight_decay=weight_decay,
                         lam=lam, dampening=dampening, gamma_lr=gamma_lr, coupled=coupled,
-                        shrink=shrink, foreach=foreach, compiled=compiled)
+                        shrink=shrink, foreach=foreach, compiled=compiled, decoupled_wd=decoupled_wd)
         _check_group(defaults)
         super().__init__(params, defaults)
 
@@ -295,16 +302,23 @@ class DessiLBI(_LBIBase):
         Group-shrunk params keep their per-filter shrink factor in ``state["gamma_scale"]`` so that the
         kernels rebuild Gamma from V instead of reading it back (one memory pass less per step)."""
         glr = group["lr"] if group["gamma_lr"] is None else group["gamma_lr"]
+        raw, (grads, wd) = grads, _weight_decay(group, params, grads)
         values = [group["momentum"], 1 - group["dampening"], group["lr"] * group["kappa"], group["mu"], glr,
-                  group["lam"], group["kappa"], group["weight_decay"]]
+                  group["lam"], group["kappa"], wd]
         kinds, vs, gs, scales = self._fused_state(group, params, states)
         cols = [params, grads, [s.get("momentum_buffer", g) for s, g in zip(states, grads)], vs, gs, scales]
         rest = _kernel_step(kinds, cols, values, group["momentum"] != 0)
+        fused = [i for i in range(len(params)) if i not in rest]
         if rest:
             sub = [[c[i] for i in rest] for c in cols]
-            _compiled("sgd")(*sub, torch.tensor(values, dtype=torch.float64), tuple(kinds[i] for i in rest),
-                             group["momentum"] != 0)
-        _mark_stale(states, kinds)
+            if _run_compiled("sgd", *sub, torch.tensor(values, dtype=torch.float64),
+                             tuple(kinds[i] for i in rest), group["momentum"] != 0):
+                fused = list(range(len(params)))
+            else:
+                sub_states = [states[i] for i in rest]
+                _refresh(sub_states)
+                self._step_foreach(group, [params[i] for i in rest], [raw[i] for i in rest], sub_states)
+        _mark_stale([states[i] for i in fused], tuple(kinds[i] for i in fused))
 
     def _momentum(self, group: dict, grads: list, states: list) -> list:
         """Update momentum buffers (loss gradients only) and return the directions d."""
@@ -322,7 +336,8 @@ class DessiLBI(_LBIBase):
         return [s["momentum_buffer"] for s in states]
 
     def _step_foreach(self, group: dict, params: list, grads: list, states: list) -> None:
-        lrk, mu, wd = group["lr"] * group["kappa"], group["mu"], group["weight_decay"]
+        grads, wd = _weight_decay(group, params, grads)  # wd: the decoupled part left for the step
+        lrk, mu = group["lr"] * group["kappa"], group["mu"]
         glr = group["lr"] if group["gamma_lr"] is None else group["gamma_lr"]
         d = self._momentum(group, grads, states)
         c, _ = _split(params, states)
@@ -338,6 +353,36 @@ class DessiLBI(_LBIBase):
         torch._foreach_add_(params, d, alpha=-lrk)
         if c:
             self._gamma_update(group, pc, [states[i] for i in c])
+
+
+def _weight_decay(group: dict, params: list, grads: list) -> tuple[list, float]:
+    """(gradients for the momentum buffer, decay left for the step). Coupled L2 (default): the
+    buffer gets g + wd * W (new tensors; p.grad is not written) and the step none; decoupled: the
+    buffer gets g and the step wd."""
+    wd = group["weight_decay"]
+    if wd == 0 or group.get("decoupled_wd", False):
+        return list(grads), wd
+    return list(torch._foreach_add(grads, params, alpha=wd)), 0.0
+
+
+def _run_compiled(flavour: str, *args) -> bool:
+    """Run the ``torch.compile``d step; False (after one warning, and for good) when it cannot be
+    built, e.g. inductor finds no C++ compiler. Compilation fails before the step writes anything."""
+    fn = _compiled(flavour)
+    if fn is None:
+        return False
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InductorError
+
+    try:
+        fn(*args)
+        return True
+    except (InductorError, BackendCompilerFailed) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        warnings.warn(f"DessiLBI compiled step unavailable ({first}); using the foreach path",
+                      RuntimeWarning, stacklevel=3)
+        _COMPILED[flavour] = None
+        return False
 
 
 def _kernel_step(kinds: tuple, cols: list[list], values: list[float], use_momentum: bool) -> list[int]:
@@ -434,7 +479,7 @@ _COMPILED: dict = {}
 def _compiled(flavour: str):
     """``torch.compile`` of :func:`_fused_sgd` (``"sgd"``) or :func:`_fused_adam` (``"adam"``), built on
     first use."""
-    if flavour not in _COMPILED:
+    if flavour not in _COMPILED:  # None once it failed to build (see _run_compiled)
         _COMPILED[flavour] = torch.compile(_fused_sgd if flavour == "sgd" else _fused_adam, dynamic=False)
     return _COMPILED[flavour]
 
@@ -444,6 +489,8 @@ def sgd_step_reference(p: torch.Tensor, grad: torch.Tensor, state: dict, group: 
     """Plain per-parameter DessiLBI-SGD step, written as the rule reads (the fast path's oracle)."""
     lrk, mu, wd = group["lr"] * group["kappa"], group["mu"], group["weight_decay"]
     glr = group["lr"] if group["gamma_lr"] is None else group["gamma_lr"]
+    if not group.get("decoupled_wd", False):  # coupled L2: decay enters the buffer, as torch SGD
+        grad, wd = grad + wd * p.detach(), 0.0
     d = grad
     if group["momentum"] != 0:
         if "momentum_buffer" not in state:
@@ -539,12 +586,15 @@ class DessiLBIAdam(_LBIBase):
         b1, b2 = group["betas"]
         scalars = torch.tensor([b1, b2, group["lr"] * group["kappa"], group["mu"], glr, group["lam"],
                                 group["kappa"], group["weight_decay"], group["eps"]], dtype=torch.float64)
-        for s in states:
-            s["step"] += 1
-        steps = torch.tensor([float(s["step"]) for s in states], dtype=torch.float64)
+        steps = torch.tensor([float(s["step"] + 1) for s in states], dtype=torch.float64)
         kinds, vs, gs, scales = self._fused_state(group, params, states)
         ms, ss = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-        _compiled("adam")(params, grads, ms, ss, vs, gs, scales, steps, scalars, kinds)
+        if not _run_compiled("adam", params, grads, ms, ss, vs, gs, scales, steps, scalars, kinds):
+            _refresh(states)
+            self._step_foreach(group, params, grads, states)  # counts the step itself
+            return
+        for s in states:
+            s["step"] += 1
         _mark_stale(states, kinds)
 
     def _step_foreach(self, group: dict, params: list, grads: list, states: list) -> None:

@@ -120,10 +120,12 @@ def _support_note(run: str | Path, layer: str, filters: int) -> str:
     return f" ({k}/{filters} filters in support)"
 
 
-def plot_runs(runs: list[str | Path], out: str | Path, layer: str = "conv3") -> list[Path]:
-    """All figures for ``runs`` into ``out``; returns the written paths."""
+def plot_runs(runs: list[str | Path], out: str | Path, layer: str | None = "conv3") -> list[Path]:
+    """All figures for ``runs`` into ``out`` (the weights image of ``layer`` unless None, as for runs
+    of different models); returns the written paths."""
     out = Path(out)
     paths = [plot_curves(runs, out), plot_sparsity(runs, out)]
     paths += [plot_gamma_paths(r, out) for r in runs]
-    paths.append(plot_weights(runs, out, layer))
+    if layer:
+        paths.append(plot_weights(runs, out, layer))
     return [p for p in paths if p is not None]

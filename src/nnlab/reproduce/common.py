@@ -11,7 +11,7 @@ from nnlab.engine.io import atomic_write
 from nnlab.errors import ConfigError
 from nnlab.reproduce.stages import StageContext
 
-PRESET_NAMES = ("quick", "cpu", "paper")
+PRESET_NAMES = ("quick", "cpu", "paper", "cpu-full")
 # data set name -> its folder under --data-dir (the layout of ../shared/data)
 DATA_FOLDERS = {"mnist": "mnist", "cifar10": "cifar10", "celeba64": "celeba"}
 

@@ -1,4 +1,8 @@
-"""The presets of ``nnlab reproduce``: ``quick``, ``cpu`` and ``paper``.
+"""The presets of ``nnlab reproduce``: ``quick``, ``cpu``, ``paper`` and ``cpu-full``.
+
+``cpu-full`` is the seed's CIFAR-10 experiments at the seed's scale on a CPU machine (issue 14):
+the BatchNorm study's lr 0.1 pair at full width and its lr band at width 0.5, and DessiLBI on
+VGG-A and ResNet-56; the other studies have no stages in it.
 
 Each study module ``nnlab.reproduce.study_<name>`` provides ``SECTION`` (its report section) and
 ``stages(preset) -> list[Stage]``; a preset is the concatenation of the studies' stages.
@@ -27,7 +31,7 @@ def _builder(preset: str):
     return build
 
 
-for _preset in ("quick", "cpu", "paper"):
+for _preset in ("quick", "cpu", "paper", "cpu-full"):
     PRESETS.register(_preset, _builder(_preset))
 for _study, _mod in _study_modules().items():
     SECTIONS[_study] = _mod.SECTION

@@ -34,14 +34,19 @@ QUICK: dict[str, Any] = dict(model="vgg-a", bn="both", data="mnist-5k", lrs=[0.0
                              batch_size=128, every=10, eta_count=4, width=0.25, augment=False,
                              checkpoint_every=20)
 PAPER: dict[str, Any] = dict(model="vgg-a", bn="both", data="cifar10", lrs=[0.05, 0.075, 0.1, 0.125, 0.15],
-                             epochs=20, batch_size=128, every=30, hessian_every=300, hessian_iters=20)
+                             epochs=20, batch_size=128, every=30, hessian_every=300, hessian_iters=100)
+# cpu-full (issue 14): the seed's Table 3 pair (lr 0.1) at full width, two pairs at once, then the
+# Table 4 band at width 0.5 on the full data (the whole band at full width takes about a week of
+# both cores: ~2 s per step per pair plus the probes).
+CPU_FULL_PAIR: dict[str, Any] = dict(PAPER, lrs=[0.1], jobs=2)
+CPU_FULL_BAND: dict[str, Any] = dict(PAPER, width=0.5, jobs=2)
 
 
 def sweep_settings(preset: str) -> dict[str, Any]:
     """SweepConfig fields of ``preset``; ``cpu`` is the landscape study's documented REDUCED_CPU."""
     from nnlab.landscape.sweep import REDUCED_CPU
 
-    return dict({"quick": QUICK, "cpu": REDUCED_CPU, "paper": PAPER}[check_preset(preset)])
+    return dict({"quick": QUICK, "cpu": REDUCED_CPU, "paper": PAPER, "cpu-full": CPU_FULL_PAIR}[check_preset(preset)])
 
 
 def notes_for(sweep: dict[str, Any]) -> list[str]:
@@ -69,6 +74,7 @@ def _run_sweep(ctx: StageContext) -> StageResult:
     from nnlab.landscape.sweep import SweepConfig, run_sweep
 
     sweep = dict(ctx.config["sweep"])
+    prefix = ctx.config.get("prefix", "")
     cfg = SweepConfig(**sweep, data_dir=data_dir_for(ctx, sweep["data"]))
     result = run_sweep(cfg, work_dir(ctx, "sweep"))  # continues an interrupted sweep on its own
     s = result.summary
@@ -80,7 +86,8 @@ def _run_sweep(ctx: StageContext) -> StageResult:
     quantities = sorted({q for m in med.values() for q in m})
     write_csv(ctx.dir / "band_medians.csv", ["quantity", *(f"bn_{bn}" for bn in med)],
               [[q, *(med[bn].get(q) for bn in med)] for q in quantities])
-    return StageResult(metrics=_metrics(s), tables=["accuracy.csv", "band_medians.csv"],
+    metrics = {f"{prefix}{k}": v for k, v in _metrics(s).items()}
+    return StageResult(metrics=metrics, tables=["accuracy.csv", "band_medians.csv"],
                        notes=notes_for(sweep) + plateau_notes(s))
 
 
@@ -114,16 +121,26 @@ def _metrics(summary: dict[str, Any]) -> dict[str, Any]:
 def _figures(ctx: StageContext) -> StageResult:
     from nnlab.landscape.plots import make_figures
 
-    sweep_dir = ctx.results["bn-sweep"].dir / "sweep"
+    sweep_dir = ctx.results[ctx.config.get("stage", "bn-sweep")].dir / "sweep"
     paths = make_figures(sweep_dir, work_dir(ctx, "figures"), log=ctx.config["log"])
     return StageResult(figures=[Path(p).relative_to(ctx.dir).as_posix() for p in paths])
 
 
+def _sweep_stages(name: str, figures: str, title: str, sweep: dict[str, Any], prefix: str = "") -> list[Stage]:
+    config = {"sweep": sweep, **({"prefix": prefix} if prefix else {})}
+    train = Stage(name, "bn", title, _run_sweep, config)
+    figs = Stage(figures, "bn", f"{title}: landscape, predictiveness and beta figures", _figures,
+                 {"sweep": train.key(), "log": True, **({"stage": name} if name != "bn-sweep" else {})},
+                 needs=(name,))
+    return [train, figs]
+
+
 def stages(preset: str) -> list[Stage]:
-    """The BN study's stages for ``preset`` (quick, cpu, paper)."""
-    sweep = sweep_settings(preset)
-    train = Stage("bn-sweep", "bn", "VGG-A with and without BN: lr sweep with landscape probes", _run_sweep,
-                  {"sweep": sweep})
-    figures = Stage("bn-figures", "bn", "landscape, predictiveness and beta figures", _figures,
-                    {"sweep": train.key(), "log": True}, needs=("bn-sweep",))
-    return [train, figures]
+    """The BN study's stages for ``preset`` (quick, cpu, paper, cpu-full)."""
+    if check_preset(preset) == "cpu-full":
+        return [*_sweep_stages("bn-lr0.1", "bn-lr0.1-figures", "VGG-A with and without BN at lr 0.1 (Table 3)",
+                               CPU_FULL_PAIR),
+                *_sweep_stages("bn-band", "bn-band-figures", "the lr band at width 0.5 (Table 4)",
+                               CPU_FULL_BAND, prefix="band_")]
+    return _sweep_stages("bn-sweep", "bn-figures", "VGG-A with and without BN: lr sweep with landscape probes",
+                         sweep_settings(preset))

@@ -210,8 +210,10 @@ def _sweep_rows(runs: list[Path]) -> tuple[list[str], list[list[Any]]]:
 
 
 def stages(preset: str) -> list[Stage]:
-    """The functa study's stages for ``preset`` (quick, cpu, paper)."""
-    s = SETTINGS[check_preset(preset)]
+    """The functa study's stages for ``preset`` (quick, cpu, paper; none in cpu-full)."""
+    if check_preset(preset) == "cpu-full":
+        return []
+    s = SETTINGS[preset]
     base = {"data": s["data"], "preset": s["preset"], "train": s["train"]}
     latent = [Stage(f"functa-latent-{d}", "functa", f"meta-train the SIREN, latent {d}"
                     + (" (main run)" if d == s["main"] else ""),

@@ -130,8 +130,10 @@ def sweep_metrics(rows: list[dict]) -> dict[str, Any]:
 
 
 def stages(preset: str) -> list[Stage]:
-    """The ViT pruning study's stages for ``preset`` (quick, cpu, paper)."""
-    base, sweep = BASE[check_preset(preset)], SWEEP[preset]
+    """The ViT pruning study's stages for ``preset`` (quick, cpu, paper; none in cpu-full)."""
+    if check_preset(preset) == "cpu-full":
+        return []
+    base, sweep = BASE[preset], SWEEP[preset]
     train = Stage("vit-base", "vit", f"base ViT ({base['model']} on {base['data']})", _train_base,
                   {"train": base})
     prune = Stage("vit-sweep", "vit", "pruning sweep: methods x ratios (Table 1) and throughput",

@@ -86,9 +86,10 @@ def _test_functaset(siren, splits, path: Path | None, out: Path, steps: int) -> 
 def generate(run: str | Path, functaset: str | Path, out: str | Path, config: GenerateConfig = GenerateConfig(), *,
              data: str | None = None, data_dir: str | Path | None = None, test_functaset: str | Path | None = None,
              feature_net: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict:
-    """Train ``config.model`` on the train functaset of functa run ``run``; evaluate; write ``out``."""
+    """Train ``config.model`` on the train functaset of functa run ``run``; evaluate; write ``out``
+    (inputs are checked before ``out`` is created; it is locked while written)."""
     from nnlab.data import load_dataset
-    from nnlab.functa.reconstruct import load_train_config
+    from nnlab.engine.runs import folder_lock
 
     out = Path(out)
     check_out(out)
@@ -98,14 +99,24 @@ def generate(run: str | Path, functaset: str | Path, out: str | Path, config: Ge
     if splits.shape[0] != siren.config.out_channels:
         raise ConfigError(f"data set {data} has {splits.shape[0]} channel(s) but run {run} renders "
                           f"{siren.config.out_channels}; pass the --data the functa run was trained on")
-    rd = RunDir(out)
-    _check_resume(config, rd, resume)
-    rd.save_config({"generate": asdict(config), "run": str(run), "run_relative": os.path.relpath(run, out),
-                    "functaset": str(functaset), "data": data, "data_dir": str(data_dir) if data_dir else None,
-                    "image_size": splits.shape[1], "torch_threads": torch.get_num_threads()})
-    state = resume_or_new(config, fs.latents, num_classes, rd, resume)
-    with MetricsLogger(rd.metrics_path, resume_step=state.step if resume else None) as log:
-        train(state, state.gen.norm(fs.latents), fs.labels if num_classes else None, rd, log, progress)
+    with folder_lock(out):
+        rd = RunDir(out)
+        _check_resume(config, rd, resume)
+        rd.save_config({"generate": asdict(config), "run": str(run), "run_relative": os.path.relpath(run, out),
+                        "functaset": str(functaset), "data": data, "data_dir": str(data_dir) if data_dir else None,
+                        "image_size": splits.shape[1], "torch_threads": torch.get_num_threads()})
+        state = resume_or_new(config, fs.latents, num_classes, rd, resume)
+        with MetricsLogger(rd.metrics_path, resume_step=state.step if resume else None) as log:
+            train(state, state.gen.norm(fs.latents), fs.labels if num_classes else None, rd, log, progress)
+        return _finish(state, siren, splits, fs, Path(run), out, rd, config, test_functaset, feature_net,
+                       data, progress)
+
+
+def _finish(state, siren, splits, fs, run: Path, out: Path, rd: RunDir, config: GenerateConfig,
+            test_functaset, feature_net, data: str, progress: bool) -> dict:
+    """Save the EMA generator, evaluate it against the test functaset, write the summary."""
+    from nnlab.functa.reconstruct import load_train_config
+
     gen = ema_generator(state)
     save_generator(gen, out / "model.safetensors")
     steps = int(load_train_config(run).get("inner_steps", 3))
