@@ -41,10 +41,34 @@ def test_checkpoint_of_an_earlier_step_replaces_later_ones(tmp_path):
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {})
     (tmp_path / "model-00000001.safetensors").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="unreadable"):
+    with pytest.raises(CheckpointError, match="corrupted"):
         load_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing")
+
+
+def test_checkpoint_hashes_catch_a_changed_weight_and_a_pickled_state(tmp_path):
+    """Issue 16: a flipped value in still-valid safetensors bytes is refused (it resumed silently
+    before); a state file replaced by a pickle is named as not an nnlab state file."""
+    import json
+    import pickle
+
+    from safetensors.torch import load_file, save_file
+
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(4)}, {"k": 1})
+    path = tmp_path / "model-00000001.safetensors"
+    tensors = load_file(path)
+    tensors["w"][2] = 1.5  # a valid file with other numbers
+    save_file(tensors, path)
+    with pytest.raises(CheckpointError, match=r"model-00000001.safetensors is corrupted \(its SHA-256"):
+        load_checkpoint(tmp_path)
+    save_checkpoint(tmp_path, 2, {"w": torch.ones(4)}, {"k": 2})
+    (tmp_path / "state-00000002.pt").write_bytes(pickle.dumps(print))
+    meta = json.loads((tmp_path / "latest.json").read_text())
+    meta.pop("sha256")  # as in a checkpoint written before the hashes existed
+    (tmp_path / "latest.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="is not an nnlab state file"):
+        load_checkpoint(tmp_path)
 
 
 def test_yaml_config_defaults_and_unknown_keys(tmp_path):

@@ -4,13 +4,18 @@ Layout of a checkpoint folder::
 
     model-00000123.safetensors   weights (tensors only)
     state-00000123.pt            optimiser/scheduler state, RNG states, counters (torch.save)
-    latest.json                  {"step": 123, "model": ..., "state": ...}, written last
+    latest.json                  {"step": 123, "model": ..., "state": ..., "sha256": {file: hex}}, written last
 
 Both files are written atomically, then ``latest.json`` is replaced atomically, so a kill at any
 moment leaves the previous complete checkpoint in force. Older pairs are removed after.
+``latest.json`` holds the SHA-256 of both files and :func:`load_checkpoint` verifies them, so bytes
+changed on disk after the write (a bad copy, a flipped bit) are refused, never resumed from
+(checkpoints written before the hashes existed load unverified).
 """
 from __future__ import annotations
 
+import hashlib
+import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +66,37 @@ def save_checkpoint(folder: str | Path, step: int, tensors: dict[str, torch.Tens
     check_finite(folder, step, flat)
     atomic_write(folder / model_name, lambda tmp: save_file(flat, tmp))
     atomic_write(folder / state_name, lambda tmp: torch.save(state, tmp))
-    write_json(folder / "latest.json", {"step": step, "model": model_name, "state": state_name})
+    sums = {name: sha256(folder / name) for name in (model_name, state_name)}
+    write_json(folder / "latest.json", {"step": step, "model": model_name, "state": state_name, "sha256": sums})
     _prune(folder, step, keep)
     return folder / model_name
+
+
+def sha256(path: str | Path) -> str:
+    """Hex SHA-256 of the file at ``path``."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """Hex SHA-256 of a state dict's content (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _verify(folder: Path, meta: dict) -> None:
+    for name, expected in (meta.get("sha256") or {}).items():
+        if sha256(folder / name) != expected:
+            raise CheckpointError(f"checkpoint file {folder / name} is corrupted (its SHA-256 differs from the one "
+                                  "recorded when it was written); restore the folder from a copy, or start a new "
+                                  "--out folder")
 
 
 def check_finite(folder: Path, step: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -99,9 +132,14 @@ def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu"
                               "train first, or point to the run's checkpoint folder")
     try:
         meta = read_json(folder / "latest.json")
+        _verify(folder, meta)
         tensors = load_file(folder / meta["model"], device=str(map_location))
         state = torch.load(folder / meta["state"], map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{folder / meta['state']} is not an nnlab state file (it holds Python objects, "
+                              "which nnlab never unpickles); restore the folder from a copy, or start a new "
+                              "--out folder") from None
     except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise CheckpointError(f"checkpoint in {folder} is unreadable ({type(exc).__name__}: {exc}); "
-                              "delete the folder to start over") from None
+        raise CheckpointError(f"checkpoint in {folder} is unreadable ({type(exc).__name__}: {exc}); restore "
+                              "the folder from a copy, or start a new --out folder") from None
     return Checkpoint(step=int(meta["step"]), tensors=tensors, state=state)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -73,7 +74,9 @@ class RunDir:
 
 @contextlib.contextmanager
 def folder_lock(path: str | Path):
-    """Exclusive, non-blocking lock of folder ``path`` (``path/.lock`` records the holder's pid)."""
+    """Exclusive, non-blocking lock of folder ``path`` (``path/.lock`` records the holder's pid and
+    host). The OS releases it when the holder dies, so a lock left by a killed process is simply
+    taken over. On a network file system without flock support the lock may not hold across hosts."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no locking
@@ -90,7 +93,7 @@ def folder_lock(path: str | Path):
             raise CheckpointError(f"{path} is being written by {holder}; wait for it to finish (or stop it), "
                                   "or choose another --out folder") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')} "
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} "
                       f"({' '.join(sys.argv[:3])})\n".encode(), 0)
         yield
     finally:

@@ -50,7 +50,10 @@ from nnlab.engine.runs import RunDir
 from nnlab.errors import CheckpointError, ConfigError, DivergenceError
 
 # Config keys that may change between a run and its resumption (they do not change the numbers).
-RESUME_MAY_DIFFER = ("device", "data_dir", "progress", "max_steps", "threads")
+RESUME_MAY_DIFFER = ("device", "data_dir", "progress", "max_steps", "threads", "config_changes")
+# Settings a resume may change on purpose (e.g. a lower lr after a divergence): each change is
+# logged as an ``"event": "config_change"`` record and appended to ``config_changes`` in config.yaml.
+RESUME_OVERRIDES = ("lr", "grad_clip", "schedule", "schedule_options", "warmup_steps")
 
 
 @dataclass
@@ -324,6 +327,7 @@ class _Trainer:
         self.dist = D.init_from_env(config.device)
         self.main = self.dist.rank == 0
         self.run_dir = RunDir(out)
+        self.overrides: dict[str, tuple] = {}  # resume-time changes of RESUME_OVERRIDES: key -> (old, new)
         self.resuming = self._check_resume(resume)
         if config.bf16 and self.dist.device.type != "cuda":
             warnings.warn("--bf16 autocast needs a GPU; training in float32 on the CPU", stacklevel=3)
@@ -351,15 +355,19 @@ class _Trainer:
             raise CheckpointError(f"{self.run_dir.path} already holds a run with a checkpoint; pass "
                                   "--resume to continue it, or choose a new --out folder")
         saved, current = self.run_dir.load_config(), self.config.to_dict()
+        self.saved_config = saved
         if saved.get("threads") not in (None, current["threads"]):
             warnings.warn(f"resuming {self.run_dir.path} on {current['threads']} threads; it ran on "
                           f"{saved['threads']}, so it will not be bit-identical to an uninterrupted run",
                           stacklevel=4)
         diff = _config_diff(saved, current)
+        self.overrides = {k: (saved.get(k), current.get(k)) for k in diff if k in RESUME_OVERRIDES}
+        diff = [k for k in diff if k not in RESUME_OVERRIDES]
         if diff:
             detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
             raise ConfigError(f"cannot resume {self.run_dir.path} with a different config ({detail}); "
-                              "use the original settings, or a new --out folder")
+                              f"use the original settings (only {', '.join(RESUME_OVERRIDES)} may change on "
+                              "resume), or a new --out folder")
         return True
 
     def _prepare_data(self, data: DatasetSplits | None) -> DatasetSplits:
@@ -404,7 +412,7 @@ class _Trainer:
     def _save(self) -> None:
         bad = [n for n, t in self.model.named_parameters() if not torch.isfinite(t).all()]
         if bad:  # never replace the last good checkpoint with broken weights
-            self._diverged(f"weights became non-finite ({bad[0]}) by step {self.p.step}", float("nan"))
+            self._diverged(f"weights became non-finite ({bad[0]}) by step {self.p.step}", float("nan"), self.p.step)
         # per-rank state: RNG and this rank's running epoch sums (the rest is the same on all ranks)
         mine = {"rng": rng_state(), "sums": [self.p.loss_sum, self.p.correct, self.p.count]}
         ranks = [mine]
@@ -423,8 +431,12 @@ class _Trainer:
         ckpt = load_checkpoint(self.run_dir.checkpoint_dir, map_location="cpu")
         try:
             self.model.load_state_dict(ckpt.tensors)
+            base_lrs = list(self.scheduler.base_lrs)  # of this config (a changed lr included)
             self.optimizer.load_state_dict(ckpt.state["optimizer"])
-            self.scheduler.load_state_dict(ckpt.state["scheduler"])
+            if self.overrides:
+                self._fast_forward_schedule(base_lrs, int(ckpt.state["progress"]["step"]))
+            else:
+                self.scheduler.load_state_dict(ckpt.state["scheduler"])
             self.p = _Progress(**ckpt.state["progress"])
             for cb, st in zip(self.callbacks, ckpt.state["callbacks"], strict=True):
                 cb.load_state_dict(st)
@@ -438,6 +450,26 @@ class _Trainer:
                                   f"{self.dist.world_size}")
         set_rng_state(ranks[self.dist.rank]["rng"])
         self.p.loss_sum, self.p.correct, self.p.count = ranks[self.dist.rank]["sums"]
+
+    def _fast_forward_schedule(self, base_lrs: list[float], step: int) -> None:
+        """After a resume that changed the lr or the schedule: this config's schedule, at ``step``."""
+        sched = self.scheduler
+        for group, base in zip(self.optimizer.param_groups, base_lrs):
+            group["initial_lr"] = base
+        sched.base_lrs, sched.last_epoch = base_lrs, step
+        lrs = [base * fn(step) for base, fn in zip(base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
+
+    def _record_overrides(self) -> None:
+        """Log the resume-time changes (metrics record, warning, ``config_changes`` in config.yaml)."""
+        changes = {k: {"old": old, "new": new} for k, (old, new) in self.overrides.items()}
+        self._log({"event": "config_change", "step": self.p.step, "changes": changes})
+        warnings.warn(f"resuming {self.run_dir.path} at step {self.p.step} with changed "
+                      + ", ".join(f"{k} {v['old']!r} -> {v['new']!r}" for k, v in changes.items()), stacklevel=4)
+        history = list(self.saved_config.get("config_changes") or []) + [{"step": self.p.step, **changes}]
+        self.run_dir.save_config({**self.config.to_dict(), "config_changes": history})
 
     # ---- run
 
@@ -453,6 +485,8 @@ class _Trainer:
         self.logger = MetricsLogger(self.run_dir.metrics_path, self.p.step if self.resuming else None) \
             if self.main else None
         self.ctx = self._context()
+        if self.overrides and self.main:
+            self._record_overrides()
         try:
             for cb in self.callbacks:
                 cb.on_train_start(self.ctx)
@@ -538,7 +572,7 @@ class _Trainer:
         local = float(loss.detach())
         value = local if self.dist.world_size == 1 else float(D.all_reduce_mean(loss.detach().clone()))
         if not math.isfinite(value):
-            self._diverged(f"loss became {value} at step {p.step + 1}", value)
+            self._diverged(f"loss became {value} at step {p.step + 1}", value, p.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for cb in self.callbacks:
@@ -558,16 +592,19 @@ class _Trainer:
         ctx.x = ctx.y = ctx.loss = None
         return value
 
-    def _diverged(self, what: str, value: float) -> None:
+    def _diverged(self, what: str, value: float, step: int) -> None:
         """Raise DivergenceError (``what`` happened) without writing a checkpoint."""
-        p = self.p
-        self._log({"event": "diverged", "loss": value, "lr": self.ctx.lr})
-        kept = (f"the last good checkpoint is kept in {self.run_dir.checkpoint_dir}"
-                if has_checkpoint(self.run_dir.checkpoint_dir) else "no checkpoint had been written yet")
-        raise DivergenceError(
-            f"{what} (epoch {p.epoch + 1}, lr {self.ctx.lr:.4g}); "
-            f"lower --lr or enable gradient clipping (e.g. --grad-clip 1.0), and start a new --out folder "
-            f"or --resume from the checkpoint; {kept}")
+        p, lr = self.p, self.ctx.lr
+        self._log({"event": "diverged", "step": step, "loss": value, "lr": lr})  # as the error message says
+        run = self.run_dir.path
+        if has_checkpoint(self.run_dir.checkpoint_dir):
+            how = (f"nnlab train --config {run}/config.yaml --out {run} --resume --lr {self.config.lr / 2:g}"
+                   if not self.callbacks else f"the same command with --resume and a lower --lr")
+            advice = (f"the last good checkpoint is kept in {self.run_dir.checkpoint_dir}; continue from it "
+                      f"with a lower lr (or --grad-clip 1.0): {how}")
+        else:
+            advice = "no checkpoint had been written yet; start again with a lower --lr or --grad-clip 1.0"
+        raise DivergenceError(f"{what} (epoch {p.epoch + 1}, lr {lr:.4g}); {advice}")
 
     def _end_epoch(self, seconds: float, images: float) -> None:
         """Evaluate, call callbacks, log the epoch record, checkpoint. seconds / images: this

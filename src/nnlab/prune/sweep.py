@@ -2,7 +2,10 @@
 
 ``DIR/results.csv``: ``method,ratio,top1,top5,gflops,images_per_s,achieved_ratio`` (one row per
 method and ratio, plus ``base`` at ratio 0). Rows are appended as they finish and skipped when
-the sweep is run again (resumable). ``DIR/apvit_thresholds.csv``: AP-ViT threshold -> ratio.
+the sweep is run again (resumable). ``DIR/sweep.json``: the SHA-256 of the base model's weights
+and the settings that change the measured numbers; a rerun into ``DIR`` with another base model
+or other settings is refused, so rows of two models never mix. ``DIR/apvit_thresholds.csv``:
+AP-ViT threshold -> ratio.
 ``DIR/models/METHOD-RATIO/``: each pruned model (:func:`nnlab.prune.io.save_pruned`).
 """
 from __future__ import annotations
@@ -15,7 +18,9 @@ import torch
 from torch import nn
 
 from nnlab.data import DatasetSplits, load_dataset
-from nnlab.engine.checkpoint import load_checkpoint
+from nnlab.engine.checkpoint import load_checkpoint, tensors_sha256
+from nnlab.engine.io import read_json, write_json
+from nnlab.engine.runs import folder_lock
 from nnlab.engine.runs import RunDir
 from nnlab.errors import CheckpointError, ConfigError
 from nnlab.models import create_model
@@ -150,10 +155,52 @@ class _Sweep:
             w.writerows([(t, round(r, 4)) for t, r in table])
 
 
+# settings that change the rows already in results.csv (the others: which rows to add, timing)
+IDENTITY = ("data", "eval_batch_size", "calib_size", "test_limit", "seed", "pvit", "apvit")
+
+
+def check_same_base(s: "_Sweep") -> None:
+    """Write ``DIR/sweep.json`` (base weights' SHA-256 and the settings of :data:`IDENTITY`), or refuse
+    a folder whose rows came from another base model or other settings."""
+    import dataclasses
+
+    settings = {k: v for k, v in dataclasses.asdict(s.c).items() if k in IDENTITY}
+    ident = {"base_sha256": tensors_sha256(s.vit.state_dict()), "checkpoint": str(s.c.checkpoint),
+             "settings": json_safe(settings)}
+    path = s.out / "sweep.json"
+    if path.is_file():
+        old = read_json(path)
+        if old.get("base_sha256") != ident["base_sha256"]:
+            raise ConfigError(f"{s.out} holds a sweep of another base model ({old.get('checkpoint')}, weights "
+                              f"SHA-256 {str(old.get('base_sha256'))[:12]}, not {ident['base_sha256'][:12]}); "
+                              "choose a new --out folder so that their rows do not mix")
+        diff = sorted(k for k in IDENTITY if old.get("settings", {}).get(k) != ident["settings"].get(k))
+        if diff:
+            raise ConfigError(f"{s.out} holds a sweep with other settings ({', '.join(diff)}); rerun with the "
+                              "original ones to finish it, or choose a new --out folder")
+    elif s.csv.is_file():
+        raise ConfigError(f"{s.out} has results.csv rows of an unknown base model (no sweep.json); choose a new "
+                          "--out folder")
+    write_json(path, ident)
+
+
+def json_safe(value):
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
 def run_sweep(config: SweepConfig) -> SweepResult:
-    """Run (or finish) the sweep described by ``config``; returns all rows of results.csv."""
+    """Run (or finish) the sweep described by ``config``; returns all rows of results.csv. The
+    output folder is locked while it runs and keyed to the base model (:func:`check_same_base`)."""
     torch.manual_seed(config.seed)  # agent and gate initialisation
     s = _Sweep(config)
+    with folder_lock(s.out):
+        check_same_base(s)
+        return _run_locked(s, config)
+
+
+def _run_locked(s: "_Sweep", config: SweepConfig) -> SweepResult:
     done = {(r["method"], round(r["ratio"], 4)) for r in read_rows(s.csv)}
     todo = [("base", 0.0)] + [(m, float(r)) for m in config.methods for r in config.ratios]
     for method, ratio in todo:
