@@ -209,3 +209,46 @@ def test_random_subset_mixes_classes():
     assert len(sub) == 20 and len(set(sub.labels.tolist())) > 3
     assert images.random_subset(20, seed=0).labels.tolist() == sub.labels.tolist()
     assert images.random_subset(None) is images
+
+
+# --------------------------------------------------------------------------- reference twins (issue 13)
+
+
+def test_cpvit_runner_matches_the_per_image_reference_logits_and_kept_patches(vit):
+    """Pins the mechanism: column mass (attention received), accumulated over layers by token
+    identity, pruned patches never back. A row sum, no accumulation or re-admitted patches differ."""
+    from nnlab.prune.reference import cpvit_reference
+
+    keep = [10, 6, 3]
+    run = CPViTRunner(vit, keep)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = run(x)
+        for b in range(len(x)):
+            ref_logits, ref_kept = cpvit_reference(vit, x[b], keep)
+            torch.testing.assert_close(logits[b], ref_logits, rtol=1e-4, atol=1e-5)
+            for layer, ids in enumerate(ref_kept):
+                assert sorted(run.kept[layer][b, 1:].tolist()) == ids, (b, layer)
+    for b in range(len(x)):  # each later kept set is inside the earlier one
+        assert set(run.kept[2][b].tolist()) <= set(run.kept[1][b].tolist()) <= set(run.kept[0][b].tolist())
+
+
+def test_tome_runner_matches_the_per_image_reference(vit):
+    """Pins bipartite matching on keys, size-weighted merges and proportional attention (the
+    runner without its size bias differs from the reference)."""
+    from nnlab.prune.reference import tome_reference
+
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    run = ToMeRunner(vit, [3, 3, 2])
+    with torch.no_grad():
+        logits = run(x)
+        for b in range(len(x)):
+            torch.testing.assert_close(logits[b], tome_reference(vit, x[b], [3, 3, 2]), rtol=1e-4, atol=1e-5)
+        no_prop = ToMeRunner(vit, [3, 3, 2])
+        no_prop_bias = tome.size_bias
+        try:
+            tome.size_bias = lambda size: None  # proportional attention switched off
+            off = no_prop(x)
+        finally:
+            tome.size_bias = no_prop_bias
+    assert not torch.allclose(off, logits, atol=1e-4)

@@ -19,6 +19,8 @@ T = TypeVar("T")
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a :class:`ConfigError` naming the file for anything else."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file (e.g. {path}/config.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

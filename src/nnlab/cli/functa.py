@@ -51,6 +51,7 @@ def register(subparsers) -> None:
     t.add_argument("--device", default="auto")
     t.add_argument("--out", required=True)
     t.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint")
+    t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     t.set_defaults(func=run_train, _parser=t)
 
     f = sub.add_parser("fit", help="fit latents for a whole split into a safetensors functaset")
@@ -168,7 +169,8 @@ def run_train(args) -> int:
                         outer_lr=args.outer_lr, inner_steps=args.inner_steps, time_limit_min=args.time_limit_min,
                         first_order=args.first_order, use_checkpoint=args.use_checkpoint, val_every=args.val_every,
                         schedule=args.schedule, model_overrides={f: getattr(args, f, None) for f in FunctaConfig.__dataclass_fields__})
-    summary = train_functa(preset, args.data, args.out, data_dir=args.data_dir, resume=args.resume, device=args.device)
+    summary = train_functa(preset, args.data, args.out, data_dir=args.data_dir, resume=args.resume, device=args.device,
+                           progress=args.progress)
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -84,6 +84,7 @@ def _register_train(sub) -> None:
     p.add_argument("--crop-padding", type=int, default=None, metavar="PIXELS",
                    help="padding of the --augment random crop (default 4 for 28+ pixel images, else 2)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="in [0, 1)")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm; 0 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample", type=int, default=16, help="Gamma entries followed per layer")
     p.add_argument("--eval-wstar", action=argparse.BooleanOptionalAction, default=True,

@@ -24,7 +24,11 @@ def register(subparsers) -> None:
                                    "GFLOPs and images/s.", epilog=RATIO_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--config", metavar="FILE.yaml", help="options as YAML (keys as below); flags win")
-    s.add_argument("--checkpoint", required=True, help="run folder of a trained ViT (nnlab train --out RUN)")
+    s.add_argument("--checkpoint", required=True,
+                   help="run folder of a trained ViT (nnlab train --out RUN), or a timm / DeiT / Hugging Face "
+                        "ViT weights file (.safetensors or .pth; then give --arch and --data)")
+    s.add_argument("--arch", help="architecture of a weights file, for its head count: deit-tiny, deit-small, "
+                                  "deit-base, vit-tiny16, vit-s16, vit-b16, vit-l16")
     s.add_argument("--methods", type=str_list, default=["p-vit", "ap-vit", "cp-vit", "tome"],
                    help="comma-separated: p-vit,ap-vit,cp-vit,tome")
     s.add_argument("--ratios", type=float_list, default=[round(0.1 * i, 1) for i in range(1, 10)],
@@ -59,7 +63,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     from nnlab.prune import methods, sweep
 
     config = sweep.SweepConfig(
-        checkpoint=args.checkpoint, out=args.out, methods=args.methods, ratios=args.ratios, data=args.data,
+        checkpoint=args.checkpoint, arch=args.arch, out=args.out, methods=args.methods, ratios=args.ratios,
+        data=args.data,
         data_dir=args.data_dir, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
         calib_size=args.calib_size, test_limit=args.test_limit, timing_repeats=args.timing_repeats,
         save_models=args.save_models, seed=args.seed,

@@ -11,6 +11,7 @@ sizes the header promises against the bytes present, matching image/label counts
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -76,7 +77,9 @@ def parse_idx(data: bytes, where: str, ndim: int) -> np.ndarray:
     if len(data) < header:
         raise DataError(f"{where}: truncated IDX header ({len(data)} bytes); download the file again")
     dims = struct.unpack(f">{ndim}I", data[4:header])
-    size = int(np.prod(dims))
+    if dims[0] == 0:
+        raise DataError(f"{where}: the header says 0 {kind}; the file holds no data, download it again")
+    size = math.prod(dims)  # exact: numpy's product would wrap around for absurd header dims
     if len(data) - header != size:
         problem = "truncated" if len(data) - header < size else "has trailing bytes"
         raise DataError(f"{where}: {problem}: the header promises {' x '.join(map(str, dims))} = "

@@ -168,8 +168,8 @@ class _Stack:
         if (h, w) != (have_h, have_w):
             raise DataError(
                 f"{where} is {w}x{h} but {self.first} is {have_w}x{have_h}: mixed image sizes; "
-                f"resize the files to one size, or pass image_size=N (--image-size N) to "
-                f"centre-crop and resize them all")
+                f"resize the files to one size, or pass image_size=N (nnlab train: --data-option "
+                f"image_size=N; nnlab data info: --image-size N) to centre-crop and resize them all")
         if c != have_c:  # grey and colour mixed: everything becomes RGB
             if c == 1:
                 img = np.repeat(img, 3, axis=2)

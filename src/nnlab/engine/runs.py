@@ -22,15 +22,42 @@ from typing import Any
 import yaml
 
 from nnlab.engine.io import to_jsonable, atomic_write_text, read_json, write_json
-from nnlab.errors import CheckpointError
+from nnlab.errors import CheckpointError, ConfigError
+
+
+def check_out(out: str | Path) -> Path:
+    """Refuse an ``--out`` that cannot become a run folder (a file, a path under a file, an
+    unwritable parent) with a one-line ConfigError, before any work starts; returns it as a Path."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder path")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out} cannot be created: {parent} is a file; choose another path")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"--out {out} cannot be created ({parent} is not writable); choose another path")
+    return out
+
+
+def check_out_file(out: str | Path) -> Path:
+    """Like :func:`check_out` for an ``--out`` that names a file: refuse an existing folder there."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file path (e.g. {out / 'train.safetensors'})")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ConfigError(f"--out {out} cannot be created: {out.parent} is a file; choose another path")
+    check_out(out.parent)
+    return out
 
 
 class RunDir:
-    """Paths and writers of one run folder."""
+    """Paths and writers of one run folder. ``create``: make the folder now (writers); readers pass
+    False, so that a mistyped path is never created. Writes create it anyway."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, create: bool = True):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -46,7 +46,7 @@ from nnlab.engine.checkpoint import has_checkpoint, load_checkpoint, rng_state, 
 from nnlab.engine.io import to_jsonable
 from nnlab.engine.metrics import MetricsLogger
 from nnlab.engine.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
-from nnlab.engine.runs import RunDir
+from nnlab.engine.runs import RunDir, check_out
 from nnlab.errors import CheckpointError, ConfigError, DivergenceError
 
 # Config keys that may change between a run and its resumption (they do not change the numbers).
@@ -326,7 +326,7 @@ class _Trainer:
         config = self.config
         self.dist = D.init_from_env(config.device)
         self.main = self.dist.rank == 0
-        self.run_dir = RunDir(out)
+        self.run_dir = RunDir(check_out(out), create=False)  # made when training starts (a bad option leaves none)
         self.overrides: dict[str, tuple] = {}  # resume-time changes of RESUME_OVERRIDES: key -> (old, new)
         self.resuming = self._check_resume(resume)
         if config.bf16 and self.dist.device.type != "cuda":

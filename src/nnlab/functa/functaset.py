@@ -178,8 +178,11 @@ def fit_split(run: str | Path, data: str, split: str, out: str | Path, *, data_d
     from nnlab.data import load_dataset
     from nnlab.functa.reconstruct import load_model, load_train_config
 
+    from nnlab.engine.runs import check_out_file
+
     if split not in ("train", "test"):
         raise ConfigError(f"split must be train or test, got {split!r}")
+    check_out_file(out)
     model = load_model(run, device)
     steps = inner_steps if inner_steps is not None else int(load_train_config(run).get("inner_steps", 3))
     images = getattr(load_dataset(data, data_dir), split)

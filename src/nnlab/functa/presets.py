@@ -37,6 +37,31 @@ class MetaTrainConfig:
     max_rollbacks: int = 3             # then stop with a DivergenceError
     seed: int = 0
 
+    def validate(self) -> "MetaTrainConfig":
+        """A one-line ConfigError naming the first bad setting and its valid range; returns self."""
+        import math
+
+        finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+        checks = [("steps", self.steps >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+                  ("inner_steps", self.inner_steps >= 0, ">= 0"),
+                  ("outer_lr", finite(self.outer_lr) and self.outer_lr > 0, "a positive finite number"),
+                  ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
+                  ("meta_lr_mult", finite(self.meta_lr_mult) and self.meta_lr_mult > 0, "a positive finite number"),
+                  ("grad_clip", finite(self.grad_clip) and self.grad_clip >= 0, ">= 0 (0 = off)"),
+                  ("schedule", self.schedule in ("constant", "cosine"), "constant or cosine"),
+                  ("chunk", self.chunk >= 1, ">= 1"), ("workers", self.workers >= 0, ">= 0"),
+                  ("time_limit_min", finite(self.time_limit_min) and self.time_limit_min >= 0, ">= 0"),
+                  ("log_every", self.log_every >= 1, ">= 1"), ("val_every", self.val_every >= 1, ">= 1"),
+                  ("val_images", self.val_images >= 1, ">= 1"), ("ckpt_every", self.ckpt_every >= 1, ">= 1"),
+                  ("eval_batch", self.eval_batch >= 1, ">= 1"), ("collapse_db", finite(self.collapse_db)
+                                                                  and self.collapse_db >= 0, ">= 0 (0 = off)"),
+                  ("max_rollbacks", self.max_rollbacks >= 0, ">= 0")]
+        for name, ok, want in checks:
+            if not ok:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be {want}, got {getattr(self, name)!r}")
+        return self
+
 
 @dataclass
 class Preset:

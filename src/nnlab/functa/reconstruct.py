@@ -19,12 +19,13 @@ from nnlab.functa.model import FunctaConfig, LatentModulatedSiren
 def load_model(run: str | Path, device: str | torch.device = "cpu") -> LatentModulatedSiren:
     """The meta-learned model of run folder ``run``: config.yaml plus the latest checkpoint, or
     ``model.safetensors`` (the final weights alone, as published runs ship them)."""
-    rd = RunDir(run) if Path(run).is_dir() else None
+    rd = RunDir(run, create=False) if Path(run).is_dir() else None
     if rd is None:
         raise CheckpointError(f"run folder {run} does not exist; train one with 'nnlab functa train'")
     config = rd.load_config()
-    if "model" not in config:
-        raise CheckpointError(f"{run} is not a functa run (config.yaml has no 'model' section)")
+    if not isinstance(config.get("model"), dict):
+        what = f"its model is {config['model']!r}" if "model" in config else "config.yaml has no 'model' section"
+        raise CheckpointError(f"{run} is not a functa run ({what}); pass a folder written by 'nnlab functa train'")
     model = LatentModulatedSiren(from_dict(FunctaConfig, config["model"]))
     final = rd.path / "model.safetensors"
     if has_checkpoint(rd.checkpoint_dir) or not final.is_file():
@@ -42,7 +43,7 @@ def load_model(run: str | Path, device: str | torch.device = "cpu") -> LatentMod
 
 
 def load_train_config(run: str | Path) -> dict:
-    return RunDir(run).load_config().get("train", {})
+    return RunDir(run, create=False).load_config().get("train", {})
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:

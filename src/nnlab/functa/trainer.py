@@ -25,7 +25,7 @@ from nnlab.data import BatchLoader, ImageSet, load_dataset
 from nnlab.engine import distributed as dist
 from nnlab.engine.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from nnlab.engine.metrics import MetricsLogger
-from nnlab.engine.runs import RunDir
+from nnlab.engine.runs import RunDir, check_out
 from nnlab.errors import CheckpointError, ConfigError, DivergenceError
 from nnlab.functa import meta
 from nnlab.functa.functaset import fit_images
@@ -137,8 +137,9 @@ def train_functa(preset: Preset, data: str, out: str | Path, *, data_dir: str | 
                  resume: bool = False, device: str = "auto", progress: bool = True) -> dict:
     """Meta-train ``preset`` on data set ``data``; returns (and writes) the summary dict. The run
     folder is locked while it trains (a second process writing it is refused)."""
+    preset.train.validate()
     info = dist.init_from_env(device)
-    run = RunDir(out)
+    run = RunDir(check_out(out), create=False)
     with run.lock() if dist.is_main() else nullcontext():
         return _train_functa(preset, data, run, info, data_dir, resume, progress)
 

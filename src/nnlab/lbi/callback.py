@@ -24,6 +24,20 @@ from nnlab.lbi.optim import _LBIBase
 LBI_FILE = "lbi.safetensors"
 
 
+def read_lbi_file(path) -> dict:
+    """The tensors of a run's ``lbi.safetensors``; a CheckpointError if it is cut short or corrupt."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from nnlab.errors import CheckpointError
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path} is unreadable ({first}); copy the run folder again, or retrain the run") from None
+
+
 def update_entry(entry: torch.Tensor, supported: torch.Tensor, epoch: int) -> torch.Tensor:
     """First epoch in support: entry (S,) float with inf = never, supported (S,) bool -> (S,)."""
     return torch.where(supported & torch.isinf(entry), torch.full_like(entry, float(epoch)), entry)

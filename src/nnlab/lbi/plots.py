@@ -5,19 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from nnlab.engine.checkpoint import load_checkpoint
 from nnlab.engine.metrics import read_jsonl
 from nnlab.engine.runs import RunDir
 from nnlab.errors import CheckpointError
-from nnlab.lbi.callback import LBI_FILE
+from nnlab.lbi.callback import LBI_FILE, read_lbi_file
 from nnlab.report.figures import plt, save_figure
 
 
 def epoch_records(run: str | Path) -> list[dict]:
     """The per-epoch records of a run (those with ``train_loss``), in order."""
-    path = RunDir(run).metrics_path
+    path = RunDir(run, create=False).metrics_path
     if not path.is_file():
         raise CheckpointError(f"{run} has no metrics.jsonl; pass run folders of `nnlab lbi train`")
     return [r for r in read_jsonl(path) if "train_loss" in r]
@@ -26,7 +25,7 @@ def epoch_records(run: str | Path) -> list[dict]:
 def run_label(run: str | Path) -> str:
     """``<optimizer> (<folder>)`` from the run's config, e.g. ``slbi-adam (lbi-mnist-adam)``."""
     try:
-        return f"{RunDir(run).load_config().get('optimizer', '?')} ({Path(run).name})"
+        return f"{RunDir(run, create=False).load_config().get('optimizer', '?')} ({Path(run).name})"
     except CheckpointError:
         return Path(run).name
 
@@ -96,7 +95,7 @@ def plot_weights(runs: list[str | Path], out: Path, layer: str = "conv3") -> Pat
     """Weights of ``layer`` per run as an image: one row per filter (C_out, C_in*kh*kw)."""
     fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 4), squeeze=False)
     for ax, run in zip(axes[0], runs):
-        w = load_checkpoint(RunDir(run).checkpoint_dir).tensors.get(f"{layer}.weight")
+        w = load_checkpoint(RunDir(run, create=False).checkpoint_dir).tensors.get(f"{layer}.weight")
         if w is None:
             raise CheckpointError(f"{run}'s model has no {layer}.weight; choose another --layer")
         mat = w.reshape(w.shape[0], -1).float()
@@ -109,11 +108,11 @@ def plot_weights(runs: list[str | Path], out: Path, layer: str = "conv3") -> Pat
 
 def _support_note(run: str | Path, layer: str, filters: int) -> str:
     """`` (k/n filters in Gamma's support)`` for DessiLBI runs, else empty."""
-    path = RunDir(run).path / LBI_FILE
+    path = RunDir(run, create=False).path / LBI_FILE
     key = f"gamma.{layer}.weight"
     if not path.is_file():
         return ""
-    gammas = load_file(path)
+    gammas = read_lbi_file(path)
     if key not in gammas:
         return ""
     k = int(gammas[key].reshape(filters, -1).ne(0).any(1).sum())
@@ -124,6 +123,9 @@ def plot_runs(runs: list[str | Path], out: str | Path, layer: str | None = "conv
     """All figures for ``runs`` into ``out`` (the weights image of ``layer`` unless None, as for runs
     of different models); returns the written paths."""
     out = Path(out)
+    for run in runs:  # refuse unreadable runs before any figure is written
+        if (Path(run) / LBI_FILE).is_file():
+            read_lbi_file(Path(run) / LBI_FILE)
     paths = [plot_curves(runs, out), plot_sparsity(runs, out)]
     paths += [plot_gamma_paths(r, out) for r in runs]
     if layer:

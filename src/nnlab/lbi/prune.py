@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from nnlab.config import from_dict
@@ -24,7 +23,7 @@ from nnlab.engine.io import atomic_write_text
 from nnlab.engine.runs import RunDir
 from nnlab.engine.train import Callback, EvalResult, TrainConfig, evaluate, train
 from nnlab.errors import CheckpointError, ConfigError
-from nnlab.lbi.callback import LBI_FILE
+from nnlab.lbi.callback import LBI_FILE, read_lbi_file
 
 
 def importance_order(entry: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
@@ -99,7 +98,7 @@ def load_run(run: str | Path, data_dir: str | None = None) -> LoadedRun:
     """Rebuild a run's model with its last checkpoint's weights, its data and ``lbi.safetensors``."""
     from nnlab.models import create_model
 
-    rd = RunDir(run)
+    rd = RunDir(run, create=False)
     cfg = from_dict(TrainConfig, rd.load_config())
     data = load_dataset(cfg.data, data_dir or cfg.data_dir, **cfg.data_options)
     data = data.replace(test=data.test.random_subset(cfg.test_limit, cfg.seed + 1))
@@ -111,7 +110,7 @@ def load_run(run: str | Path, data_dir: str | None = None) -> LoadedRun:
     if not lbi_path.is_file():
         raise CheckpointError(f"{rd.path} has no {LBI_FILE}; prune runs of `nnlab lbi train "
                               "--optimizer slbi` (or slbi-adam) that finished at least one epoch")
-    entry = {k[len("entry."):]: v for k, v in load_file(lbi_path).items() if k.startswith("entry.")}
+    entry = {k[len("entry."):]: v for k, v in read_lbi_file(lbi_path).items() if k.startswith("entry.")}
     return LoadedRun(cfg, data, model, entry)
 
 

@@ -85,11 +85,16 @@ def keep_counts(ratios: Sequence[float], num_patches: int) -> list[int]:
     return out
 
 
+def top_patches(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """scores (B, T) -> positions (B, 1 + keep) of CLS (first) and the ``keep`` best patches."""
+    idx = scores[:, 1:].topk(keep, dim=-1, sorted=False).indices + 1
+    return torch.cat([torch.zeros_like(idx[:, :1]), idx], dim=1)
+
+
 def select_patches(x: torch.Tensor, scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep CLS and the ``keep`` highest-scoring patches. x (B, T, D), scores (B, T) ->
     (x (B, 1 + keep, D), scores (B, 1 + keep)); CLS stays first."""
-    idx = scores[:, 1:].topk(keep, dim=-1, sorted=False).indices + 1
-    idx = torch.cat([torch.zeros_like(idx[:, :1]), idx], dim=1)
+    idx = top_patches(scores, keep)
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])), scores.gather(1, idx)
 
 

@@ -79,7 +79,9 @@ class TokenRunner(nn.Module):
 
 
 class CPViTRunner(TokenRunner):
-    """CP-ViT: cumulative attention scores; block l's MLP keeps ``keep[l]`` patches (+ CLS)."""
+    """CP-ViT: cumulative attention scores; block l's MLP keeps ``keep[l]`` patches (+ CLS).
+    ``kept``: after a forward, per pruning block the original positions (B, 1 + keep) it kept
+    (0 = CLS), for inspection and the identity tests."""
 
     method = "cp-vit"
 
@@ -94,6 +96,8 @@ class CPViTRunner(TokenRunner):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.vit.embed(images)
         scores = x.new_zeros(x.shape[:2])
+        ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)  # original positions
+        self.kept = []
         for layer, block in enumerate(self.vit.blocks):
             if layer > self.last:
                 x = block(x)
@@ -103,7 +107,10 @@ class CPViTRunner(TokenRunner):
             x, t_attn = x + out, x.shape[1]
             scores = scores + cpvit.column_mass(probs)
             if self.keep[layer] < x.shape[1] - 1:
-                x, scores = cpvit.select_patches(x, scores, self.keep[layer])
+                idx = cpvit.top_patches(scores, self.keep[layer])
+                x = x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+                scores, ids = scores.gather(1, idx), ids.gather(1, idx)
+            self.kept.append(ids)
             x = x + block.mlp(block.norm2(x))
             self._record(layer, x.shape[0], t_attn, x.shape[1])
         return self.vit.classify(x)

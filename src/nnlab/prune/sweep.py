@@ -11,6 +11,7 @@ AP-ViT threshold -> ratio.
 from __future__ import annotations
 
 import csv
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,8 @@ class SweepConfig:
     out: str
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     ratios: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
-    data: str | None = None          # default: the run's data set
+    data: str | None = None          # default: the run's data set (required for a weights file)
+    arch: str | None = None          # head count of a timm/DeiT/HF weights file (nnlab.models.vit_import)
     data_dir: str | None = None
     batch_size: int = 64             # timing batch
     eval_batch_size: int = 256
@@ -61,10 +63,13 @@ class SweepResult:
     out: Path
 
 
-def load_base(checkpoint: str | Path, data: str | None = None, data_dir: str | None = None
-              ) -> tuple[ViT, DatasetSplits]:
-    """The trained ViT of run folder ``checkpoint`` (from ``nnlab train``) and its data set."""
-    run = RunDir(checkpoint) if Path(checkpoint).is_dir() else None
+def load_base(checkpoint: str | Path, data: str | None = None, data_dir: str | None = None,
+              arch: str | None = None) -> tuple[ViT, DatasetSplits]:
+    """The trained ViT of run folder ``checkpoint`` (from ``nnlab train``) and its data set; or of
+    a timm / DeiT / Hugging Face weights file (``arch`` gives its head count, ``data`` is required)."""
+    if Path(checkpoint).is_file():
+        return _load_weights_file(Path(checkpoint), data, data_dir, arch)
+    run = RunDir(checkpoint, create=False) if Path(checkpoint).is_dir() else None
     if run is None:
         raise CheckpointError(f"run folder {checkpoint} does not exist; train one with "
                               "'nnlab train --config configs/vit-mnist.yaml --out RUN'")
@@ -80,6 +85,24 @@ def load_base(checkpoint: str | Path, data: str | None = None, data_dir: str | N
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint of {checkpoint} does not fit model {cfg['model']} ({exc})") from None
     return model.eval(), splits
+
+
+def _load_weights_file(path: Path, data: str | None, data_dir: str | None, arch: str | None
+                       ) -> tuple[ViT, DatasetSplits]:
+    from nnlab.models.vit_import import load_foreign_vit
+
+    if data is None:
+        raise ConfigError(f"{path} is a weights file without a data set; pass --data (and --data-dir)")
+    model = load_foreign_vit(path, arch=arch)
+    splits = load_dataset(data, data_dir)
+    c = model.config
+    ch, h, _ = splits.shape
+    if ch != c.in_chans or c.num_classes != splits.num_classes:
+        raise ConfigError(f"{path} is a ViT for {c.in_chans}-channel images and {c.num_classes} classes; {data} has "
+                          f"{ch} channel(s) and {splits.num_classes} classes: fine-tune it on {data} first")
+    if h != c.image_size:  # e.g. CIFAR-10 at 32 px into a 224 px model: resized inside ViT.embed
+        model.config = dataclasses.replace(c, input_size=h)
+    return model, splits
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -102,13 +125,16 @@ class _Sweep:
     """State shared by the methods of one sweep (data, timing batch, prepared gates/agents)."""
 
     def __init__(self, config: SweepConfig):
+        from nnlab.engine.runs import check_out
+
         self.c = config
+        check_out(config.out)
         bad = sorted(set(config.methods) - set(METHODS))
         if bad:
             raise ConfigError(f"unknown pruning method(s) {bad}; choose from {', '.join(METHODS)}")
         if any(not 0 <= r < 1 for r in config.ratios):
             raise ConfigError(f"ratios must be in [0, 1), got {config.ratios}")
-        self.vit, self.data = load_base(config.checkpoint, config.data, config.data_dir)
+        self.vit, self.data = load_base(config.checkpoint, config.data, config.data_dir, config.arch)
         size = self.vit.config.image_size
         self.transform = eval_transform(self.data, size)
         self.test = self.data.test.random_subset(config.test_limit, config.seed)

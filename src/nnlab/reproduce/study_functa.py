@@ -161,7 +161,7 @@ def _pixels(ctx: StageContext) -> StageResult:
     c, run = ctx.config, work_dir(ctx, "run")
     options = dict(c["options"])
     if ctx.resume and (run / "config.yaml").is_file():  # continue the killed run from its checkpoint
-        s = train(from_dict(TrainConfig, RunDir(run).load_config()), run, resume=True).summary
+        s = train(from_dict(TrainConfig, RunDir(run, create=False).load_config()), run, resume=True).summary
     elif options.get("model") == "lenet5":  # the quick preset's stand-in
         s = train(TrainConfig(data=c["data"], epochs=c["epochs"], batch_size=128, optimizer="sgd", lr=0.1,
                               warmup_steps=32, **options), run).summary

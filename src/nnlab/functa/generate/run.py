@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from nnlab.engine.metrics import MetricsLogger
-from nnlab.engine.runs import RunDir
+from nnlab.engine.runs import RunDir, check_out
 from nnlab.errors import ConfigError
 from nnlab.functa.functaset import Functaset, fit_functaset, load_functaset
 from nnlab.functa.generate import features as F
@@ -29,15 +29,6 @@ from nnlab.functa.generate.plots import decode, interpolation_grid, plot_trainin
 from nnlab.functa.generate.train import ema_generator, resume_or_new, train
 from nnlab.functa.model import config_hash
 from nnlab.reproduce.common import write_csv
-
-
-def check_out(out: Path) -> None:
-    """Refuse an --out that cannot be a run folder, before any work starts."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder path")
-    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ConfigError(f"--out {out} cannot be created ({parent} is not a writable folder); choose another path")
 
 
 def _check_resume(cfg: GenerateConfig, run: RunDir, resume: bool) -> None:
@@ -226,7 +217,7 @@ def sample_to_png(gen_dir: str | Path, out: str | Path, *, n: int = 64, klass: i
 
 def _recorded_run(gen_dir: Path) -> Path:
     """The functa run of a generator folder: relative to the folder first (published copies move)."""
-    cfg = RunDir(gen_dir).load_config()
+    cfg = RunDir(gen_dir, create=False).load_config()
     candidates = [gen_dir / cfg["run_relative"]] if cfg.get("run_relative") else []
     candidates += [Path(cfg["run"])] if cfg.get("run") else []
     for candidate in candidates:  # never the generator folder itself, whose config.yaml is no functa run
@@ -236,4 +227,4 @@ def _recorded_run(gen_dir: Path) -> Path:
 
 
 def _data_size(gen_dir: Path) -> int:
-    return int(RunDir(gen_dir).load_config().get("image_size", 28))
+    return int(RunDir(gen_dir, create=False).load_config().get("image_size", 28))

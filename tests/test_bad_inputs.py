@@ -1,0 +1,109 @@
+"""Bad input through the CLI, as a hostile but fair user gives it (issue 16): each case is one
+command and the fragment its error must contain. Every case must end in exit code 2 with one line
+on stderr (no traceback), and must create or change nothing outside what it was given."""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from nnlab.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A finished classifier run, a functa run, a DessiLBI run with a cut-short lbi.safetensors,
+    a plain file, and an empty MNIST IDX set (0 images)."""
+    root = tmp_path_factory.mktemp("inputs")
+    fast = ["--epochs", "1", "--max-steps", "2", "--train-limit", "64", "--test-limit", "32", "--no-progress"]
+    assert main(["train", "--out", str(root / "clf"), *fast]) == 0
+    assert main(["functa", "train", "--preset", "tiny", "--data", "mnist-5k", "--steps", "2", "--out",
+                 str(root / "functa"), "--no-progress"]) == 0
+    assert main(["lbi", "train", "--out", str(root / "lbi"), *fast]) == 0
+    lbi = root / "lbi" / "lbi.safetensors"
+    lbi.write_bytes(lbi.read_bytes()[: lbi.stat().st_size // 2])
+    (root / "file").write_text("not a folder\n")
+    idx = root / "idx"
+    idx.mkdir()
+    for name, magic, dims in (("train-images-idx3-ubyte", 0x803, (0, 28, 28)), ("train-labels-idx1-ubyte", 0x801, (0,)),
+                              ("t10k-images-idx3-ubyte", 0x803, (0, 28, 28)), ("t10k-labels-idx1-ubyte", 0x801, (0,))):
+        (idx / name).write_bytes(struct.pack(">I", magic) + struct.pack(f">{len(dims)}I", *dims))
+    return {"root": root, "clf": root / "clf", "functa": root / "functa", "lbi": root / "lbi",
+            "file": root / "file", "idx": idx}
+
+
+# (case id, argv with {root}/{clf}/... placeholders, expected fragment of the one-line error)
+CASES = [
+    ("train-out-is-a-file", ["train", "--out", "{file}", "--epochs", "1"], "is a file; give a folder path"),
+    ("train-out-under-a-file", ["train", "--out", "{file}/run", "--epochs", "1"], "cannot be created: "),
+    ("functa-train-out-is-a-file", ["functa", "train", "--preset", "tiny", "--data", "mnist-5k", "--out", "{file}"],
+     "is a file; give a folder path"),
+    ("functa-train-outer-lr-nan", ["functa", "train", "--preset", "tiny", "--data", "mnist-5k", "--outer-lr", "nan",
+                                   "--out", "{root}/new1"], "--outer-lr must be a positive finite number"),
+    ("functa-train-inner-steps-negative", ["functa", "train", "--preset", "tiny", "--data", "mnist-5k",
+                                           "--inner-steps", "-1", "--out", "{root}/new2"], "--inner-steps must be >= 0"),
+    ("functa-fit-out-is-a-folder", ["functa", "fit", "{functa}", "--data", "mnist-5k", "--split", "test", "--out",
+                                    "{root}"], "is a folder; give a file path"),
+    ("functa-fit-out-under-a-file", ["functa", "fit", "{functa}", "--data", "mnist-5k", "--split", "test", "--out",
+                                     "{file}/fs.safetensors"], "cannot be created: "),
+    ("functa-fit-on-a-classifier-run", ["functa", "fit", "{clf}", "--data", "mnist-5k", "--split", "test", "--out",
+                                        "{root}/fs.safetensors"], "is not a functa run (its model is 'lenet5')"),
+    ("prune-sweep-out-is-a-file", ["prune", "sweep", "--checkpoint", "{clf}", "--out", "{file}"],
+     "is a file; give a folder path"),
+    ("prune-sweep-of-a-non-vit", ["prune", "sweep", "--checkpoint", "{clf}", "--out", "{root}/sweep"], "not a ViT"),
+    ("lbi-prune-cut-short-file", ["lbi", "prune", "{lbi}", "--layer", "conv3", "--out", "{root}/prune"],
+     "lbi.safetensors is unreadable"),
+    ("lbi-plot-cut-short-file", ["lbi", "plot", "{lbi}", "--out", "{root}/plots"], "lbi.safetensors is unreadable"),
+    ("lbi-prune-missing-run", ["lbi", "prune", "{root}/nosuch", "--layer", "conv3", "--out", "{root}/prune2"],
+     "is not an nnlab run folder"),
+    ("train-bad-model-option", ["train", "--model-option", "bogus=1", "--out", "{root}/t1"],
+     "model lenet5 has no option(s) bogus"),
+    ("train-config-is-a-folder", ["train", "--config", "{root}", "--out", "{root}/t2"], "is a folder; pass a YAML file"),
+    ("train-config-missing", ["train", "--config", "{root}/none.yaml", "--out", "{root}/t3"], "does not exist"),
+    ("train-resume-changed-batch", ["train", "--out", "{clf}", "--resume", "--epochs", "1", "--max-steps", "2",
+                                    "--train-limit", "64", "--test-limit", "32", "--batch-size", "16"],
+     "only lr, grad_clip, schedule"),
+    ("train-unknown-model", ["train", "--model", "resnet9000", "--out", "{root}/t4"], "invalid choice"),
+    ("data-mnist-zero-images", ["data", "info", "mnist", "--data-dir", "{idx}"], "the header says 0 images"),
+    ("landscape-eta-range", ["landscape", "run", "--data", "mnist-5k", "--eta-range", "0.5", "--out", "{root}/l1"],
+     "--eta-range takes LOW,HIGH"),
+    ("recheck-not-a-run", ["recheck", "{root}", "--out", "{root}/rc"], "has no config.yaml and metrics.jsonl"),
+    ("lbi-train-grad-clip-is-accepted-negative", ["lbi", "train", "--grad-clip", "-1", "--out", "{root}/l2"],
+     "grad_clip must be >= 0"),
+]
+
+
+def _snapshot(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("argv, fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_a_one_line_error_that_changes_nothing(runs, argv, fragment, capsys):
+    argv = [a.format(**{k: str(v) for k, v in runs.items()}) for a in argv]
+    before = _snapshot(runs["root"])
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors (unknown choices) exit through the parser
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert fragment in lines[0], lines[0]
+    assert _snapshot(runs["root"]) == before  # nothing created, nothing changed
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_parent_is_refused(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert main(["train", "--out", str(ro / "run"), "--epochs", "1"]) == 2
+        assert "is not writable" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o755)
