@@ -11,7 +11,8 @@ from torch import nn
 
 from nnlab.lbi import (DessiLBI, DessiLBIAdam, build_slbi, build_slbi_adam, group_shrink,
                        layer_sparsity, param_groups, soft_threshold)
-from nnlab.lbi.optim import sgd_step_reference, support
+from nnlab.lbi.reference import sgd_step_reference
+from nnlab.lbi.shrink import support
 
 
 class Tiny(nn.Module):
@@ -165,7 +166,7 @@ def test_compiled_step_falls_back_to_foreach_once_when_it_cannot_build(monkeypat
     then runs on the foreach path (one warning), matches it, and counts each step once."""
     import warnings as w
 
-    import nnlab.lbi.optim as optim
+    import nnlab.lbi.fused as optim
     from torch._inductor.exc import InductorError
 
     def no_compiler(*args):
@@ -319,7 +320,7 @@ def test_compiled_path_matches_reference(flavour):
 @needs_compiler
 def test_compile_fallback_without_kernels_matches_reference(monkeypatch):
     """Where the C++ kernels are unavailable (GPU, no ninja) the step goes through torch.compile."""
-    import nnlab.lbi.optim as optim
+    import nnlab.lbi.fused as optim
 
     monkeypatch.setattr(optim, "sgd_kernels", lambda: None)
     torch.manual_seed(9)

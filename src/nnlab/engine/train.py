@@ -599,7 +599,7 @@ class _Trainer:
         run = self.run_dir.path
         if has_checkpoint(self.run_dir.checkpoint_dir):
             how = (f"nnlab train --config {run}/config.yaml --out {run} --resume --lr {self.config.lr / 2:g}"
-                   if not self.callbacks else f"the same command with --resume and a lower --lr")
+                   if not self.callbacks else "the same command with --resume and a lower --lr")
             advice = (f"the last good checkpoint is kept in {self.run_dir.checkpoint_dir}; continue from it "
                       f"with a lower lr (or --grad-clip 1.0): {how}")
         else:

@@ -19,7 +19,7 @@ from nnlab.data.transforms import Normalize
 from nnlab.engine.io import atomic_write
 from nnlab.engine.train import Callback, TrainContext, evaluate
 from nnlab.lbi.groups import layer_gammas, layer_sparsity, layer_supports
-from nnlab.lbi.optim import _LBIBase
+from nnlab.lbi.base import LBIBase
 
 LBI_FILE = "lbi.safetensors"
 
@@ -64,7 +64,7 @@ class LBICallback(Callback):
         self.index: dict[str, torch.Tensor] = {}
 
     def on_train_start(self, ctx: TrainContext) -> None:
-        self.active = isinstance(ctx.optimizer, _LBIBase)
+        self.active = isinstance(ctx.optimizer, LBIBase)
         if not self.active or self.index:
             return
         g = torch.Generator().manual_seed(self.seed)

@@ -6,7 +6,10 @@ import torch
 from torch import nn
 
 from nnlab.errors import ConfigError
-from nnlab.lbi.optim import DessiLBI, DessiLBIAdam, _LBIBase, support
+from nnlab.lbi.adam import DessiLBIAdam
+from nnlab.lbi.base import LBIBase
+from nnlab.lbi.sgd import DessiLBI
+from nnlab.lbi.shrink import support
 
 COUPLED_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -70,22 +73,22 @@ def build_slbi_adam(model: nn.Module, *, lr: float, momentum: float = 0.9, weigh
     return DessiLBIAdam(param_groups(model, weight_decay, conv_lam, layer_lam, layer_mu), lr=lr, **options)
 
 
-def _named_coupled(model: nn.Module, optimizer: _LBIBase) -> list[tuple[str, torch.Tensor, dict]]:
+def _named_coupled(model: nn.Module, optimizer: LBIBase) -> list[tuple[str, torch.Tensor, dict]]:
     by_id = {id(p): g for p, g in optimizer.coupled_params()}
     return [(n, p, by_id[id(p)]) for n, p in model.named_parameters() if id(p) in by_id]
 
 
-def layer_sparsity(model: nn.Module, optimizer: _LBIBase) -> dict[str, float]:
+def layer_sparsity(model: nn.Module, optimizer: LBIBase) -> dict[str, float]:
     """``{param name: fraction of Gamma non-zero}`` (of filters for conv, of entries for linear)."""
     return {n: optimizer.sparsity(p) for n, p, _ in _named_coupled(model, optimizer)}
 
 
-def layer_gammas(model: nn.Module, optimizer: _LBIBase) -> dict[str, torch.Tensor]:
+def layer_gammas(model: nn.Module, optimizer: LBIBase) -> dict[str, torch.Tensor]:
     """``{param name: Gamma}`` of every coupled parameter (same shapes as the weights)."""
     return {n: optimizer.gamma(p) for n, p, _ in _named_coupled(model, optimizer)}
 
 
-def layer_supports(model: nn.Module, optimizer: _LBIBase) -> dict[str, torch.Tensor]:
+def layer_supports(model: nn.Module, optimizer: LBIBase) -> dict[str, torch.Tensor]:
     """``{param name: bool support}``: (C_out,) per filter for conv, weight-shaped for linear."""
     return {n: support(optimizer.gamma(p), optimizer.shrink_kind(p, g))
             for n, p, g in _named_coupled(model, optimizer)}
