@@ -31,7 +31,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -46,8 +46,14 @@ from nnlab.engine.checkpoint import has_checkpoint, load_checkpoint, rng_state, 
 from nnlab.engine.io import to_jsonable
 from nnlab.engine.metrics import MetricsLogger
 from nnlab.engine.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
+from nnlab.engine.callbacks import Callback, TrainContext
+from nnlab.engine.evaluate import EvalResult, evaluate, topk_correct, topk_correct_reference
 from nnlab.engine.runs import RunDir, check_out
 from nnlab.errors import CheckpointError, ConfigError, DivergenceError
+
+# The callback contract and evaluation live in their own modules; importable from here as before.
+__all__ = ["Callback", "EvalResult", "TrainConfig", "TrainContext", "TrainResult", "evaluate", "topk_correct",
+           "topk_correct_reference", "train"]
 
 # Config keys that may change between a run and its resumption (they do not change the numbers).
 RESUME_MAY_DIFFER = ("device", "data_dir", "progress", "max_steps", "threads", "config_changes")
@@ -143,16 +149,6 @@ class TrainConfig:
 
 
 @dataclass
-class EvalResult:
-    """Mean cross-entropy loss and top-1 / top-5 accuracy (fractions in [0, 1]) over ``count`` images."""
-
-    loss: float
-    top1: float
-    top5: float
-    count: int
-
-
-@dataclass
 class TrainResult:
     """summary: what ``summary.json`` holds; history: one record per epoch; model: the trained
     (unwrapped) model on its device; run: the run folder."""
@@ -161,106 +157,6 @@ class TrainResult:
     model: nn.Module
     run: RunDir
     history: list[dict[str, Any]]
-
-
-@dataclass
-class TrainContext:
-    """What callbacks see. ``model`` is the plain module (never the DDP wrapper); ``x`` (B, C, H, W),
-    ``y`` (B,) and ``loss`` (0-d tensor, with graph until the step ends) are the current batch;
-    ``step`` counts optimiser steps done; ``epoch`` is 0-based; ``lr`` is the first group's lr;
-    ``log(record)`` writes a metrics record (rank 0 only; ``step``/``epoch`` filled in);
-    ``autocast``: the forward runs under bf16 autocast (probes must use the same precision)."""
-
-    config: TrainConfig
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    device: torch.device
-    step: int
-    epoch: int
-    x: torch.Tensor | None
-    y: torch.Tensor | None
-    loss: torch.Tensor | None
-    lr: float
-    run: RunDir
-    log: Callable[[dict], None]
-    data: DatasetSplits
-    scheduler: Any = None
-    batch_index: int = 0
-    rank: int = 0
-    world_size: int = 1
-    autocast: bool = False
-
-
-class Callback:
-    """Hooks into :func:`train`; override any. State returned by :meth:`state_dict` (tensors and
-    plain data only) is saved in checkpoints and handed back to :meth:`load_state_dict` on resume."""
-
-    def on_train_start(self, ctx: TrainContext) -> None: ...
-
-    def on_step_start(self, ctx: TrainContext) -> None: ...  # batch in ctx.x/ctx.y, before the forward
-
-    def on_after_backward(self, ctx: TrainContext) -> None: ...  # grads ready, before optimizer.step()
-
-    def on_step_end(self, ctx: TrainContext) -> None: ...  # after optimizer.step(); ctx.step = steps done
-
-    def on_epoch_end(self, ctx: TrainContext, record: dict) -> None: ...  # after evaluation; may add keys
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks: Sequence[int]) -> list[int]:
-    """Number of rows of logits (B, K) whose label y (B,) is among the top-k scores, for each k
-    (k is clamped to K). Ties are broken by ``torch.topk``'s order."""
-    kmax = min(max(ks), logits.shape[1])
-    hit = logits.topk(kmax, dim=1).indices.eq(y[:, None])  # (B, kmax)
-    cum = hit.cumsum(1).clamp_(max=1).sum(0)  # (kmax,) rows hit within the first j+1
-    return [int(cum[min(k, kmax) - 1]) for k in ks]
-
-
-def topk_correct_reference(logits: torch.Tensor, y: torch.Tensor, ks: Sequence[int]) -> list[int]:
-    """Plain reference of :func:`topk_correct`: per row, count classes scoring above the label."""
-    out = []
-    for k in ks:
-        k = min(k, logits.shape[1])
-        n = 0
-        for row, label in zip(logits, y):
-            n += int((row > row[label]).sum()) < k
-        out.append(n)
-    return out
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader, device: str | torch.device = "cpu", *,
-             reduce: bool = True, autocast: bool = False) -> EvalResult:
-    """Loss and accuracy of ``model`` (eval mode, restored after) over ``loader``'s (x (B, C, H, W),
-    y (B,)) batches. Under torchrun with ``reduce``, sums are added over ranks first (each rank
-    passing its own shard), so every rank gets the result over the whole set."""
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, count
-    use_bf16 = autocast and device.type == "cuda"
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with ctx:
-            logits = model(x)
-        logits = logits.float()
-        c1, c5 = topk_correct(logits, y, (1, 5))
-        loss = nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        sums += torch.tensor([loss, c1, c5, len(y)], dtype=torch.float64)
-    model.train(was_training)
-    if reduce:
-        D.all_reduce_sum(sums)
-    n = max(1.0, float(sums[3]))
-    return EvalResult(float(sums[0]) / n, float(sums[1]) / n, float(sums[2]) / n, int(sums[3]))
 
 
 # --------------------------------------------------------------------------- the loop
