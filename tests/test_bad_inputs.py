@@ -67,7 +67,7 @@ CASES = [
     ("train-resume-changed-batch", ["train", "--out", "{clf}", "--resume", "--epochs", "1", "--max-steps", "2",
                                     "--train-limit", "64", "--test-limit", "32", "--batch-size", "16"],
      "only lr, grad_clip, schedule"),
-    ("train-unknown-model", ["train", "--model", "resnet9000", "--out", "{root}/t4"], "invalid choice"),
+    ("train-unknown-model", ["train", "--model", "resnet9000", "--out", "{root}/t4"], "unknown model 'resnet9000'"),
     ("data-mnist-zero-images", ["data", "info", "mnist", "--data-dir", "{idx}"], "the header says 0 images"),
     ("landscape-eta-range", ["landscape", "run", "--data", "mnist-5k", "--eta-range", "0.5", "--out", "{root}/l1"],
      "--eta-range takes LOW,HIGH"),

@@ -1,6 +1,7 @@
 """``nnlab train``: flags and YAML config become a TrainConfig; bad input is one line, exit 2."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -45,16 +46,36 @@ def test_yaml_config_with_flag_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--model", "nope"], "invalid choice: 'nope'"),
-    (["--epochs", "0"], "expected a number >= 1"),
-    (["--lr", "fast"], "expected a number, got 'fast'"),
+    (["--model", "nope"], "unknown model 'nope'; choose one of: lenet5"),
+    (["--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--lr", "fast"], "invalid float value: 'fast'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--model-option", "novalue"], "expects KEY=VALUE"),
 ])
 def test_argument_errors_are_one_line(tmp_path, capsys, argv, words):
-    with pytest.raises(SystemExit) as exc:
-        main(["train", "--out", str(tmp_path / "r"), *argv])
-    assert exc.value.code == 2 and words in one_line_error(capsys)
+    try:  # argparse's own errors exit through the parser; the config's come back as exit status 2
+        code = main(["train", "--out", str(tmp_path / "r"), *argv])
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2 and words in one_line_error(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_flags_are_the_config_dataclass_fields():
+    """Issue 16: one source of defaults: every scalar TrainConfig field is a flag defaulting to unset
+    (the dataclass default applies), and no flag of nnlab train types a default of its own."""
+    import dataclasses
+
+    from nnlab.cli import build_parser
+    from nnlab.engine.train import TrainConfig
+
+    parser = next(a for a in build_parser()._subparsers._group_actions[0].choices.values()
+                  if a.prog.endswith(" train"))
+    dests = {a.dest: a for a in parser._actions}
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is not dataclasses.MISSING:
+            assert f.name in dests and dests[f.name].default is None, f.name
+    assert {d for d, a in dests.items() if a.default not in (None, False, argparse.SUPPRESS)} <= {"func", "_parser"}
 
 
 def test_library_errors_are_one_line(tmp_path, capsys):

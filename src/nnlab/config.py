@@ -95,13 +95,26 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tupl
         if isinstance(f.default, bool):  # --x / --no-x: a preset may have turned it on or off
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{text} (default {'on' if f.default else 'off'})" if text else None)
+        elif f.default is None and _optional_scalar(f.type) is not None:  # ``int | None`` and the like
+            parser.add_argument(flag, dest=f.name, type=_optional_scalar(f.type), metavar=f.name.upper(),
+                                help=f"{text} (default unset)" if text else "default unset")
         elif not isinstance(f.default, (int, float, str)):
             continue  # lists and tuples: set them in a config file
         else:
-            parser.add_argument(flag, dest=f.name, type=type(f.default), metavar=f.name.upper(),
+            kind = float if type(f.default) is float else type(f.default)
+            parser.add_argument(flag, dest=f.name, type=kind, metavar=f.name.upper(),
                                 help=f"{text} (default {f.default})" if text else f"default {f.default}")
         names.append(f.name)
     return names
+
+
+def _optional_scalar(annotation) -> type | None:
+    """int / float / str for an annotation ``X | None`` (a string under ``from __future__ import
+    annotations``); None for anything else."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    parts = {p.strip() for p in text.split("|")}
+    scalars = [t for t in (int, float, str) if t.__name__ in parts]
+    return scalars[0] if len(scalars) == 1 and parts <= {scalars[0].__name__, "None"} else None
 
 
 def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:

@@ -80,44 +80,48 @@ class TrainConfig:
     random crop's padding with augment (unset: 4 pixels for images of 28 pixels or more, else 2).
     """
 
-    model: str = "lenet5"
+    model: str = "lenet5"                  # a model of the zoo (nnlab.models.MODELS)
     model_options: dict = field(default_factory=dict)
-    data: str = "mnist-5k"
-    data_dir: str | None = None
+    data: str = "mnist-5k"                 # a data set (nnlab data list)
+    data_dir: str | None = None            # data folder or .tar.gz (not needed for mnist-5k)
     data_options: dict = field(default_factory=dict)
-    epochs: int = 10
-    batch_size: int = 128
-    eval_batch_size: int = 1000
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    epochs: int = 10                       # passes over the train split
+    batch_size: int = 128                  # per process
+    eval_batch_size: int = 1000            # per process
+    optimizer: str = "sgd"                 # sgd, adam, adamw, slbi, slbi-adam (nnlab.engine.optim)
+    lr: float = 0.05                       # peak learning rate
+    momentum: float = 0.9                  # SGD momentum / Adam beta1
+    weight_decay: float = 5e-4             # L2 (decoupled for adamw)
     optimizer_options: dict = field(default_factory=dict)
-    schedule: str = "cosine"
+    schedule: str = "cosine"               # per-step lr schedule: cosine, step, constant
     schedule_options: dict = field(default_factory=dict)
-    warmup_steps: int = 0
-    label_smoothing: float = 0.0
-    grad_clip: float = 0.0
-    augment: bool = False
-    crop_padding: int | None = None
-    flip: bool = False
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 0
-    eval_every: int = 1
-    device: str = "auto"
-    bf16: bool = False
-    deterministic: bool = False
-    max_steps: int | None = None
-    threads: int | None = None
-    train_limit: int | None = None
-    test_limit: int | None = None
-    progress: bool = True
+    warmup_steps: int = 0                  # linear lr warm-up
+    label_smoothing: float = 0.0           # in [0, 1)
+    grad_clip: float = 0.0                 # max gradient norm; 0 = off
+    augment: bool = False                  # random crop with padding (and --flip)
+    crop_padding: int | None = None        # padding of the random crop (unset: 4 for 28+ pixel images, else 2)
+    flip: bool = False                     # random horizontal flips with --augment (not for digits)
+    seed: int = 0                          # model init, batch order, augmentation
+    log_every: int = 50                    # steps between metric records
+    checkpoint_every: int = 0              # steps between checkpoints; 0 = epoch ends only
+    eval_every: int = 1                    # epochs between test evaluations (the last is always evaluated)
+    device: str = "auto"                   # auto (a GPU if any), cpu or cuda
+    bf16: bool = False                     # bf16 autocast (GPU only)
+    deterministic: bool = False            # deterministic GPU kernels (slower)
+    max_steps: int | None = None           # stop after N steps, schedule unchanged (--resume without it continues)
+    threads: int | None = None             # torch CPU threads (unset: torch's choice); config.yaml records the count
+    train_limit: int | None = None         # train on N random train images (seeded)
+    test_limit: int | None = None          # test on N random test images (seeded)
+    progress: bool = True                  # progress bars and epoch lines
 
     def validate(self) -> "TrainConfig":
         """Raise a ConfigError naming the first bad value and its valid range; return self."""
-        OPTIMIZERS.get(self.optimizer)
-        SCHEDULES.get(self.schedule)
+        from nnlab.data import DATASETS
+        from nnlab.models import MODELS
+
+        for registry, name in ((MODELS, self.model), (DATASETS, self.data), (OPTIMIZERS, self.optimizer),
+                               (SCHEDULES, self.schedule)):
+            registry.get(name)  # a ConfigError listing the choices
         checks = [("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
                   ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
                   ("lr", math.isfinite(self.lr) and self.lr > 0, "a positive number"),
