@@ -106,3 +106,25 @@ def test_importing_nnlab_changes_no_process_setting():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     lines = out.strip().splitlines()
     assert lines[0] == "None" and lines[-1] == "PASSIVE"
+
+
+def test_publish_copies_a_run_minus_checkpoints_locks_and_big_weights(tmp_path):
+    from nnlab.engine.io import read_json
+    from nnlab.report.publish import publish
+
+    run = tmp_path / "sweep"
+    (run / "bn-on" / "lr-0.1" / "checkpoint").mkdir(parents=True)
+    (run / "bn-on" / "lr-0.1" / "checkpoint" / "model-00000100.safetensors").write_bytes(b"w" * 10)
+    (run / "bn-on" / "lr-0.1" / "config.yaml").write_text("threads: 1\n")
+    (run / "bn-on" / "lr-0.1" / ".lock").write_text("pid 1\n")
+    (run / "summary.json").write_text("{}")
+    (run / "model.safetensors").write_bytes(b"x" * (2 * 2**20))
+    result = publish(run, tmp_path / "pub", max_weights_mb=1.0)
+    assert result.copied == ["bn-on/lr-0.1/config.yaml", "summary.json"]
+    assert {p for p, _ in result.skipped} == {"bn-on/lr-0.1/checkpoint/model-00000100.safetensors",
+                                              "bn-on/lr-0.1/.lock", "model.safetensors"}
+    manifest = read_json(tmp_path / "pub" / "PUBLISHED.json")
+    assert set(manifest["files"]) == set(result.copied) and len(manifest["files"]["summary.json"]["sha256"]) == 64
+    assert not (tmp_path / "pub" / "bn-on" / "lr-0.1" / "checkpoint").exists()
+    with pytest.raises(ConfigError, match="outside it"):
+        publish(run, run / "inside")
