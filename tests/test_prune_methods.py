@@ -143,3 +143,23 @@ def test_pruned_models_save_and_load(vit, tmp_path, kind):
 def test_load_pruned_errors(tmp_path):
     with pytest.raises(CheckpointError, match="pruned.json"):
         load_pruned(tmp_path)
+
+
+def test_apvit_flops_count_the_padding_the_batch_computes(vit):
+    """Issue 13: a batch runs at its largest kept count; the FLOP count must say so (it was the
+    per-image count, so AP-ViT looked cheaper than it ran), while the ratio counts real drops."""
+    torch.manual_seed(3)
+    agents = torch.nn.ModuleList(apvit.Agent(16, 8) for _ in range(2))
+    for a in agents:
+        torch.nn.init.normal_(a.fc2.weight, std=3.0)  # spread the prune probabilities
+    x = torch.randn(6, 3, 16, 16)
+    batched, alone = APViTRunner(vit, agents, [1, 2], threshold=0.5), APViTRunner(vit, agents, [1, 2], threshold=0.5)
+    with torch.no_grad():
+        batched(x)
+        for i in range(len(x)):
+            alone(x[i:i + 1])
+    assert batched.achieved_ratio() == pytest.approx(alone.achieved_ratio())  # the same tokens dropped
+    assert alone.achieved_ratio() > 0
+    padded = batched.token_counts().attn
+    assert all(p >= a for p, a in zip(padded, alone.token_counts().attn))
+    assert batched.macs() > alone.macs()  # the padding is real work, and it is counted

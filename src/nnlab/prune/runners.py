@@ -152,14 +152,24 @@ class ToMeRunner(TokenRunner):
 
 class APViTRunner(TokenRunner):
     """AP-ViT: agents in front of blocks ``positions`` drop tokens whose prune probability
-    exceeds ``threshold``. Per-image counts vary; padding is masked in attention. Token counts
-    (and so FLOPs) are per image, without the padding a batch adds."""
+    exceeds ``threshold``. Per-image counts vary, so a batch is gathered to its largest count and
+    the padding is masked in attention. FLOPs (:meth:`macs`) count the padded length each block
+    really computes; :meth:`achieved_ratio` counts the tokens each image really dropped."""
 
     method = "ap-vit"
 
     def __init__(self, vit: ViT, agents: nn.ModuleList, positions: list[int], threshold: float):
         super().__init__(vit)
         self.agents, self.positions, self.threshold = agents, [int(p) for p in positions], float(threshold)
+
+    def reset_stats(self) -> None:
+        super().reset_stats()
+        self._valid = [0.0] * self.vit.config.depth  # tokens per image without padding, summed over images
+
+    def achieved_ratio(self) -> float:
+        """1 - mean over blocks of (patches each image kept) / N (padding not counted)."""
+        n, images = self.vit.config.num_patches, max(self._images, 1)
+        return 1.0 - sum(v / images - 1 for v in self._valid) / (len(self._valid) * n)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         from nnlab.prune import apvit
@@ -176,8 +186,8 @@ class APViTRunner(TokenRunner):
                 x, valid = apvit.compact(x, keep)
                 bias = apvit.padding_bias(valid)
             x = block(x, bias)
-            t = float(valid.sum()) / x.shape[0]
-            self._record(layer, x.shape[0], t, t)
+            self._valid[layer] += float(valid.sum())
+            self._record(layer, x.shape[0], x.shape[1], x.shape[1])  # the padded length is computed
         return self.vit.classify(x)
 
     def spec(self) -> dict:
