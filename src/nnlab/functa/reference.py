@@ -1,6 +1,8 @@
-"""Plain reference meta-learning: one image at a time, inner gradients from autograd.
+"""Plain reference meta-learning: one image at a time, inner gradients from autograd; and the
+batched plain-autograd step (the whole batch at once, as COIN++ does it) that the speed benchmark
+compares nnlab's fast step against.
 
-Slow but obviously right; :mod:`nnlab.functa.meta` must match it (tests/test_functa.py).
+Slow but obviously right; :mod:`nnlab.functa.meta` must match them (tests/test_functa.py).
 Same conventions: per-image MSE, latents from zero, ``z <- z - lr * dMSE/dz``, outer loss the mean
 over images of the per-image MSE after the inner steps.
 """
@@ -37,3 +39,21 @@ def meta_loss_reference(model: LatentModulatedSiren, images: torch.Tensor, steps
         out = model(z.unsqueeze(0), coords)[0]                       # (P, C)
         losses.append((out - image.flatten(1).t()).pow(2).mean())
     return torch.stack(losses).mean()
+
+
+def meta_loss_batched_autograd(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3, *,
+                               first_order: bool = False) -> torch.Tensor:
+    """The peer's meta-step (EmilienDupont/coinpp style): the whole batch through the model, inner
+    gradients from ``torch.autograd.grad(create_graph=True)``, no per-image loop and no hand-derived
+    backward. images (B, C, *size) -> scalar outer loss (mean over images of the per-image MSE)."""
+    size = tuple(images.shape[2:])
+    coords = coordinate_grid(size, len(size), device=images.device, dtype=images.dtype)
+    target = images.flatten(2).transpose(1, 2)                         # (B, P, C)
+    z = images.new_zeros(images.shape[0], model.config.latent_dim, requires_grad=True)
+    lr = model.inner_lr()
+    for _ in range(steps):
+        # per-image MSE summed over images: each latent gets its own image's gradient
+        loss = (model(z, coords) - target).pow(2).mean(dim=(1, 2)).sum()
+        (g,) = torch.autograd.grad(loss, z, create_graph=not first_order)
+        z = z - lr * g
+    return (model(z, coords) - target).pow(2).mean(dim=(1, 2)).mean()
