@@ -1,4 +1,11 @@
-"""Tables and plots of a sweep, built from the rows of ``results.csv``."""
+"""Tables and plots of a sweep, built from the rows of ``results.csv``.
+
+A nominal ratio means different things per method (P-ViT: the fraction of attention and MLP
+dimensions its gates remove; the token methods: the fraction of patch tokens removed, averaged
+over the blocks), so besides the seed-style table by nominal ratio, results are compared at
+*equal compute*: each method's top-1 interpolated at common fractions of the base model's
+measured GFLOPs (:func:`at_equal_gflops`), rows keyed by the achieved ratio (a method capped
+below a target does not repeat its row), and plots against GFLOPs and against images/s."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,23 +51,74 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+FRACTIONS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+
+
+def distinct_points(rows: list[dict], method: str) -> list[dict]:
+    """A method's rows, one per achieved ratio (rounded to 0.01; the first of equal ones), by GFLOPs."""
+    seen, out = set(), []
+    for r in sorted((r for r in rows if r["method"] == method), key=lambda r: r["ratio"]):
+        key = round(r["achieved_ratio"], 2)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return sorted(out, key=lambda r: r["gflops"])
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """Linear interpolation of (x, y) points sorted by x; None outside their range."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[0][1] if len(points) == 1 and points[0][0] == x else None
+
+
+def at_equal_gflops(rows: list[dict], fractions=FRACTIONS) -> dict[str, dict[float, float | None]]:
+    """method -> {fraction of the base GFLOPs: top-1 interpolated there} (the base point included
+    in every curve; None where a method never got that cheap)."""
+    base = next(r for r in rows if r["method"] == "base")
+    out = {}
+    for m in _methods(rows):
+        pts = [(r["gflops"], r["top1"]) for r in distinct_points(rows, m)] + [(base["gflops"], base["top1"])]
+        pts = sorted(set(pts))
+        out[m] = {f: interpolate(pts, f * base["gflops"]) for f in fractions}
+    return out
+
+
+def equal_compute_table(rows: list[dict]) -> str:
+    """Markdown: top-1 of each method at equal fractions of the base model's GFLOPs."""
+    if not any(r["method"] == "base" for r in rows):
+        return ""
+    table = at_equal_gflops(rows)
+    methods = list(table)
+    lines = ["## Top-1 (%) at equal compute (fraction of the base model's measured GFLOPs, interpolated)", "",
+             "| GFLOPs | " + " | ".join(NAMES.get(m, m) for m in methods) + " |", "|" + " --- |" * (1 + len(methods))]
+    for f in FRACTIONS:
+        cells = ["-" if table[m][f] is None else f"{table[m][f]:.2f}" for m in methods]
+        lines.append(f"| {f:g} x base | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_table(rows: list[dict], path: str | Path) -> Path:
-    return atomic_write_text(path, markdown_table(rows))
+    extra = equal_compute_table(rows)
+    return atomic_write_text(path, markdown_table(rows) + ("\n" + extra if extra else ""))
 
 
 def write_plots(rows: list[dict], out: str | Path) -> list[Path]:
     """``accuracy_vs_ratio.png`` (top-1 against the *achieved* ratio, so capped methods do not
-    pretend to reach a target) and ``accuracy_vs_throughput.png`` in ``out``."""
+    pretend to reach a target), ``accuracy_vs_gflops.png`` and ``accuracy_vs_throughput.png`` in
+    ``out`` (one point per achieved ratio)."""
     from nnlab.report.figures import plt, save_figure
 
     out = Path(out)
     base = next((r for r in rows if r["method"] == "base"), None)
     paths = []
     for x_key, name, label in (("achieved_ratio", "accuracy_vs_ratio.png", "pruning ratio (achieved)"),
+                               ("gflops", "accuracy_vs_gflops.png", "GFLOPs per image (measured)"),
                                ("images_per_s", "accuracy_vs_throughput.png", "images / s (CPU, batch timing)")):
         fig, ax = plt.subplots(figsize=(5, 3.6))
         for m in _methods(rows):
-            pts = [r for r in rows if r["method"] == m] + ([base] if base else [])
+            pts = distinct_points(rows, m) + ([base] if base else [])
             pts.sort(key=lambda r: r["ratio"])  # connect in ratio order (timings are noisy)
             ax.plot([r[x_key] for r in pts], [r["top1"] for r in pts], marker="o", ms=3, label=NAMES.get(m, m))
         if base:
