@@ -73,7 +73,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         apvit=methods.APViTOptions(epochs=args.apvit_epochs, candidates=args.apvit_candidates))
     result = sweep.run_sweep(config)
     print(f"{len(result.rows)} rows in {result.out}/results.csv; table in results.md; "
-          "plots accuracy_vs_ratio.png, accuracy_vs_throughput.png")
+          "plots accuracy_vs_ratio.png, accuracy_vs_gflops.png, accuracy_vs_throughput.png")
     return 0
 
 

@@ -112,7 +112,8 @@ def _sweep(ctx: StageContext, notes: tuple[str, ...] = ()) -> StageResult:
              round(r["images_per_s"], 1)] for r in rows]
     write_csv(ctx.dir / "cost.csv", ["method", "ratio", "achieved_ratio", "gflops", "images_per_s"], cost)
     return StageResult(metrics=metrics, tables=["table1.csv", "cost.csv"],
-                       figures=["sweep/accuracy_vs_ratio.png", "sweep/accuracy_vs_throughput.png"],
+                       figures=["sweep/accuracy_vs_ratio.png", "sweep/accuracy_vs_gflops.png",
+                                "sweep/accuracy_vs_throughput.png"],
                        notes=list(notes))
 
 
