@@ -27,10 +27,12 @@ def test_sweep_cli_writes_results_and_models(tiny_run, tmp_path):
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0])[:6] == ["method", "ratio", "top1", "top5", "gflops", "images_per_s"]
-    assert len(rows) == 1 + 4 and rows[0]["method"] == "base"
+    assert len(rows) == 1 + 1 + 4 and rows[0]["method"] == "base"
+    gated = next(r for r in rows if r["method"] == "p-vit" and float(r["ratio"]) == 0.0)  # gated, unpruned
+    assert float(gated["achieved_ratio"]) == 0.0 and float(gated["gflops"]) == pytest.approx(float(rows[0]["gflops"]))
     base_gflops = float(rows[0]["gflops"])
     for r in rows[1:]:  # AP-ViT's count includes its batch padding and agents: on this tiny ViT it can exceed the base
-        assert float(r["gflops"]) < base_gflops or r["method"] == "ap-vit"
+        assert float(r["gflops"]) < base_gflops or r["method"] == "ap-vit" or float(r["ratio"]) == 0.0
     for name in ("results.md", "accuracy_vs_ratio.png", "accuracy_vs_throughput.png", "apvit_thresholds.csv"):
         assert (out / name).is_file()
     assert "CP-ViT top-1" in (out / "results.md").read_text()

@@ -1,8 +1,9 @@
 """The ratio sweep: every method at every ratio on one base ViT; CSV, Markdown table, plots, models.
 
 ``DIR/results.csv``: ``method,ratio,top1,top5,gflops,images_per_s,achieved_ratio`` (one row per
-method and ratio, plus ``base`` at ratio 0). Rows are appended as they finish and skipped when
-the sweep is run again (resumable). ``DIR/sweep.json``: the SHA-256 of the base model's weights
+method and ratio, plus ``base`` at ratio 0, and ``p-vit`` at ratio 0: the gated model before any
+dimension is removed, so that the effect of gate training is not read as one of pruning). Rows are
+appended as they finish and skipped when the sweep is run again (resumable). ``DIR/sweep.json``: the SHA-256 of the base model's weights
 and the settings that change the measured numbers; a rerun into ``DIR`` with another base model
 or other settings is refused, so rows of two models never mix. ``DIR/apvit_thresholds.csv``:
 AP-ViT threshold -> ratio.
@@ -229,6 +230,8 @@ def run_sweep(config: SweepConfig) -> SweepResult:
 def _run_locked(s: "_Sweep", config: SweepConfig) -> SweepResult:
     done = {(r["method"], round(r["ratio"], 4)) for r in read_rows(s.csv)}
     todo = [("base", 0.0)] + [(m, float(r)) for m in config.methods for r in config.ratios]
+    if "p-vit" in config.methods and 0.0 not in config.ratios:  # the gated, unpruned model: gate training
+        todo.insert(1, ("p-vit", 0.0))                        # and pruning are not confounded
     for method, ratio in todo:
         if (method, round(ratio, 4)) in done:
             continue
