@@ -350,14 +350,14 @@ def test_recheck_reproduces_a_run_and_catches_a_changed_one(tmp_path, digits):
 def test_a_run_folder_being_written_is_refused_to_a_second_writer(tmp_path, digits):
     """Issue 16: two processes training into one folder would interleave checkpoints and metrics."""
     from nnlab.engine.runs import RunDir
-    from nnlab.landscape.sweep import run_sweep
+    from nnlab.landscape.sweep import run_landscape
 
     with RunDir(tmp_path / "r").lock():  # as another live process would hold it
         with pytest.raises(CheckpointError, match=r"being written by pid \d+.*choose another --out"):
             train(tiny(epochs=1, max_steps=1), tmp_path / "r", data=digits)
         from test_landscape_sweep import tiny_sweep
         with pytest.raises(CheckpointError, match="being written by"):
-            run_sweep(tiny_sweep(), tmp_path / "r", data=digits)
+            run_landscape(tiny_sweep(), tmp_path / "r", data=digits)
     res = train(tiny(epochs=1, max_steps=1), tmp_path / "r", data=digits)  # released: fine now
     assert res.summary["steps"] == 1
 

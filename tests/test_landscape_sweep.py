@@ -8,7 +8,7 @@ from nnlab.engine.io import read_json
 from nnlab.engine.metrics import read_jsonl
 from nnlab.errors import ConfigError
 from nnlab.landscape.bands import band_medians, eta_band, last_half_median, lr_band
-from nnlab.landscape.sweep import SweepConfig, pair_dir, run_sweep, train_config
+from nnlab.landscape.sweep import LandscapeConfig, pair_dir, run_landscape, train_config
 from test_landscape_engine import synthetic
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,26 +46,26 @@ def test_bands_and_last_half_medians():
     assert band_medians({0.1: a, 0.2: b, 9.0: blown}, total_steps=100) == m  # diverged run left out
 
 
-def tiny_sweep(**kw) -> SweepConfig:
+def tiny_sweep(**kw) -> LandscapeConfig:
     base = dict(model="vgg-a", data="synthetic", lrs=[0.05, 0.1], epochs=1, batch_size=64, every=2,
                 eta_count=3, width=0.0625, progress=False, checkpoint_every=2)
-    return SweepConfig(**{**base, **kw})
+    return LandscapeConfig(**{**base, **kw})
 
 
 def test_train_config_follows_the_paper_and_picks_the_bn_variant():
-    on, off = train_config(SweepConfig(width=0.25), "on", 0.1), train_config(SweepConfig(), "off", 0.1)
+    on, off = train_config(LandscapeConfig(width=0.25), "on", 0.1), train_config(LandscapeConfig(), "off", 0.1)
     assert on.model == "vgg-a-bn" and on.model_options == {"width": 0.25} and off.model == "vgg-a"
     assert (on.momentum, on.weight_decay, on.schedule, on.optimizer) == (0.0, 0.0, "constant", "sgd")
-    assert train_config(SweepConfig(model="lenet5"), "on", 0.1).model_options == {"bn": True}
+    assert train_config(LandscapeConfig(model="lenet5"), "on", 0.1).model_options == {"bn": True}
     with pytest.raises(ConfigError, match="bn must be"):
-        SweepConfig(bn="maybe").validate()
+        LandscapeConfig(bn="maybe").validate()
     with pytest.raises(ConfigError, match="duplicates"):
-        SweepConfig(lrs=[0.1, 0.1]).validate()
+        LandscapeConfig(lrs=[0.1, 0.1]).validate()
 
 
 def test_sweep_writes_summary_csv_and_skips_finished_pairs(tmp_path):
     data = synthetic()
-    first = run_sweep(tiny_sweep(), tmp_path, data=data)
+    first = run_landscape(tiny_sweep(), tmp_path, data=data)
     assert first.ran == [("off", 0.05), ("off", 0.1), ("on", 0.05), ("on", 0.1)] and not first.skipped
     summary = read_json(tmp_path / "summary.json")
     assert summary["complete"] and set(summary["top1"]) == {"off", "on"}
@@ -74,11 +74,11 @@ def test_sweep_writes_summary_csv_and_skips_finished_pairs(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert {r["bn"] for r in rows} == {"on", "off"} and any(r["probe"] == "landscape" for r in rows)
     (pair_dir(tmp_path, "on", 0.1) / "summary.json").unlink()  # as if killed before the end
-    again = run_sweep(tiny_sweep(), tmp_path, data=data)
+    again = run_landscape(tiny_sweep(), tmp_path, data=data)
     assert again.ran == [("on", 0.1)] and len(again.skipped) == 3
     assert again.summary["top1"] == summary["top1"]  # resumed from its last checkpoint, same result
     with pytest.raises(ConfigError, match="other settings"):
-        run_sweep(tiny_sweep(epochs=2), tmp_path, data=data)
+        run_landscape(tiny_sweep(epochs=2), tmp_path, data=data)
 
 
 def test_cli_run_and_plot(tmp_path):
@@ -109,19 +109,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_diverged_pair_is_recorded_and_the_sweep_goes_on(tmp_path):
-    result = run_sweep(tiny_sweep(bn="off", lrs=[0.05, 1e4]), tmp_path, data=synthetic())
+    result = run_landscape(tiny_sweep(bn="off", lrs=[0.05, 1e4]), tmp_path, data=synthetic())
     runs = {r["lr"]: r for r in result.summary["runs"]}
     assert runs[1e4]["diverged"] and runs[1e4]["test_top1"] is None
     assert not runs[0.05]["diverged"] and runs[0.05]["test_top1"] is not None
-    assert run_sweep(tiny_sweep(bn="off", lrs=[0.05, 1e4]), tmp_path, data=synthetic()).ran == []
+    assert run_landscape(tiny_sweep(bn="off", lrs=[0.05, 1e4]), tmp_path, data=synthetic()).ran == []
 
 
 @pytest.mark.slow
 def test_sweep_on_real_cifar10(shared_data, tmp_path):
     """The real-data path: vgg-a / vgg-a-bn on 512 CIFAR-10 images, one epoch (~10 s once decoded)."""
-    cfg = SweepConfig(data="cifar10", data_dir=str(shared_data / "cifar10"), lrs=[0.1], epochs=1,
+    cfg = LandscapeConfig(data="cifar10", data_dir=str(shared_data / "cifar10"), lrs=[0.1], epochs=1,
                       every=2, width=0.125, train_subset=512, test_subset=256, progress=False)
-    summary = run_sweep(cfg, tmp_path).summary
+    summary = run_landscape(cfg, tmp_path).summary
     assert summary["complete"] and all(r["test_top1"] is not None for r in summary["runs"])
     assert all(summary["band_medians"][bn]["eta_loss_band"] > 0 for bn in ("on", "off"))
 
@@ -130,10 +130,10 @@ def test_parallel_jobs_and_max_steps_give_the_sequential_result(tmp_path):
     """Issue 14: --jobs 2 trains pairs in two processes (1 thread each) to the numbers of a
     sequential 1-thread sweep; --max-steps stops the pairs unfinished and a rerun completes them."""
     data = synthetic()
-    seq = run_sweep(tiny_sweep(bn="on", threads=1), tmp_path / "seq", data=data)
-    cut = run_sweep(tiny_sweep(bn="on", jobs=2, max_steps=2), tmp_path / "par", data=data)
+    seq = run_landscape(tiny_sweep(bn="on", threads=1), tmp_path / "seq", data=data)
+    cut = run_landscape(tiny_sweep(bn="on", jobs=2, max_steps=2), tmp_path / "par", data=data)
     assert not cut.summary["complete"] and not any(r["finished"] for r in cut.summary["runs"])
-    par = run_sweep(tiny_sweep(bn="on", jobs=2), tmp_path / "par", data=data)
+    par = run_landscape(tiny_sweep(bn="on", jobs=2), tmp_path / "par", data=data)
     assert par.ran == [("on", 0.05), ("on", 0.1)] and par.summary["complete"]
     assert par.summary["top1"] == seq.summary["top1"]
     for lr in (0.05, 0.1):

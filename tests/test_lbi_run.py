@@ -10,7 +10,7 @@ from torch import nn
 from nnlab.cli import main
 from nnlab.engine.metrics import read_jsonl
 from nnlab.lbi.callback import gamma_path_values, update_entry
-from nnlab.lbi.prune import (apply_keep, importance_order, importance_order_reference, keep_mask,
+from nnlab.lbi.gamma_prune import (apply_keep, importance_order, importance_order_reference, keep_mask,
                              read_table)
 
 TINY = ["--model", "lenet5", "--data", "mnist-5k", "--epochs", "2", "--batch-size", "64",

@@ -57,25 +57,25 @@ def test_sweep_rejects_bad_input(tiny_run, tmp_path):
     assert main(["prune", "sweep", "--checkpoint", str(tiny_run), "--methods", "foo", "--out",
                  str(tmp_path)]) == 2
     assert main(["prune", "sweep", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
-    from nnlab.prune.sweep import SweepConfig, run_sweep
+    from nnlab.prune.sweep import PruneSweepConfig, run_prune_sweep
     with pytest.raises(ConfigError, match="ratios"):
-        run_sweep(SweepConfig(checkpoint=str(tiny_run), out=str(tmp_path), ratios=[1.5]))
+        run_prune_sweep(PruneSweepConfig(checkpoint=str(tiny_run), out=str(tmp_path), ratios=[1.5]))
 
 
 def test_a_sweep_of_another_base_model_is_refused(tiny_run, tmp_path):
     """Issue 16: rows of two base models never mix in one results.csv (keyed by the weights' SHA-256)."""
     from nnlab.engine.train import TrainConfig, train
-    from nnlab.prune.sweep import SweepConfig, run_sweep
+    from nnlab.prune.sweep import PruneSweepConfig, run_prune_sweep
 
     other = tmp_path / "other"
     train(TrainConfig(model="vit-test", data="mnist-5k", epochs=1, max_steps=3, train_limit=256, test_limit=64,
                       optimizer="adamw", lr=1e-3, seed=1, progress=False), other)
     cfg = dict(out=str(tmp_path / "sweep"), methods=["tome"], ratios=[0.3], test_limit=32, calib_size=8,
                timing_repeats=1, batch_size=4, save_models=False)
-    first = run_sweep(SweepConfig(checkpoint=str(tiny_run), **cfg))
+    first = run_prune_sweep(PruneSweepConfig(checkpoint=str(tiny_run), **cfg))
     with pytest.raises(ConfigError, match="holds a sweep of another base model"):
-        run_sweep(SweepConfig(checkpoint=str(other), **cfg))
+        run_prune_sweep(PruneSweepConfig(checkpoint=str(other), **cfg))
     with pytest.raises(ConfigError, match=r"other settings \(test_limit\)"):
-        run_sweep(SweepConfig(checkpoint=str(tiny_run), **{**cfg, "test_limit": 16}))
-    again = run_sweep(SweepConfig(checkpoint=str(tiny_run), **cfg))  # the same model: resumes, adds nothing
+        run_prune_sweep(PruneSweepConfig(checkpoint=str(tiny_run), **{**cfg, "test_limit": 16}))
+    again = run_prune_sweep(PruneSweepConfig(checkpoint=str(tiny_run), **cfg))  # the same model: resumes, adds nothing
     assert again.rows == first.rows

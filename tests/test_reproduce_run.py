@@ -20,7 +20,7 @@ import nnlab.reproduce.presets  # noqa: F401  (registers the presets and section
 from nnlab.cli import main
 from nnlab.engine.io import read_json
 from nnlab.reproduce import study_lbi
-from nnlab.reproduce.runner import PRESETS, SECTIONS, STUDIES, seed_numbers
+from nnlab.reproduce.pipeline import PRESETS, SECTIONS, STUDIES, seed_numbers
 from nnlab.reproduce.stages import Stage, StageResult
 
 TESTS = Path(__file__).resolve().parent
@@ -123,7 +123,8 @@ def _fake(ctx, fail=False):
 
 
 def fake_stages() -> list[Stage]:
-    return [Stage("bn-ok", "bn", "fine", _fake, {}), Stage("lbi-bad", "lbi", "fails", partial(_fake, fail=True), {}),
+    return [Stage("landscape-ok", "landscape", "fine", _fake, {}),
+            Stage("lbi-bad", "lbi", "fails", partial(_fake, fail=True), {}),
             Stage("lbi-after", "lbi", "runs anyway", _fake, {}),
             Stage("lbi-needs-bad", "lbi", "skipped", _fake, {}, needs=("lbi-bad",))]
 
@@ -135,12 +136,12 @@ def test_failing_stage_is_reported_and_only_selects_studies(tmp_path, capsys):
     assert main(["reproduce", "--preset", "fake-test", "--out", str(out), "--only", "lbi"]) == 1
     summary = read_json(out / "summary.json")
     assert {s["name"]: s["status"] for s in summary["stages"]} == {
-        "lbi-bad": "failed", "lbi-after": "done", "lbi-needs-bad": "skipped"}  # no bn stage: --only lbi
+        "lbi-bad": "failed", "lbi-after": "done", "lbi-needs-bad": "skipped"}  # no landscape stage: --only lbi
     md = (out / "report.md").read_text()
     assert "deliberate failure in a test stage" in md and "needs stage(s) lbi-bad" in md
     assert "deliberate failure" in capsys.readouterr().err
     assert (out / "stages/lbi-bad/error.txt").read_text().count("RuntimeError") >= 1
-    assert main(["reproduce", "--preset", "fake-test", "--out", str(out), "--only", "bn"]) == 0
+    assert main(["reproduce", "--preset", "fake-test", "--out", str(out), "--only", "bn"]) == 0  # old name of landscape
     assert main(["reproduce", "--preset", "fake-test", "--out", str(out), "--only", "bogus"]) == 2
 
 
@@ -162,20 +163,20 @@ def test_presets_cover_every_study_with_headlines_against_the_seed(preset):
 def test_cpu_full_preset_is_the_seed_scale_cifar_runs():
     """Issue 14: the lr 0.1 pair at full width on all 50k images (the seed's Table 3 schedule), the
     band at width 0.5, and DessiLBI on both seed models with both flavours, 20 epochs each."""
-    from nnlab.landscape.sweep import SweepConfig
+    from nnlab.landscape.sweep import LandscapeConfig
     from nnlab.reproduce.study_lbi import sparsest_conv
 
     stages = {s.name: s for s in PRESETS.get("cpu-full")()}
-    pair = SweepConfig(**stages["bn-lr0.1"].config["sweep"]).validate()
+    pair = LandscapeConfig(**stages["landscape-lr0.1"].config["sweep"]).validate()
     assert (pair.lrs, pair.width, pair.train_subset, pair.epochs, pair.batch_size) == ([0.1], None, None, 20, 128)
     assert (pair.momentum, pair.weight_decay, pair.every, pair.eta_count, pair.hessian_every) == (0.0, 0.0, 30, 8, 300)
-    band = SweepConfig(**stages["bn-band"].config["sweep"])
+    band = LandscapeConfig(**stages["landscape-band"].config["sweep"])
     assert band.width == 0.5 and band.lrs == [0.05, 0.075, 0.1, 0.125, 0.15] and band.train_subset is None
     runs = [n for n in stages if n.startswith("lbi-") and not n.endswith(("-prune", "-figures"))]
     assert sorted(runs) == ["lbi-resnet56-adam", "lbi-resnet56-sgd", "lbi-vgg-a-adam", "lbi-vgg-a-sgd"]
     assert all(stages[n].config["epochs"] >= 20 and stages[n].config["data"] == "cifar10" for n in runs)
     assert all(f"{n}-prune" in stages for n in runs)
-    assert {s.study for s in stages.values()} == {"bn", "lbi"}
+    assert {s.study for s in stages.values()} == {"landscape", "lbi"}
     assert sparsest_conv({"a.weight": 0.9, "b.weight": 0.2, "c.weight": 0.0}) == "b.weight"
     assert sparsest_conv({"a.weight": 0.0, "b.weight": 0.0}) == "a.weight"
 
@@ -187,23 +188,23 @@ def test_quick_preset_uses_only_the_embedded_digits():
 
 
 def test_study_helpers_turn_results_into_headlines_and_notes():
-    from nnlab.reproduce import study_bn, study_vit
+    from nnlab.reproduce import study_landscape, study_prune
 
     runs = [{"bn": "off", "lr": 0.1, "best_test_top1": 0.2}, {"bn": "on", "lr": 0.1, "best_test_top1": 0.9}]
-    notes = study_bn.plateau_notes({"runs": runs})
+    notes = study_landscape.plateau_notes({"runs": runs})
     assert len(notes) == 1 and "without BN has not left the initial loss plateau" in notes[0]
     rows = [{"method": "base", "ratio": 0.0, "top1": 90.0, "images_per_s": 100.0, "gflops": 1.0},
             {"method": "cp-vit", "ratio": 0.5, "top1": 85.0, "images_per_s": 180.0, "gflops": 0.5}]
-    m = study_vit.sweep_metrics(rows)
+    m = study_prune.sweep_metrics(rows)
     assert m["base_top1"] == 90.0 and m["cp-vit_top1_r0.5"] == 85.0 and m["cp-vit_speedup_r0.5"] == pytest.approx(1.8)
-    for study in (study_bn, study_vit):  # the MNIST stand-ins for CIFAR-10 experiments are labelled as such
+    for study in (study_landscape, study_prune):  # the MNIST stand-ins for CIFAR-10 experiments are labelled as such
         notes = [n for s in study.stages("quick") for n in _notes_of(study, s)]
         assert any("mnist-5k" in n and "CIFAR-10" in n for n in notes), study.__name__
 
 
 def _notes_of(study, stage) -> list[str]:
-    if study.__name__.endswith("study_bn") and stage.name == "bn-sweep":
+    if study.__name__.endswith("study_landscape") and stage.name == "landscape-sweep":
         return study.notes_for(stage.config["sweep"])
-    if study.__name__.endswith("study_vit") and stage.name == "vit-sweep":
+    if study.__name__.endswith("study_prune") and stage.name == "prune-sweep":
         return study.notes_for(study.BASE["quick"], stage.config["sweep"])
     return []

@@ -44,10 +44,10 @@ def register(subparsers) -> None:
 
 def _register_run(sub) -> None:
     from nnlab.data import DATASETS
-    from nnlab.landscape.sweep import SweepConfig
+    from nnlab.landscape.sweep import LandscapeConfig
     from nnlab.models import MODELS
 
-    d = SweepConfig()  # the one source of defaults
+    d = LandscapeConfig()  # the one source of defaults
 
     p = sub.add_parser("run", help="train every (bn, lr) pair with probes; resumable",
                        description="Train every (bn, lr) pair with landscape probes into RUN; rerun the "
@@ -102,11 +102,11 @@ def _register_plot(sub) -> None:
 
 def run(args) -> int:
     from nnlab.errors import ConfigError
-    from nnlab.landscape.sweep import SweepConfig, run_sweep
+    from nnlab.landscape.sweep import LandscapeConfig, run_landscape
 
     if len(args.eta_range) != 2:
         raise ConfigError(f"--eta-range takes LOW,HIGH, got {args.eta_range}")
-    cfg = SweepConfig(model=args.model, bn=args.bn, data=args.data, data_dir=args.data_dir, lrs=args.lrs,
+    cfg = LandscapeConfig(model=args.model, bn=args.bn, data=args.data, data_dir=args.data_dir, lrs=args.lrs,
                       epochs=args.epochs, batch_size=args.batch_size, every=args.every,
                       eta_count=args.eta_count, eta_low=args.eta_range[0], eta_high=args.eta_range[1],
                       hessian_every=args.hessian_every, hessian_iters=args.hessian_iters, width=args.width,
@@ -114,7 +114,7 @@ def run(args) -> int:
                       weight_decay=args.weight_decay, augment=args.augment, seed=args.seed,
                       checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, jobs=args.jobs,
                       threads=args.threads, progress=args.progress)
-    result = run_sweep(cfg, args.out)
+    result = run_landscape(cfg, args.out)
     for r in result.summary["runs"]:
         top1 = "-" if r["test_top1"] is None else f"{100 * r['test_top1']:.2f}%"
         print(f"bn {r['bn']:>3}  lr {r['lr']:<6g} test top-1 {top1}")

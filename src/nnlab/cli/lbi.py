@@ -127,7 +127,7 @@ def _register_prune(sub) -> None:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from nnlab.lbi.prune import prune_run
+    from nnlab.lbi.gamma_prune import prune_run
 
     table = prune_run(args.run, layer=args.layer, ratios=args.ratios, out=args.out, data_dir=args.data_dir,
                       finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr)

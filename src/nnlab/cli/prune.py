@@ -49,7 +49,7 @@ def register(subparsers) -> None:
     s.add_argument("--apvit-candidates", type=int, default=16, help="tokens per image with a measured reward")
     s.add_argument("--no-save-models", dest="save_models", action="store_false")
     s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=run_sweep, _parser=s)
+    s.set_defaults(func=run_prune_sweep, _parser=s)
     e = sub.add_parser("eval", help="evaluate a saved pruned model (DIR/models/METHOD-RATIO)")
     e.add_argument("--model", required=True, help="folder with pruned.json")
     e.add_argument("--data", required=True)
@@ -59,10 +59,10 @@ def register(subparsers) -> None:
     e.set_defaults(func=run_eval, _parser=e)
 
 
-def run_sweep(args: argparse.Namespace) -> int:
+def run_prune_sweep(args: argparse.Namespace) -> int:
     from nnlab.prune import methods, sweep
 
-    config = sweep.SweepConfig(
+    config = sweep.PruneSweepConfig(
         checkpoint=args.checkpoint, arch=args.arch, out=args.out, methods=args.methods, ratios=args.ratios,
         data=args.data,
         data_dir=args.data_dir, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
@@ -71,7 +71,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         pvit=methods.PViTOptions(gate_epochs=args.pvit_gate_epochs, l1_weight=args.pvit_l1,
                                  finetune_epochs=args.pvit_finetune_epochs, train_limit=args.train_limit),
         apvit=methods.APViTOptions(epochs=args.apvit_epochs, candidates=args.apvit_candidates))
-    result = sweep.run_sweep(config)
+    result = sweep.run_prune_sweep(config)
     print(f"{len(result.rows)} rows in {result.out}/results.csv; table in results.md; "
           "plots accuracy_vs_ratio.png, accuracy_vs_gflops.png, accuracy_vs_throughput.png")
     return 0

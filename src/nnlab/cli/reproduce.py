@@ -7,7 +7,7 @@ from nnlab.config import str_list
 
 
 def register(subparsers) -> None:
-    from nnlab.reproduce.runner import PRESETS, STUDIES
+    from nnlab.reproduce.pipeline import PRESETS, STUDIES
     import nnlab.reproduce.presets  # noqa: F401  (registers the presets)
 
     p = subparsers.add_parser("reproduce", help="run all four studies and write a report",
@@ -17,14 +17,15 @@ def register(subparsers) -> None:
                         "cpu: real data from --data-dir, hours; paper: the seed's settings, for a GPU")
     p.add_argument("--data-dir", help="folder holding mnist/, cifar10/, celeba/ (as ../shared/data)")
     p.add_argument("--out", default="runs/reproduce", help="report folder (default: runs/reproduce)")
-    p.add_argument("--only", type=str_list, help=f"comma-separated subset of: {','.join(STUDIES)}")
+    p.add_argument("--only", type=str_list, help=f"comma-separated subset of: {','.join(STUDIES)} (vit and bn: the old "
+                   "names of prune and landscape)")
     p.add_argument("--resume", action="store_true",
                    help="accepted for symmetry: a rerun always reuses finished stages and resumes a killed one")
     p.set_defaults(func=run, _parser=p)
 
 
 def run(args) -> int:
-    from nnlab.reproduce.runner import reproduce
+    from nnlab.reproduce.pipeline import reproduce
 
     result = reproduce(args.preset, args.out, data_dir=args.data_dir, only=args.only)
     print(f"\nreport: {result.report.html}\n        {result.report.markdown}", file=sys.stderr)

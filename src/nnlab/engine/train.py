@@ -116,12 +116,8 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise a ConfigError naming the first bad value and its valid range; return self."""
-        from nnlab.data import DATASETS
-        from nnlab.models import MODELS
-
-        for registry, name in ((MODELS, self.model), (DATASETS, self.data), (OPTIMIZERS, self.optimizer),
-                               (SCHEDULES, self.schedule)):
-            registry.get(name)  # a ConfigError listing the choices
+        OPTIMIZERS.get(self.optimizer)  # a ConfigError listing the choices
+        SCHEDULES.get(self.schedule)
         checks = [("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
                   ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
                   ("lr", math.isfinite(self.lr) and self.lr > 0, "a positive number"),
@@ -176,7 +172,15 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False,
     when resuming with a config that differs from the saved one, DivergenceError on a NaN/inf loss
     (the last good checkpoint stays in place).
     """
-    trainer = _Trainer(config.validate(), Path(out), resume, list(callbacks), model, data)
+    from nnlab.data import DATASETS
+    from nnlab.models import MODELS
+
+    config.validate()
+    if model is None:
+        MODELS.get(config.model)  # before the data set is loaded: a mistyped name fails at once
+    if data is None:
+        DATASETS.get(config.data)
+    trainer = _Trainer(config, Path(out), resume, list(callbacks), model, data)
     return trainer.run()
 
 

@@ -19,9 +19,9 @@ from nnlab.landscape.callback import LandscapeProbe
 from nnlab.landscape.hessian import HessianResult, top_hessian_eigenvalue, top_hessian_eigenvalue_reference
 from nnlab.landscape.probe import (ModelSnapshot, StepLandscape, default_etas, gradient_distance,
                                    landscape_step, landscape_step_reference, restore, snapshot)
-from nnlab.landscape.sweep import SweepConfig, SweepResult, run_sweep
+from nnlab.landscape.sweep import LandscapeConfig, LandscapeResult, run_landscape
 
-__all__ = ["Band", "LandscapeProbe", "SweepConfig", "SweepResult", "band_medians", "eta_band", "lr_band",
-           "run_sweep", "HessianResult", "ModelSnapshot", "StepLandscape", "default_etas", "gradient_distance",
+__all__ = ["Band", "LandscapeProbe", "LandscapeConfig", "LandscapeResult", "band_medians", "eta_band", "lr_band",
+           "run_landscape", "HessianResult", "ModelSnapshot", "StepLandscape", "default_etas", "gradient_distance",
            "landscape_step", "landscape_step_reference", "restore", "snapshot",
            "top_hessian_eigenvalue", "top_hessian_eigenvalue_reference"]

@@ -54,14 +54,14 @@ BN_CHOICES = {"both": ("off", "on"), "on": ("on",), "off": ("off",)}
 MAY_DIFFER = ("data_dir", "progress", "jobs", "threads", "max_steps")  # settings that leave the numbers
 
 
-# The documented reduced schedule for 2 CPU cores (see the module docstring), as SweepConfig fields.
+# The documented reduced schedule for 2 CPU cores (see the module docstring), as LandscapeConfig fields.
 REDUCED_CPU: dict[str, Any] = dict(model="vgg-a", bn="both", data="cifar10", lrs=[0.05, 0.1, 0.15], epochs=10,
                                    batch_size=128, every=30, width=0.25, train_subset=20_000,
                                    hessian_every=300, hessian_iters=10)
 
 
 @dataclass
-class SweepConfig:
+class LandscapeConfig:
     """Settings of a sweep. ``train_subset`` / ``test_subset``: seeded random subsets (None: all).
     ``width``: channel multiplier passed to the model (``model_options["width"]``). ``max_steps``:
     stop every pair after that many steps (schedule unchanged; rerun without it to continue).
@@ -94,7 +94,7 @@ class SweepConfig:
     threads: int | None = None
     progress: bool = True
 
-    def validate(self) -> "SweepConfig":
+    def validate(self) -> "LandscapeConfig":
         if self.bn not in BN_CHOICES:
             raise ConfigError(f"bn must be one of both, on, off; got {self.bn!r}")
         if not self.lrs or min(self.lrs) <= 0:
@@ -130,7 +130,7 @@ def model_for(name: str, bn: str) -> tuple[str, dict]:
     return (f"{name}-bn", {}) if f"{name}-bn" in MODELS else (name, {"bn": True})
 
 
-def train_config(cfg: SweepConfig, bn: str, lr: float):
+def train_config(cfg: LandscapeConfig, bn: str, lr: float):
     """The engine :class:`TrainConfig` of one (bn, lr) pair."""
     from nnlab.engine.train import TrainConfig
 
@@ -147,7 +147,7 @@ def train_config(cfg: SweepConfig, bn: str, lr: float):
                        threads=cfg.threads)
 
 
-def _check_same_sweep(run: Path, cfg: SweepConfig) -> None:
+def _check_same_sweep(run: Path, cfg: LandscapeConfig) -> None:
     path = run / "sweep.yaml"
     current = yaml.safe_load(yaml.safe_dump(to_jsonable(dataclasses.asdict(cfg))))
     if path.is_file():
@@ -162,7 +162,7 @@ def _check_same_sweep(run: Path, cfg: SweepConfig) -> None:
 
 
 @dataclass
-class SweepResult:
+class LandscapeResult:
     """summary: what ``RUN/summary.json`` holds; ran / skipped: the (bn, lr) pairs trained now /
     found finished."""
 
@@ -178,7 +178,7 @@ def finished(folder: Path) -> bool:
     return path.is_file() and bool(read_json(path).get("complete", True))
 
 
-def _train_pair(cfg: SweepConfig, run: Path, bn: str, lr: float, data=None) -> None:
+def _train_pair(cfg: LandscapeConfig, run: Path, bn: str, lr: float, data=None) -> None:
     """Train (or resume) one (bn, lr) pair with a :class:`LandscapeProbe`; a divergence is a result."""
     from nnlab.data import load_dataset
     from nnlab.engine.train import train
@@ -196,7 +196,7 @@ def _train_pair(cfg: SweepConfig, run: Path, bn: str, lr: float, data=None) -> N
         write_json(folder / "summary.json", {"diverged": True, "error": str(exc), "test_top1": None})
 
 
-def run_sweep(cfg: SweepConfig, out: str | Path, *, data=None) -> SweepResult:
+def run_landscape(cfg: LandscapeConfig, out: str | Path, *, data=None) -> LandscapeResult:
     """Train every (bn, lr) pair of ``cfg`` into ``out`` with a :class:`LandscapeProbe`, resumably;
     ``cfg.jobs`` pairs at a time.
 
@@ -211,7 +211,7 @@ def run_sweep(cfg: SweepConfig, out: str | Path, *, data=None) -> SweepResult:
         return _run_sweep_locked(cfg, run, data)
 
 
-def _run_sweep_locked(cfg: SweepConfig, run: Path, data) -> SweepResult:
+def _run_sweep_locked(cfg: LandscapeConfig, run: Path, data) -> LandscapeResult:
     from nnlab.data import load_dataset
 
     _check_same_sweep(run, cfg)
@@ -226,7 +226,7 @@ def _run_sweep_locked(cfg: SweepConfig, run: Path, data) -> SweepResult:
         data = load_dataset(cfg.data, cfg.data_dir) if data is None else data
         _train_pair(cfg, run, bn, lr, data)
         collect(run, cfg)
-    return SweepResult(collect(run, cfg), todo, skipped)
+    return LandscapeResult(collect(run, cfg), todo, skipped)
 
 
 def _last_step(folder: Path) -> int:
@@ -238,7 +238,7 @@ def _last_step(folder: Path) -> int:
         return 0
 
 
-def _run_parallel(cfg: SweepConfig, run: Path, todo: list[tuple[str, float]], data) -> None:
+def _run_parallel(cfg: LandscapeConfig, run: Path, todo: list[tuple[str, float]], data) -> None:
     """Train ``todo`` in ``cfg.jobs`` spawned processes; one bar counts the steps of all of them
     (read from their metrics files every few seconds); the summary is rewritten as pairs finish."""
     import concurrent.futures as cf
@@ -262,7 +262,7 @@ def _run_parallel(cfg: SweepConfig, run: Path, todo: list[tuple[str, float]], da
     bar.close()
 
 
-def merged_records(run: Path, cfg: SweepConfig) -> list[dict]:
+def merged_records(run: Path, cfg: LandscapeConfig) -> list[dict]:
     """Every pair's metrics records, each with ``bn`` and ``lr_run`` added."""
     out = []
     for bn, lr in cfg.pairs():
@@ -286,7 +286,7 @@ def write_csv(path: Path, records: list[dict]) -> Path:
     return atomic_write(path, write)
 
 
-def _pair_rows(run: Path, cfg: SweepConfig, bn: str) -> list[dict[str, Any]]:
+def _pair_rows(run: Path, cfg: LandscapeConfig, bn: str) -> list[dict[str, Any]]:
     """One summary row per lr of ``bn``, from each pair's ``summary.json`` (empty while it trains)."""
     rows = []
     for lr in sorted(cfg.lrs):
@@ -309,7 +309,7 @@ def _medians(per_lr: dict[float, list[dict]]) -> dict[str, Any]:
                        for lr, recs in per_lr.items()}}
 
 
-def collect(run: str | Path, cfg: SweepConfig) -> dict[str, Any]:
+def collect(run: str | Path, cfg: LandscapeConfig) -> dict[str, Any]:
     """Rewrite ``RUN/metrics.jsonl``, ``RUN/metrics.csv`` and ``RUN/summary.json``; return the summary."""
     run = Path(run)
     records = merged_records(run, cfg)

@@ -39,7 +39,7 @@ COLUMNS = ["method", "ratio", "top1", "top5", "gflops", "images_per_s", "achieve
 
 
 @dataclass
-class SweepConfig:
+class PruneSweepConfig:
     checkpoint: str
     out: str
     methods: list[str] = field(default_factory=lambda: list(METHODS))
@@ -59,7 +59,7 @@ class SweepConfig:
 
 
 @dataclass
-class SweepResult:
+class PruneSweepResult:
     rows: list[dict]
     out: Path
 
@@ -125,7 +125,7 @@ def _append(path: Path, row: dict) -> None:
 class _Sweep:
     """State shared by the methods of one sweep (data, timing batch, prepared gates/agents)."""
 
-    def __init__(self, config: SweepConfig):
+    def __init__(self, config: PruneSweepConfig):
         from nnlab.engine.runs import check_out
 
         self.c = config
@@ -217,7 +217,7 @@ def json_safe(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def run_sweep(config: SweepConfig) -> SweepResult:
+def run_prune_sweep(config: PruneSweepConfig) -> PruneSweepResult:
     """Run (or finish) the sweep described by ``config``; returns all rows of results.csv. The
     output folder is locked while it runs and keyed to the base model (:func:`check_same_base`)."""
     torch.manual_seed(config.seed)  # agent and gate initialisation
@@ -227,7 +227,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         return _run_locked(s, config)
 
 
-def _run_locked(s: "_Sweep", config: SweepConfig) -> SweepResult:
+def _run_locked(s: "_Sweep", config: PruneSweepConfig) -> PruneSweepResult:
     done = {(r["method"], round(r["ratio"], 4)) for r in read_rows(s.csv)}
     todo = [("base", 0.0)] + [(m, float(r)) for m in config.methods for r in config.ratios]
     if "p-vit" in config.methods and 0.0 not in config.ratios:  # the gated, unpruned model: gate training
@@ -244,4 +244,4 @@ def _run_locked(s: "_Sweep", config: SweepConfig) -> SweepResult:
     rows = read_rows(s.csv)
     write_table(rows, s.out / "results.md")
     write_plots(rows, s.out)
-    return SweepResult(rows=rows, out=s.out)
+    return PruneSweepResult(rows=rows, out=s.out)

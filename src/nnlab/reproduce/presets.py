@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from nnlab.reproduce.runner import PRESETS, SECTIONS, STUDIES
+from nnlab.reproduce.pipeline import PRESETS, SECTIONS, STUDIES
 from nnlab.reproduce.stages import Stage
 
 _MODULES = {study: f"nnlab.reproduce.study_{study}" for study in STUDIES}

@@ -3,7 +3,7 @@
 Stages: LeNet-5 trained with plain SGD, SGD+DessiLBI and Adam+DessiLBI (``lbi-sgd``,
 ``lbi-slbi``, ``lbi-slbi-adam``; :func:`nnlab.lbi.experiments.train_lbi`, resumable), conv3 of
 the SGD+DessiLBI model pruned by Gamma's order without fine-tuning (``lbi-prune``, the seed's
-Table 6; :func:`nnlab.lbi.prune.prune_run`), and the figures (``lbi-figures``: curves, sparsity,
+Table 6; :func:`nnlab.lbi.gamma_prune.prune_run`), and the figures (``lbi-figures``: curves, sparsity,
 Gamma paths, conv3 weight images; :func:`nnlab.lbi.plots.plot_runs`).
 """
 from __future__ import annotations
@@ -147,7 +147,7 @@ def sparsest_conv(sparsity: dict[str, float]) -> str:
 
 def _prune_cifar(ctx: StageContext) -> StageResult:
     from nnlab.engine.io import read_json
-    from nnlab.lbi.prune import prune_run
+    from nnlab.lbi.gamma_prune import prune_run
 
     run = ctx.results[ctx.config["stage"]].dir / ctx.config["stage"]
     layer = sparsest_conv(read_json(run / "summary.json")["sparsity"])
@@ -179,8 +179,8 @@ def cifar_stages() -> list[Stage]:
 
 
 def _prune(ctx: StageContext) -> StageResult:
-    from nnlab.lbi.prune import prune_run
-    from nnlab.reproduce.runner import seed_numbers
+    from nnlab.lbi.gamma_prune import prune_run
+    from nnlab.reproduce.pipeline import seed_numbers
 
     run = ctx.results["lbi-slbi"].dir / "lbi-slbi"
     table = prune_run(run, layer="conv3", ratios=ctx.config["ratios"], out=work_dir(ctx, "prune"),

@@ -18,7 +18,8 @@ from nnlab.reproduce.stages import Stage, StageOutcome, run_stages
 PRESETS: Registry = Registry("reproduce preset")
 # study name -> its report section
 SECTIONS: dict[str, Section] = {}
-STUDIES = ("functa", "vit", "bn", "lbi")
+STUDIES = ("functa", "prune", "landscape", "lbi")  # the subpackages' names
+STUDY_ALIASES = {"vit": "prune", "bn": "landscape"}  # the names --only took before (still accepted)
 
 
 @dataclass
@@ -50,7 +51,9 @@ def _announce(stages: Sequence[Stage]) -> Callable[[int, Stage], None]:
 
 def reproduce(preset: str, out: str | Path, *, data_dir: str | Path | None = None,
               only: Sequence[str] | None = None) -> ReproduceResult:
-    """Run preset ``preset`` (``quick``, ``cpu``, ``paper``) into ``out``; studies in ``only`` if given."""
+    """Run preset ``preset`` (``quick``, ``cpu``, ``paper``, ``cpu-full``) into ``out``; studies in ``only``
+    if given (the study names of :data:`STUDIES`; the old ``vit`` and ``bn`` are accepted)."""
+    only = [STUDY_ALIASES.get(name, name) for name in only] if only else only
     unknown = sorted(set(only or ()) - set(STUDIES))
     if unknown:
         raise ConfigError(f"unknown stud{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} "

@@ -1,8 +1,8 @@
 """BatchNorm and the optimisation landscape (Santurkar et al. 2018) in ``nnlab reproduce``.
 
-Two stages: ``bn-sweep`` trains VGG-A with and without BN at each learning rate with landscape
-probes (:func:`nnlab.landscape.run_sweep`, resumable pair by pair and mid-pair), and
-``bn-figures`` draws the curves, loss-landscape, gradient-predictiveness and beta figures from
+Two stages: ``landscape-sweep`` trains VGG-A with and without BN at each learning rate with landscape
+probes (:func:`nnlab.landscape.run_landscape`, resumable pair by pair and mid-pair), and
+``landscape-figures`` draws the curves, loss-landscape, gradient-predictiveness and beta figures from
 the sweep's files (:func:`nnlab.landscape.plots.make_figures`).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from nnlab.reproduce.common import check_preset, data_dir_for, pct, work_dir, wr
 from nnlab.reproduce.stages import Stage, StageContext, StageResult
 
 SECTION = Section(
-    "bn", "BatchNorm and the optimisation landscape (VGG-A, Santurkar et al. 2018)",
+    "landscape", "BatchNorm and the optimisation landscape (VGG-A, Santurkar et al. 2018)",
     "VGG-A trained with plain SGD (no momentum, constant learning rate) with and without BatchNorm; "
     "every few steps the probes measure the loss and the gradient along the gradient direction at "
     "several step sizes (loss landscape, gradient predictiveness, effective beta-smoothness). "
@@ -29,7 +29,7 @@ SECTION = Section(
               ("beta_off", "effective beta-smoothness, without BN", None, 1.0),
               ("beta_on", "effective beta-smoothness, with BN", None, 1.0)])
 
-# SweepConfig fields per preset.
+# LandscapeConfig fields per preset.
 QUICK: dict[str, Any] = dict(model="vgg-a", bn="both", data="mnist-5k", lrs=[0.05, 0.1], epochs=3,
                              batch_size=128, every=10, eta_count=4, width=0.25, augment=False,
                              checkpoint_every=20)
@@ -43,7 +43,7 @@ CPU_FULL_BAND: dict[str, Any] = dict(PAPER, width=0.5, jobs=2)
 
 
 def sweep_settings(preset: str) -> dict[str, Any]:
-    """SweepConfig fields of ``preset``; ``cpu`` is the landscape study's documented REDUCED_CPU."""
+    """LandscapeConfig fields of ``preset``; ``cpu`` is the landscape study's documented REDUCED_CPU."""
     from nnlab.landscape.sweep import REDUCED_CPU
 
     return dict({"quick": QUICK, "cpu": REDUCED_CPU, "paper": PAPER, "cpu-full": CPU_FULL_PAIR}[check_preset(preset)])
@@ -71,12 +71,12 @@ def notes_for(sweep: dict[str, Any]) -> list[str]:
 
 
 def _run_sweep(ctx: StageContext) -> StageResult:
-    from nnlab.landscape.sweep import SweepConfig, run_sweep
+    from nnlab.landscape.sweep import LandscapeConfig, run_landscape
 
     sweep = dict(ctx.config["sweep"])
     prefix = ctx.config.get("prefix", "")
-    cfg = SweepConfig(**sweep, data_dir=data_dir_for(ctx, sweep["data"]))
-    result = run_sweep(cfg, work_dir(ctx, "sweep"))  # continues an interrupted sweep on its own
+    cfg = LandscapeConfig(**sweep, data_dir=data_dir_for(ctx, sweep["data"]))
+    result = run_landscape(cfg, work_dir(ctx, "sweep"))  # continues an interrupted sweep on its own
     s = result.summary
     acc = [[r["bn"], r["lr"], pct(r["test_top1"]), pct(r["best_test_top1"]), r["diverged"], r["steps"]]
            for r in s["runs"]]
@@ -121,16 +121,16 @@ def _metrics(summary: dict[str, Any]) -> dict[str, Any]:
 def _figures(ctx: StageContext) -> StageResult:
     from nnlab.landscape.plots import make_figures
 
-    sweep_dir = ctx.results[ctx.config.get("stage", "bn-sweep")].dir / "sweep"
+    sweep_dir = ctx.results[ctx.config.get("stage", "landscape-sweep")].dir / "sweep"
     paths = make_figures(sweep_dir, work_dir(ctx, "figures"), log=ctx.config["log"])
     return StageResult(figures=[Path(p).relative_to(ctx.dir).as_posix() for p in paths])
 
 
 def _sweep_stages(name: str, figures: str, title: str, sweep: dict[str, Any], prefix: str = "") -> list[Stage]:
     config = {"sweep": sweep, **({"prefix": prefix} if prefix else {})}
-    train = Stage(name, "bn", title, _run_sweep, config)
-    figs = Stage(figures, "bn", f"{title}: landscape, predictiveness and beta figures", _figures,
-                 {"sweep": train.key(), "log": True, **({"stage": name} if name != "bn-sweep" else {})},
+    train = Stage(name, "landscape", title, _run_sweep, config)
+    figs = Stage(figures, "landscape", f"{title}: landscape, predictiveness and beta figures", _figures,
+                 {"sweep": train.key(), "log": True, **({"stage": name} if name != "landscape-sweep" else {})},
                  needs=(name,))
     return [train, figs]
 
@@ -138,9 +138,9 @@ def _sweep_stages(name: str, figures: str, title: str, sweep: dict[str, Any], pr
 def stages(preset: str) -> list[Stage]:
     """The BN study's stages for ``preset`` (quick, cpu, paper, cpu-full)."""
     if check_preset(preset) == "cpu-full":
-        return [*_sweep_stages("bn-lr0.1", "bn-lr0.1-figures", "VGG-A with and without BN at lr 0.1 (Table 3)",
+        return [*_sweep_stages("landscape-lr0.1", "landscape-lr0.1-figures", "VGG-A with and without BN at lr 0.1 (Table 3)",
                                CPU_FULL_PAIR),
-                *_sweep_stages("bn-band", "bn-band-figures", "the lr band at width 0.5 (Table 4)",
+                *_sweep_stages("landscape-band", "landscape-band-figures", "the lr band at width 0.5 (Table 4)",
                                CPU_FULL_BAND, prefix="band_")]
-    return _sweep_stages("bn-sweep", "bn-figures", "VGG-A with and without BN: lr sweep with landscape probes",
+    return _sweep_stages("landscape-sweep", "landscape-figures", "VGG-A with and without BN: lr sweep with landscape probes",
                          sweep_settings(preset))

@@ -1,8 +1,8 @@
 """ViT pruning (P-ViT, AP-ViT, CP-ViT and token merging) in ``nnlab reproduce``.
 
-Stages: ``vit-base`` trains the base ViT with the engine (resumable), ``vit-sweep`` prunes it with
+Stages: ``prune-base`` trains the base ViT with the engine (resumable), ``prune-sweep`` prunes it with
 every method at every ratio and measures top-1/top-5, GFLOPs and images/s
-(:func:`nnlab.prune.sweep.run_sweep`, resumable row by row); its table is the seed's Table 1.
+(:func:`nnlab.prune.sweep.run_prune_sweep`, resumable row by row); its table is the seed's Table 1.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ NAMES = {"p-vit": "P-ViT", "ap-vit": "AP-ViT", "cp-vit": "CP-ViT", "tome": "ToMe
 SEED_METHODS = ("p-vit", "ap-vit", "cp-vit")  # the seed report has no token-merging numbers
 
 SECTION = Section(
-    "vit", "ViT pruning: P-ViT, AP-ViT, CP-ViT and token merging",
+    "prune", "ViT pruning: P-ViT, AP-ViT, CP-ViT and token merging",
     "A ViT is trained, then pruned by each method at each ratio without fine-tuning, and every "
     "pruned model is measured: top-1/top-5, GFLOPs (multiply-accumulates) per image and images/s "
     "on this machine (batch 64). Token methods remove or merge patch tokens; P-ViT removes "
@@ -44,7 +44,7 @@ BASE: dict[str, dict[str, Any]] = {
                   flip=True, eval_every=5),
 }
 RATIOS = [round(0.1 * i, 1) for i in range(1, 10)]
-# Sweep settings (nnlab.prune.sweep.SweepConfig fields; pvit/apvit: their option dataclasses).
+# Sweep settings (nnlab.prune.sweep.PruneSweepConfig fields; pvit/apvit: their option dataclasses).
 SWEEP: dict[str, dict[str, Any]] = {
     "quick": dict(ratios=[0.3, 0.5, 0.7, 0.9], test_limit=500, calib_size=256, timing_repeats=5,
                   pvit=dict(gate_epochs=1, train_limit=2000), apvit=dict(epochs=10, candidates=8)),
@@ -87,20 +87,20 @@ def _train_base(ctx: StageContext) -> StageResult:
 
 def _sweep_config(ctx: StageContext):
     from nnlab.prune.methods import APViTOptions, PViTOptions
-    from nnlab.prune.sweep import SweepConfig
+    from nnlab.prune.sweep import PruneSweepConfig
 
     c = dict(ctx.config["sweep"])
     pvit, apvit = PViTOptions(**c.pop("pvit", {})), APViTOptions(**c.pop("apvit", {}))
-    run = ctx.results["vit-base"].dir / "run"
+    run = ctx.results["prune-base"].dir / "run"
     out = work_dir(ctx, "sweep")
-    return SweepConfig(checkpoint=str(run), out=str(out), methods=list(METHODS), pvit=pvit, apvit=apvit,
+    return PruneSweepConfig(checkpoint=str(run), out=str(out), methods=list(METHODS), pvit=pvit, apvit=apvit,
                        data_dir=data_dir_for(ctx, ctx.config["data"]), **c)
 
 
 def _sweep(ctx: StageContext, notes: tuple[str, ...] = ()) -> StageResult:
-    from nnlab.prune.sweep import run_sweep
+    from nnlab.prune.sweep import run_prune_sweep
 
-    rows = run_sweep(_sweep_config(ctx)).rows  # finished rows of an interrupted sweep are kept
+    rows = run_prune_sweep(_sweep_config(ctx)).rows  # finished rows of an interrupted sweep are kept
     metrics = sweep_metrics(rows)
     ratios = sorted({r["ratio"] for r in rows if r["method"] != "base"})
     get = {(r["method"], round(r["ratio"], 4)): r for r in rows}
@@ -135,9 +135,9 @@ def stages(preset: str) -> list[Stage]:
     if check_preset(preset) == "cpu-full":
         return []
     base, sweep = BASE[preset], SWEEP[preset]
-    train = Stage("vit-base", "vit", f"base ViT ({base['model']} on {base['data']})", _train_base,
+    train = Stage("prune-base", "prune", f"base ViT ({base['model']} on {base['data']})", _train_base,
                   {"train": base})
-    prune = Stage("vit-sweep", "vit", "pruning sweep: methods x ratios (Table 1) and throughput",
+    prune = Stage("prune-sweep", "prune", "pruning sweep: methods x ratios (Table 1) and throughput",
                   partial(_sweep, notes=tuple(notes_for(base, sweep))),
-                  {"base": train.key(), "sweep": sweep, "data": base["data"]}, needs=("vit-base",))
+                  {"base": train.key(), "sweep": sweep, "data": base["data"]}, needs=("prune-base",))
     return [train, prune]
