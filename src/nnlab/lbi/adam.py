@@ -48,30 +48,11 @@ class DessiLBIAdam(LBIBase):
         _check("betas", group["betas"], 0 <= b1 < 1 and 0 <= b2 < 1, "two numbers in [0, 1)")
         _check("eps", group["eps"], group["eps"] > 0, "> 0")
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, states = self._grads(group)
-            if not params:
-                continue
-            self._init_moments(params, states)
-            if group.get("compiled"):
-                self._step_compiled(group, params, grads, states)
-                continue
-            _refresh(states)
-            if group["foreach"]:
-                self._step_foreach(group, params, grads, states)
-            else:
-                for p, g, s in zip(params, grads, states):
-                    adam_step_reference(p, g, s, group, self.shrink_kind(p, group))
-        return loss
+    reference_step = staticmethod(adam_step_reference)
 
     @staticmethod
-    def _init_moments(params: list, states: list) -> None:
+    def _prepare(params: list, states: list) -> None:
+        """Create Adam's moments (and step counts) of parameters seen for the first time."""
         for p, s in zip(params, states):
             if s.get("exp_avg") is None:
                 s["step"] = 0

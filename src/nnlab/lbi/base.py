@@ -129,6 +129,40 @@ class LBIBase(Optimizer):
                 s["gamma_scale"] = group_scale(s["V"], s["gamma"])
         return (kinds, *([s.get(key, p) for s, p in zip(states, params)] for key in ("V", "gamma", "gamma_scale")))
 
+    reference_step = None  # the flavour's plain per-parameter rule (p, grad, state, group, kind) -> None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step of every group (the template of both flavours): the fused path when
+        ``compiled`` and ready, else the foreach path, else the plain reference rule per parameter
+        (``foreach=False``). Gamma left stale by a fused step is rebuilt before the others read it."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, states = self._grads(group)
+            if not params:
+                continue
+            self._prepare(params, states)
+            if group.get("compiled") and self._fused_ready(group, states):
+                self._step_compiled(group, params, grads, states)
+                continue
+            _refresh(states)
+            if group["foreach"] or group.get("compiled"):
+                self._step_foreach(group, params, grads, states)
+            else:
+                for p, g, s in zip(params, grads, states):
+                    self.reference_step(p, g, s, group, self.shrink_kind(p, group))
+        return loss
+
+    @staticmethod
+    def _prepare(params: list, states: list) -> None:
+        """Per-flavour state to create before a step (Adam's moments); nothing by default."""
+
+    def _fused_ready(self, group: dict, states: list) -> bool:
+        return True
+
     def _grads(self, group: dict) -> tuple[list, list, list]:
         """(params, grads, states) of ``group`` for params that have a gradient."""
         params = [p for p in group["params"] if p.grad is not None]

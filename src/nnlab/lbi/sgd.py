@@ -79,26 +79,11 @@ class DessiLBI(LBIBase):
         _check("momentum", group["momentum"], 0 <= group["momentum"] < 1, "in [0, 1)")
         _check("dampening", group["dampening"], 0 <= group["dampening"] <= 1, "in [0, 1]")
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, states = self._grads(group)
-            if not params:
-                continue
-            if group.get("compiled") and all("momentum_buffer" in s or group["momentum"] == 0 for s in states):
-                self._step_compiled(group, params, grads, states)
-                continue
-            _refresh(states)
-            if group["foreach"] or group.get("compiled"):
-                self._step_foreach(group, params, grads, states)
-            else:
-                for p, g, s in zip(params, grads, states):
-                    sgd_step_reference(p, g, s, group, self.shrink_kind(p, group))
-        return loss
+    reference_step = staticmethod(sgd_step_reference)
+
+    def _fused_ready(self, group: dict, states: list) -> bool:
+        """The fused step needs the momentum buffers, which the first (foreach) step creates."""
+        return group["momentum"] == 0 or all("momentum_buffer" in s for s in states)
 
     def _step_compiled(self, group: dict, params: list, grads: list, states: list) -> None:
         """The fast step: on CPU every float32 tensor through the fused C++ kernels
