@@ -191,9 +191,9 @@ def test_throughput_counts_images_per_second():
 
 def test_markdown_table_and_plots(tmp_path):
     from nnlab.prune.plots import markdown_table, write_plots
-    rows = [{"method": "base", "ratio": 0.0, "top1": 90.0, "top5": 99.0, "gflops": 1.0, "images_per_s": 10.0,
-             "achieved_ratio": 0.0}]
-    rows += [{"method": m, "ratio": r, "top1": 90 - 10 * r, "top5": 99.0, "gflops": 1 - r, "images_per_s": 10 / (1 - r),
+    rows = [{"method": "base", "ratio": 0.0, "top1": 0.90, "top5": 0.99, "gflops": 1.0, "images_per_s": 10.0,
+             "achieved_ratio": 0.0}]  # fractions in rows and CSVs, percent in the tables
+    rows += [{"method": m, "ratio": r, "top1": 0.90 - 0.10 * r, "top5": 0.99, "gflops": 1 - r, "images_per_s": 10 / (1 - r),
               "achieved_ratio": r} for m in ("cp-vit", "tome") for r in (0.3, 0.6)]
     text = markdown_table(rows)
     assert "| 0 (base) | 90.00 | 99.00 | 90.00 | 99.00 |" in text
@@ -259,17 +259,17 @@ def test_accuracy_at_equal_gflops_interpolates_and_drops_capped_repeats(tmp_path
     (the same achieved ratio for several targets) is one point."""
     from nnlab.prune.plots import at_equal_gflops, distinct_points, equal_compute_table, write_table
 
-    base = {"method": "base", "ratio": 0.0, "top1": 90.0, "top5": 99.0, "gflops": 1.0, "images_per_s": 10.0,
+    base = {"method": "base", "ratio": 0.0, "top1": 0.90, "top5": 0.99, "gflops": 1.0, "images_per_s": 10.0,
             "achieved_ratio": 0.0}
-    # cp-vit: top-1 = 90 - 20 (1 - gflops); p-vit capped at achieved 0.4 for nominal 0.5 and 0.7
-    cp = [dict(base, method="cp-vit", ratio=r, gflops=1 - r, top1=90 - 20 * r, achieved_ratio=r) for r in (0.2, 0.6)]
-    pv = [dict(base, method="p-vit", ratio=r, gflops=0.7, top1=85.0, achieved_ratio=0.4) for r in (0.5, 0.7)]
+    # cp-vit: top-1 = 0.90 - 0.20 (1 - gflops); p-vit capped at achieved 0.4 for nominal 0.5 and 0.7
+    cp = [dict(base, method="cp-vit", ratio=r, gflops=1 - r, top1=0.90 - 0.20 * r, achieved_ratio=r) for r in (0.2, 0.6)]
+    pv = [dict(base, method="p-vit", ratio=r, gflops=0.7, top1=0.85, achieved_ratio=0.4) for r in (0.5, 0.7)]
     rows = [base, *cp, *pv]
     assert len(distinct_points(rows, "p-vit")) == 1
     table = at_equal_gflops(rows)
-    assert table["cp-vit"][0.6] == pytest.approx(82.0) and table["cp-vit"][0.9] == pytest.approx(88.0)
+    assert table["cp-vit"][0.6] == pytest.approx(0.82) and table["cp-vit"][0.9] == pytest.approx(0.88)
     assert table["cp-vit"][0.3] is None  # never that cheap
-    assert table["p-vit"][0.8] == pytest.approx(85 + (90 - 85) * (0.8 - 0.7) / 0.3)
+    assert table["p-vit"][0.8] == pytest.approx(0.85 + (0.90 - 0.85) * (0.8 - 0.7) / 0.3)
     assert "| 0.6 x base | - | 82.00 |" in equal_compute_table(rows)  # columns P-ViT, CP-ViT (the seed's order)
     text = write_table(rows, tmp_path / "results.md").read_text()
     assert "at equal compute" in text

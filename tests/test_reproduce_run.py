@@ -193,10 +193,10 @@ def test_study_helpers_turn_results_into_headlines_and_notes():
     runs = [{"bn": "off", "lr": 0.1, "best_test_top1": 0.2}, {"bn": "on", "lr": 0.1, "best_test_top1": 0.9}]
     notes = study_landscape.plateau_notes({"runs": runs})
     assert len(notes) == 1 and "without BN has not left the initial loss plateau" in notes[0]
-    rows = [{"method": "base", "ratio": 0.0, "top1": 90.0, "images_per_s": 100.0, "gflops": 1.0},
-            {"method": "cp-vit", "ratio": 0.5, "top1": 85.0, "images_per_s": 180.0, "gflops": 0.5}]
+    rows = [{"method": "base", "ratio": 0.0, "top1": 0.90, "images_per_s": 100.0, "gflops": 1.0},
+            {"method": "cp-vit", "ratio": 0.5, "top1": 0.85, "images_per_s": 180.0, "gflops": 0.5}]
     m = study_prune.sweep_metrics(rows)
-    assert m["base_top1"] == 90.0 and m["cp-vit_top1_r0.5"] == 85.0 and m["cp-vit_speedup_r0.5"] == pytest.approx(1.8)
+    assert m["base_top1"] == 0.90 and m["cp-vit_top1_r0.5"] == 0.85 and m["cp-vit_speedup_r0.5"] == pytest.approx(1.8)
     for study in (study_landscape, study_prune):  # the MNIST stand-ins for CIFAR-10 experiments are labelled as such
         notes = [n for s in study.stages("quick") for n in _notes_of(study, s)]
         assert any("mnist-5k" in n and "CIFAR-10" in n for n in notes), study.__name__

@@ -86,6 +86,6 @@ def run_eval(args: argparse.Namespace) -> int:
     data = load_dataset(args.data, args.data_dir)
     test = data.test.random_subset(args.test_limit, args.seed)
     acc = accuracy(runner, test, eval_transform(data, runner.vit.config.image_size))
-    print(f"{runner.method}: top-1 {acc.top1:.2f}%, top-5 {acc.top5:.2f}% on {acc.n} images, "
+    print(f"{runner.method}: top-1 {100 * acc.top1:.2f}%, top-5 {100 * acc.top5:.2f}% on {acc.n} images, "
           f"{runner.macs() / 1e9:.4f} GFLOPs per image")
     return 0

@@ -19,7 +19,8 @@ from nnlab.errors import ConfigError
 
 @dataclass
 class Accuracy:
-    """Top-1 / top-5 accuracy in percent over ``n`` images."""
+    """Top-1 / top-5 accuracy as fractions in [0, 1] over ``n`` images (the one unit of every CSV
+    and JSON; tables, plots and printed lines show percent)."""
 
     top1: float
     top5: float
@@ -46,7 +47,7 @@ def accuracy(model: nn.Module, images: ImageSet, transform, batch_size: int = 25
         top1 += int((top[:, 0] == y).sum())
         top5 += int((top == y[:, None]).any(-1).sum())
         n += len(y)
-    return Accuracy(100.0 * top1 / max(n, 1), 100.0 * top5 / max(n, 1), n)
+    return Accuracy(top1 / max(n, 1), top5 / max(n, 1), n)
 
 
 @torch.no_grad()

@@ -30,12 +30,13 @@ def markdown_table(rows: list[dict]) -> str:
     head = "| ratio | " + " | ".join(f"{NAMES.get(m, m)} top-1 | {NAMES.get(m, m)} top-5" for m in methods) + " |"
     lines = ["## Accuracy (%)", "", head, "|" + " --- |" * (1 + 2 * len(methods))]
     if base:
-        lines.append("| 0 (base) | " + " | ".join(f"{base['top1']:.2f} | {base['top5']:.2f}" for _ in methods) + " |")
+        lines.append("| 0 (base) | " + " | ".join(f"{100 * base['top1']:.2f} | {100 * base['top5']:.2f}"
+                                                   for _ in methods) + " |")
     for ratio in ratios:
         cells = []
         for m in methods:
             r = get.get((m, round(ratio, 4)))
-            cells.append(f"{r['top1']:.2f} | {r['top5']:.2f}" if r else "- | -")
+            cells.append(f"{100 * r['top1']:.2f} | {100 * r['top5']:.2f}" if r else "- | -")
         lines.append(f"| {ratio:g} | " + " | ".join(cells) + " |")
     lines += ["", "## Cost: GFLOPs (1e9 MACs) per image / images per s (batch timing) / achieved ratio", "",
               "| ratio | " + " | ".join(NAMES.get(m, m) for m in methods) + " |", "|" + " --- |" * (1 + len(methods))]
@@ -94,7 +95,7 @@ def equal_compute_table(rows: list[dict]) -> str:
     lines = ["## Top-1 (%) at equal compute (fraction of the base model's measured GFLOPs, interpolated)", "",
              "| GFLOPs | " + " | ".join(NAMES.get(m, m) for m in methods) + " |", "|" + " --- |" * (1 + len(methods))]
     for f in FRACTIONS:
-        cells = ["-" if table[m][f] is None else f"{table[m][f]:.2f}" for m in methods]
+        cells = ["-" if table[m][f] is None else f"{100 * table[m][f]:.2f}" for m in methods]
         lines.append(f"| {f:g} x base | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -120,9 +121,9 @@ def write_plots(rows: list[dict], out: str | Path) -> list[Path]:
         for m in _methods(rows):
             pts = distinct_points(rows, m) + ([base] if base else [])
             pts.sort(key=lambda r: r["ratio"])  # connect in ratio order (timings are noisy)
-            ax.plot([r[x_key] for r in pts], [r["top1"] for r in pts], marker="o", ms=3, label=NAMES.get(m, m))
+            ax.plot([r[x_key] for r in pts], [100 * r["top1"] for r in pts], marker="o", ms=3, label=NAMES.get(m, m))
         if base:
-            ax.axhline(base["top1"], color="grey", lw=0.8, ls="--", label="base")
+            ax.axhline(100 * base["top1"], color="grey", lw=0.8, ls="--", label="base")
         ax.set_xlabel(label)
         ax.set_ylabel("test top-1 (%)")
         ax.legend(fontsize=8)

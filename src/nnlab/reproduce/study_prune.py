@@ -10,7 +10,7 @@ from functools import partial
 from typing import Any
 
 from nnlab.report import Section
-from nnlab.reproduce.common import check_preset, data_dir_for, work_dir, write_csv
+from nnlab.reproduce.common import check_preset, data_dir_for, pct, work_dir, write_csv
 from nnlab.reproduce.stages import Stage, StageContext, StageResult
 
 METHODS = ("p-vit", "ap-vit", "cp-vit", "tome")
@@ -23,9 +23,9 @@ SECTION = Section(
     "pruned model is measured: top-1/top-5, GFLOPs (multiply-accumulates) per image and images/s "
     "on this machine (batch 64). Token methods remove or merge patch tokens; P-ViT removes "
     "attention and MLP dimensions and builds a smaller dense ViT, so the speed-ups are real.",
-    headline=[("base_top1", "unpruned ViT, test top-1 (%)", "base_top1", 1.0),
+    headline=[("base_top1", "unpruned ViT, test top-1 (%)", "base_top1", 100.0),
               *[(f"{m}_top1_r{r:g}", f"{NAMES[m]} at ratio {r:g}, test top-1 (%)",
-                 f"{m}_top1_r{r:g}" if m in SEED_METHODS else None, 1.0) for r in (0.5, 0.9) for m in METHODS],
+                 f"{m}_top1_r{r:g}" if m in SEED_METHODS else None, 100.0) for r in (0.5, 0.9) for m in METHODS],
               *[(f"{m}_speedup_r0.5", f"{NAMES[m]} at ratio 0.5, images/s vs unpruned (x)", None, 1.0)
                 for m in METHODS]])
 
@@ -104,8 +104,8 @@ def _sweep(ctx: StageContext, notes: tuple[str, ...] = ()) -> StageResult:
     metrics = sweep_metrics(rows)
     ratios = sorted({r["ratio"] for r in rows if r["method"] != "base"})
     get = {(r["method"], round(r["ratio"], 4)): r for r in rows}
-    header = ["ratio", *(f"{NAMES[m]} {k}" for m in METHODS for k in ("top1", "top5"))]
-    table = [[r, *(round(get[(m, round(r, 4))][k], 2) if (m, round(r, 4)) in get else None
+    header = ["ratio", *(f"{NAMES[m]} {k} (%)" for m in METHODS for k in ("top1", "top5"))]
+    table = [[r, *(pct(get[(m, round(r, 4))][k]) if (m, round(r, 4)) in get else None
                    for m in METHODS for k in ("top1", "top5"))] for r in ratios]
     write_csv(ctx.dir / "table1.csv", header, table)
     cost = [[r["method"], r["ratio"], round(r["achieved_ratio"], 3), round(r["gflops"], 5),
@@ -118,7 +118,7 @@ def _sweep(ctx: StageContext, notes: tuple[str, ...] = ()) -> StageResult:
 
 
 def sweep_metrics(rows: list[dict]) -> dict[str, Any]:
-    """Headline figures of the sweep rows (top-1 in percent as the sweep writes it)."""
+    """Headline figures of the sweep rows (top-1 as fractions, as the sweep writes it)."""
     base = next(r for r in rows if r["method"] == "base")
     out: dict[str, Any] = {"base_top1": base["top1"], "base_images_per_s": base["images_per_s"],
                            "base_gflops": base["gflops"]}
