@@ -451,15 +451,22 @@ class _Trainer:
         evaluation is logged as an ``"event": "max_steps"`` record and kept out of the history."""
         self._save()
         p = self.p
-        sums = D.all_reduce_sum(torch.tensor([p.loss_sum, p.correct, p.count], dtype=torch.float64))
-        n = max(1.0, float(sums[2]))
-        ev = evaluate(self.model, self.test_loader, self.dist.device, autocast=self.autocast)
-        record = {"step": p.step, "epoch": p.epoch + p.batch / len(self.train_loader),
-                  "event": "max_steps", "train_loss": float(sums[0]) / n, "train_top1": float(sums[1]) / n,
-                  "test_loss": ev.loss, "test_top1": ev.top1, "test_top5": ev.top5, "test_count": ev.count}
+        record = {"step": p.step, "epoch": p.epoch + p.batch / len(self.train_loader), "event": "max_steps",
+                  **self._train_means(), **self._test_record()}
         if self.logger is not None:
             self.logger.log(record)
         return record
+
+    def _train_means(self) -> dict[str, float]:
+        """Mean training loss and top-1 of the epoch so far, over all ranks."""
+        p = self.p
+        sums = D.all_reduce_sum(torch.tensor([p.loss_sum, p.correct, p.count], dtype=torch.float64))
+        n = max(1.0, float(sums[2]))
+        return {"train_loss": float(sums[0]) / n, "train_top1": float(sums[1]) / n}
+
+    def _test_record(self) -> dict[str, float]:
+        ev = evaluate(self.model, self.test_loader, self.dist.device, autocast=self.autocast)
+        return {"test_loss": ev.loss, "test_top1": ev.top1, "test_top5": ev.top5, "test_count": ev.count}
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimiser step on batch x (B, C, H, W), y (B,); returns the (rank-averaged) loss."""
@@ -514,14 +521,11 @@ class _Trainer:
         """Evaluate, call callbacks, log the epoch record, checkpoint. seconds / images: this
         process's time in the epoch's loop and the images all ranks trained on in it (for speed)."""
         c, p = self.config, self.p
-        sums = D.all_reduce_sum(torch.tensor([p.loss_sum, p.correct, p.count], dtype=torch.float64))
-        n = max(1.0, float(sums[2]))
-        record = {"step": p.step, "epoch": p.epoch + 1, "train_loss": float(sums[0]) / n,
-                  "train_top1": float(sums[1]) / n, "lr": self.optimizer.param_groups[0]["lr"],
-                  "epoch_time_s": seconds, "images_per_s": images / max(seconds, 1e-9)}
+        record = {"step": p.step, "epoch": p.epoch + 1, **self._train_means(),
+                  "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": seconds,
+                  "images_per_s": images / max(seconds, 1e-9)}
         if (p.epoch + 1) % c.eval_every == 0 or p.epoch + 1 >= c.epochs or self._done():
-            ev = evaluate(self.model, self.test_loader, self.dist.device, autocast=self.autocast)
-            record.update(test_loss=ev.loss, test_top1=ev.top1, test_top5=ev.top5, test_count=ev.count)
+            record.update(self._test_record())
         self.ctx.step, self.ctx.epoch = p.step, p.epoch
         for cb in self.callbacks:
             cb.on_epoch_end(self.ctx, record)

@@ -171,11 +171,16 @@ class LandscapeResult:
     skipped: list[tuple[str, float]]
 
 
+def _is_finished(summary: dict) -> bool:
+    """A pair's summary says it trained to its end (or diverged); one stopped by max_steps has
+    ``"complete": false``; an empty summary (none written yet) is not finished."""
+    return bool(summary) and bool(summary.get("complete", True))
+
+
 def finished(folder: Path) -> bool:
-    """True when the pair in ``folder`` trained to its end (or diverged); a pair stopped by
-    max_steps has ``"complete": false`` in its summary and is not finished."""
+    """True when the pair in ``folder`` is finished (:func:`_is_finished`)."""
     path = Path(folder) / "summary.json"
-    return path.is_file() and bool(read_json(path).get("complete", True))
+    return path.is_file() and _is_finished(read_json(path))
 
 
 def _train_pair(cfg: LandscapeConfig, run: Path, bn: str, lr: float, data=None) -> None:
@@ -292,7 +297,7 @@ def _pair_rows(run: Path, cfg: LandscapeConfig, bn: str) -> list[dict[str, Any]]
     for lr in sorted(cfg.lrs):
         path = pair_dir(run, bn, lr) / "summary.json"
         s = read_json(path) if path.is_file() else {}
-        rows.append({"bn": bn, "lr": lr, "finished": bool(s) and bool(s.get("complete", True)),
+        rows.append({"bn": bn, "lr": lr, "finished": _is_finished(s),
                      "diverged": bool(s.get("diverged")), "test_top1": s.get("test_top1"),
                      "best_test_top1": s.get("best_test_top1"), "steps": s.get("steps"),
                      "train_time_s": s.get("train_time_s")})

@@ -25,10 +25,11 @@ def _heads(block: Block, h: torch.Tensor) -> tuple[list, list, list]:
             [part(2, j) for j in range(heads)])
 
 
-def _attend(block: Block, h: torch.Tensor, log_size: torch.Tensor | None = None
+def _attend(block: Block, heads: tuple[list, list, list], log_size: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Attention output (T, D) and each head's probabilities (T queries, T keys)."""
-    q, k, v = _heads(block, h)
+    """Attention output (T, D) and each head's probabilities (T queries, T keys), from the
+    per-head q, k, v of :func:`_heads`."""
+    q, k, v = heads
     outs, probs = [], []
     for qh, kh, vh in zip(q, k, v):
         logits = qh @ kh.T * block.attn.scale
@@ -47,7 +48,7 @@ def cpvit_reference(vit: ViT, image: torch.Tensor, keep: list[int]) -> tuple[tor
     score = {i: 0.0 for i in ids}
     kept = []
     for layer, block in enumerate(vit.blocks):
-        out, probs = _attend(block, block.norm1(x))
+        out, probs = _attend(block, _heads(block, block.norm1(x)))
         x = x + out
         for col, tok in enumerate(ids):                          # attention received by key `tok`
             score[tok] += sum(float(p[qi, col]) for p in probs for qi in range(len(ids)))
@@ -67,8 +68,9 @@ def tome_reference(vit: ViT, image: torch.Tensor, r: list[int]) -> torch.Tensor:
     x = vit.embed(image[None])[0]
     size = torch.ones(x.shape[0])
     for layer, block in enumerate(vit.blocks):
-        out, _ = _attend(block, block.norm1(x), size.log())
-        keys = torch.stack(_heads(block, block.norm1(x))[1]).mean(0)   # (T, d): keys averaged over heads
+        heads = _heads(block, block.norm1(x))
+        out, _ = _attend(block, heads, size.log())
+        keys = torch.stack(heads[1]).mean(0)                            # (T, d): keys averaged over heads
         x = x + out
         t = x.shape[0]
         n = min(r[layer], (t + 1) // 2 - 1)

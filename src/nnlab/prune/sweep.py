@@ -21,7 +21,7 @@ from torch import nn
 
 from nnlab.data import DatasetSplits, load_dataset
 from nnlab.engine.checkpoint import load_checkpoint, tensors_sha256
-from nnlab.engine.io import read_json, write_json
+from nnlab.engine.io import read_json, to_jsonable, write_json
 from nnlab.engine.runs import folder_lock
 from nnlab.engine.runs import RunDir
 from nnlab.errors import CheckpointError, ConfigError
@@ -189,11 +189,9 @@ IDENTITY = ("data", "eval_batch_size", "calib_size", "test_limit", "seed", "pvit
 def check_same_base(s: "_Sweep") -> None:
     """Write ``DIR/sweep.json`` (base weights' SHA-256 and the settings of :data:`IDENTITY`), or refuse
     a folder whose rows came from another base model or other settings."""
-    import dataclasses
-
     settings = {k: v for k, v in dataclasses.asdict(s.c).items() if k in IDENTITY}
     ident = {"base_sha256": tensors_sha256(s.vit.state_dict()), "checkpoint": str(s.c.checkpoint),
-             "settings": json_safe(settings)}
+             "settings": to_jsonable(settings)}
     path = s.out / "sweep.json"
     if path.is_file():
         old = read_json(path)
@@ -209,12 +207,6 @@ def check_same_base(s: "_Sweep") -> None:
         raise ConfigError(f"{s.out} has results.csv rows of an unknown base model (no sweep.json); choose a new "
                           "--out folder")
     write_json(path, ident)
-
-
-def json_safe(value):
-    import json
-
-    return json.loads(json.dumps(value, default=str))
 
 
 def run_prune_sweep(config: PruneSweepConfig) -> PruneSweepResult:

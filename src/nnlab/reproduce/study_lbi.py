@@ -99,7 +99,9 @@ def notes_for(train: dict[str, Any], opts: dict[str, dict[str, Any]]) -> list[st
     return notes
 
 
-def _train(ctx: StageContext, notes: tuple[str, ...] = ()) -> StageResult:
+def _run(ctx: StageContext) -> dict[str, Any]:
+    """Train the stage's run (config: TrainConfig fields plus ``opt``) into a folder named after the
+    stage (figure file names follow run folder names); returns its summary."""
     from nnlab.lbi.experiments import LBIOptions, lbi_train_config, train_lbi
 
     c = dict(ctx.config)
@@ -107,9 +109,12 @@ def _train(ctx: StageContext, notes: tuple[str, ...] = ()) -> StageResult:
     lbi = LBIOptions(**opt.pop("lbi")) if "lbi" in opt else None
     config = lbi_train_config(lbi, **{**c, **opt}, weight_decay=0.0, schedule="cosine",
                               data_dir=data_dir_for(ctx, c["data"]), checkpoint_every=100)
-    run = work_dir(ctx, ctx.name)  # named after the stage: figure file names follow run folder names
-    s = train_lbi(config, run, resume=ctx.resume).summary
-    name = opt["optimizer"].replace("-", "_")
+    return train_lbi(config, work_dir(ctx, ctx.name), resume=ctx.resume).summary
+
+
+def _train(ctx: StageContext, notes: tuple[str, ...] = ()) -> StageResult:
+    s = _run(ctx)
+    name = ctx.config["opt"]["optimizer"].replace("-", "_")
     metrics = {f"{name}_top1": s["test_top1"], f"{name}_top5": s["test_top5"]}
     if "test_top1_wstar" in s:
         metrics[f"{name}_wstar_top1"] = s["test_top1_wstar"]
@@ -122,14 +127,7 @@ def _train(ctx: StageContext, notes: tuple[str, ...] = ()) -> StageResult:
 
 def _train_cifar(ctx: StageContext) -> StageResult:
     """One DessiLBI CIFAR-10 run of cpu-full; metrics named after the stage (lbi-vgg-a-adam ...)."""
-    from nnlab.lbi.experiments import LBIOptions, lbi_train_config, train_lbi
-
-    c = dict(ctx.config)
-    opt = dict(c.pop("opt"))
-    lbi = LBIOptions(**opt.pop("lbi"))
-    config = lbi_train_config(lbi, **{**c, **opt}, weight_decay=0.0, schedule="cosine",
-                              data_dir=data_dir_for(ctx, c["data"]), checkpoint_every=100)
-    s = train_lbi(config, work_dir(ctx, ctx.name), resume=ctx.resume).summary
+    s = _run(ctx)
     tag = ctx.name.removeprefix("lbi-").replace("-", "_")
     metrics = {f"{tag}_top1": s["test_top1"], f"{tag}_top5": s["test_top5"],
                f"{tag}_wstar_top1": s.get("test_top1_wstar")}
