@@ -128,3 +128,12 @@ def test_publish_copies_a_run_minus_checkpoints_locks_and_big_weights(tmp_path):
     assert not (tmp_path / "pub" / "bn-on" / "lr-0.1" / "checkpoint").exists()
     with pytest.raises(ConfigError, match="outside it"):
         publish(run, run / "inside")
+
+
+def test_records_csv_puts_the_named_columns_first_and_leaves_missing_cells_empty(tmp_path):
+    from nnlab.report import read_csv, write_records_csv
+
+    path = write_records_csv(tmp_path / "sub" / "t.csv", [{"b": 1, "z": 2.5, "a": "x"}, {"a": "y", "c": 3}],
+                             ["a", "b"])
+    assert read_csv(path) == (["a", "b", "c", "z"], [["x", "1", "", "2.5"], ["y", "", "3", ""]])
+    assert not list(path.parent.glob("*.tmp*"))  # written through a temporary file, then renamed

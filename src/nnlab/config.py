@@ -64,48 +64,86 @@ def float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def int_list(text: str) -> list[int]:
+    """argparse type: ``"256,256"`` -> ``[256, 256]``."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+
+
 def str_list(text: str) -> list[str]:
     """argparse type: ``"a,b"`` -> ``["a", "b"]``."""
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """The trailing ``# comment`` of each field in dataclass ``cls``'s source: its help text."""
+    """The trailing ``# comment`` of each field in dataclass ``cls``'s source (and its base classes'):
+    its help text. A subclass that only changes defaults keeps its bases' help."""
     import inspect
     import re
 
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    pattern = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
-    return {m.group(1): m.group(2).strip() for m in map(pattern.match, source.splitlines()) if m}
-
-
-def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> list[str]:
-    """Add one ``--field-name`` flag per scalar field of dataclass ``cls`` (type, default and help from
-    the dataclass itself: the one source of defaults; booleans get ``--x`` and ``--no-x``). Flags
-    default to None, so only explicit ones override; :func:`dataclass_from_args` builds the
-    dataclass. Returns the field names added."""
-    helps, names = field_help(cls), []
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name in skip or f.default is dataclasses.MISSING:  # default_factory fields are lists
+    pattern, helps = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$"), {}
+    for klass in reversed(cls.__mro__):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
             continue
-        flag, text = "--" + f.name.replace("_", "-"), helps.get(f.name, "")
-        if isinstance(f.default, bool):  # --x / --no-x: a preset may have turned it on or off
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{text} (default {'on' if f.default else 'off'})" if text else None)
-        elif f.default is None and _optional_scalar(f.type) is not None:  # ``int | None`` and the like
-            parser.add_argument(flag, dest=f.name, type=_optional_scalar(f.type), metavar=f.name.upper(),
-                                help=f"{text} (default unset)" if text else "default unset")
-        elif not isinstance(f.default, (int, float, str)):
-            continue  # lists and tuples: set them in a config file
-        else:
-            kind = float if type(f.default) is float else type(f.default)
-            parser.add_argument(flag, dest=f.name, type=kind, metavar=f.name.upper(),
-                                help=f"{text} (default {f.default})" if text else f"default {f.default}")
+        helps.update({m.group(1): m.group(2).strip() for m in map(pattern.match, source.splitlines()) if m})
+    return helps
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                          prefix: str = "", aliases: dict[str, str] | None = None,
+                          only: tuple[str, ...] | None = None) -> list[str]:
+    """Add one ``--field-name`` flag per scalar or list field of dataclass ``cls`` (type, default and
+    help from the dataclass itself: the one source of defaults; booleans get ``--x`` and ``--no-x``,
+    ``list[float|int|str]`` fields take comma-separated values). Flags default to None, so only
+    explicit ones override; :func:`dataclass_from_args` builds the dataclass. ``prefix`` (e.g.
+    ``"pvit"``) names the flags ``--pvit-field`` with destination ``pvit_field``, for a nested
+    options dataclass; ``aliases`` maps a field to one more flag spelling; ``only`` keeps just those
+    fields. Returns the fields added."""
+    helps, names, aliases = field_help(cls), [], aliases or {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in skip or (only is not None and f.name not in only):
+            continue
+        dest = f"{prefix}_{f.name}" if prefix else f.name
+        flags = ["--" + dest.replace("_", "-")] + ([aliases[f.name]] if f.name in aliases else [])
+        spec = _flag_spec(f, helps.get(f.name, ""))
+        if spec is None:
+            continue  # dicts and nested dataclasses: set them in a config file (or their own flags)
+        parser.add_argument(*flags, dest=dest, default=None, **spec)
         names.append(f.name)
     return names
+
+
+def _flag_spec(f: dataclasses.Field, text: str) -> dict[str, Any] | None:
+    """argparse keyword arguments (type/action, metavar, help) for dataclass field ``f``."""
+    if f.default is dataclasses.MISSING:  # default_factory: lists get comma-separated values
+        parse = _list_parser(f.type)
+        if parse is None:
+            return None
+        shown = ",".join(map(str, f.default_factory()))  # type: ignore[misc]
+        return dict(type=parse, metavar="A,B,...", help=f"{text} (default {shown or 'empty'})".strip())
+    if isinstance(f.default, bool):  # --x / --no-x: a preset may have turned it on or off
+        return dict(action=argparse.BooleanOptionalAction,
+                    help=f"{text} (default {'on' if f.default else 'off'})" if text else None)
+    if f.default is None and str(f.type).replace(" ", "") in ("bool|None", "None|bool"):  # unset, on or off
+        return dict(action=argparse.BooleanOptionalAction, help=f"{text} (default unset)" if text else None)
+    if f.default is None and _optional_scalar(f.type) is not None:  # ``int | None`` and the like
+        return dict(type=_optional_scalar(f.type), metavar=f.name.upper(),
+                    help=f"{text} (default unset)" if text else "default unset")
+    if not isinstance(f.default, (int, float, str)):
+        return None
+    kind = float if type(f.default) is float else type(f.default)
+    return dict(type=kind, metavar=f.name.upper(), help=f"{text} (default {f.default})" if text else
+                f"default {f.default}")
+
+
+def _list_parser(annotation):
+    """float_list / int_list / str_list for an annotation ``list[float]`` etc.; None otherwise."""
+    text = annotation if isinstance(annotation, str) else str(annotation)
+    return {"list[float]": float_list, "list[int]": int_list, "list[str]": str_list}.get(text.replace(" ", ""))
 
 
 def _optional_scalar(annotation) -> type | None:
@@ -117,6 +155,11 @@ def _optional_scalar(annotation) -> type | None:
     return scalars[0] if len(scalars) == 1 and parts <= {scalars[0].__name__, "None"} else None
 
 
-def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """``cls`` from the dataclass defaults with the flags that were given (not None) on top."""
-    return from_dict(cls, vars(args))
+def dataclass_from_args(cls: type[T], args: argparse.Namespace, prefix: str = "", **extra: Any) -> T:
+    """``cls`` from the dataclass defaults with the flags that were given (not None) on top; with
+    ``prefix``, from the flags :func:`add_dataclass_options` added under that prefix. ``extra``
+    fields (e.g. nested option dataclasses) are passed as they are."""
+    values = vars(args)
+    if prefix:
+        values = {k[len(prefix) + 1:]: v for k, v in values.items() if k.startswith(prefix + "_")}
+    return from_dict(cls, {**values, **extra})

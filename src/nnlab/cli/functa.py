@@ -5,6 +5,7 @@ import json
 import sys
 
 from nnlab.cli import add_command_group
+from nnlab.config import int_list
 from nnlab.errors import ConfigError
 
 
@@ -14,13 +15,6 @@ def _shard(text: str) -> tuple[int, int]:
     except ValueError:
         raise ConfigError(f"--shard takes i/n (e.g. 0/4), got {text!r}") from None
     return i, n
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def register(subparsers) -> None:
@@ -73,19 +67,16 @@ def register(subparsers) -> None:
     r.add_argument("--data-dir")
     r.add_argument("--split", choices=["train", "test"], default="test")
     r.add_argument("--count", type=int, default=8)
-    r.add_argument("--size", type=_ints, default=None, help="output size(s), e.g. 28,64,128 (default: data size)")
+    r.add_argument("--size", type=int_list, default=None, help="output size(s), e.g. 28,64,128 (default: data size)")
     r.add_argument("--out", required=True, help="output folder")
     r.set_defaults(func=run_reconstruct, _parser=r)
 
     c = sub.add_parser("classify", help="MLP on latents; writes RUN/summary.json with test_top1")
     c.add_argument("train_set", metavar="TRAIN_FUNCTASET")
     c.add_argument("test_set", metavar="TEST_FUNCTASET")
-    c.add_argument("--hidden", type=_ints, help="hidden widths (default 1024,1024,1024)")
-    c.add_argument("--dropout", type=float)
-    c.add_argument("--epochs", type=int)
-    c.add_argument("--lr", type=float)
-    c.add_argument("--latent-noise", type=float)
-    c.add_argument("--no-normalize", dest="normalize", action="store_const", const=False)
+    from nnlab.functa.classify import ClassifyConfig
+
+    add_dataclass_options(c, ClassifyConfig)
     c.add_argument("--out", required=True)
     c.set_defaults(func=run_classify, _parser=c)
     _register_extra(sub)
@@ -195,12 +186,10 @@ def run_reconstruct(args) -> int:
 
 
 def run_classify(args) -> int:
-    from dataclasses import replace
-
+    from nnlab.config import dataclass_from_args
     from nnlab.functa.classify import ClassifyConfig, train_classifier
 
-    opts = {k: getattr(args, k) for k in ("hidden", "dropout", "epochs", "lr", "latent_noise", "normalize")}
-    config = replace(ClassifyConfig(), **{k: v for k, v in opts.items() if v is not None})
+    config = dataclass_from_args(ClassifyConfig, args)
     print(json.dumps(train_classifier(args.train_set, args.test_set, args.out, config), indent=1))
     return 0
 

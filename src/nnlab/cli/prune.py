@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 from nnlab.cli import add_command_group
-from nnlab.config import float_list, str_list
 
 
 RATIO_HELP = """what the pruning ratio removes:
@@ -27,50 +26,41 @@ def register(subparsers) -> None:
     s.add_argument("--checkpoint", required=True,
                    help="run folder of a trained ViT (nnlab train --out RUN), or a timm / DeiT / Hugging Face "
                         "ViT weights file (.safetensors or .pth; then give --arch and --data)")
-    s.add_argument("--arch", help="architecture of a weights file, for its head count: deit-tiny, deit-small, "
-                                  "deit-base, vit-tiny16, vit-s16, vit-b16, vit-l16")
-    s.add_argument("--methods", type=str_list, default=["p-vit", "ap-vit", "cp-vit", "tome"],
-                   help="comma-separated: p-vit,ap-vit,cp-vit,tome")
-    s.add_argument("--ratios", type=float_list, default=[round(0.1 * i, 1) for i in range(1, 10)],
-                   help="comma-separated pruning ratios in [0, 1)")
-    s.add_argument("--data", help="data set (default: the run's)")
-    s.add_argument("--data-dir", help="data folder or .tar.gz")
     s.add_argument("--out", required=True, help="output folder (resumable: finished rows are skipped)")
-    s.add_argument("--batch-size", type=int, default=64, help="batch size of the throughput timing")
-    s.add_argument("--eval-batch-size", type=int, default=256)
-    s.add_argument("--calib-size", type=int, default=512, help="train images used to calibrate")
-    s.add_argument("--test-limit", type=int, default=None, help="evaluate on N random test images (seeded)")
-    s.add_argument("--timing-repeats", type=int, default=5)
-    s.add_argument("--pvit-gate-epochs", type=int, default=3)
-    s.add_argument("--pvit-l1", type=float, default=1e-4, help="L1 weight on the P-ViT gates")
-    s.add_argument("--pvit-finetune-epochs", type=int, default=0)
-    s.add_argument("--train-limit", type=int, default=None, help="P-ViT trains on N random train images (seeded)")
-    s.add_argument("--apvit-epochs", type=int, default=30)
-    s.add_argument("--apvit-candidates", type=int, default=16, help="tokens per image with a measured reward")
-    s.add_argument("--no-save-models", dest="save_models", action="store_false")
-    s.add_argument("--seed", type=int, default=0)
+    _add_sweep_options(s)
     s.set_defaults(func=run_prune_sweep, _parser=s)
     e = sub.add_parser("eval", help="evaluate a saved pruned model (DIR/models/METHOD-RATIO)")
     e.add_argument("--model", required=True, help="folder with pruned.json")
     e.add_argument("--data", required=True)
     e.add_argument("--data-dir")
-    e.add_argument("--test-limit", type=int, default=None, help="N random test images (seeded, as in sweep)")
-    e.add_argument("--seed", type=int, default=0)
+    from nnlab.config import add_dataclass_options
+    from nnlab.prune.sweep import PruneSweepConfig
+
+    add_dataclass_options(e, PruneSweepConfig, only=("test_limit", "seed"))  # the sweep's test subset
     e.set_defaults(func=run_eval, _parser=e)
 
 
+def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
+    """Flags of PruneSweepConfig and its P-ViT / AP-ViT option dataclasses (their defaults and help)."""
+    from nnlab.config import add_dataclass_options
+    from nnlab.prune.methods import APViTOptions, PViTOptions
+    from nnlab.prune.sweep import PruneSweepConfig
+
+    add_dataclass_options(parser, PruneSweepConfig, skip=("checkpoint", "out"))
+    p = parser.add_argument_group("P-ViT (gate training and optional fine-tuning)")
+    add_dataclass_options(p, PViTOptions, prefix="pvit", aliases={"l1_weight": "--pvit-l1",
+                                                                  "train_limit": "--train-limit"})
+    a = parser.add_argument_group("AP-ViT (the pruning agents)")
+    add_dataclass_options(a, APViTOptions, prefix="apvit")
+
+
 def run_prune_sweep(args: argparse.Namespace) -> int:
+    from nnlab.config import dataclass_from_args
     from nnlab.prune import methods, sweep
 
-    config = sweep.PruneSweepConfig(
-        checkpoint=args.checkpoint, arch=args.arch, out=args.out, methods=args.methods, ratios=args.ratios,
-        data=args.data,
-        data_dir=args.data_dir, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-        calib_size=args.calib_size, test_limit=args.test_limit, timing_repeats=args.timing_repeats,
-        save_models=args.save_models, seed=args.seed,
-        pvit=methods.PViTOptions(gate_epochs=args.pvit_gate_epochs, l1_weight=args.pvit_l1,
-                                 finetune_epochs=args.pvit_finetune_epochs, train_limit=args.train_limit),
-        apvit=methods.APViTOptions(epochs=args.apvit_epochs, candidates=args.apvit_candidates))
+    config = dataclass_from_args(sweep.PruneSweepConfig, args,
+                                 pvit=dataclass_from_args(methods.PViTOptions, args, prefix="pvit"),
+                                 apvit=dataclass_from_args(methods.APViTOptions, args, prefix="apvit"))
     result = sweep.run_prune_sweep(config)
     print(f"{len(result.rows)} rows in {result.out}/results.csv; table in results.md; "
           "plots accuracy_vs_ratio.png, accuracy_vs_gflops.png, accuracy_vs_throughput.png")
@@ -80,11 +70,14 @@ def run_prune_sweep(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from nnlab.data import load_dataset
     from nnlab.prune.common import accuracy, eval_transform
+    from nnlab.config import dataclass_from_args
     from nnlab.prune.io import load_pruned
+    from nnlab.prune.sweep import PruneSweepConfig
 
     runner = load_pruned(args.model)
     data = load_dataset(args.data, args.data_dir)
-    test = data.test.random_subset(args.test_limit, args.seed)
+    c = dataclass_from_args(PruneSweepConfig, args, checkpoint=args.model, out="")  # the sweep's seed
+    test = data.test.random_subset(c.test_limit, c.seed)
     acc = accuracy(runner, test, eval_transform(data, runner.vit.config.image_size))
     print(f"{runner.method}: top-1 {100 * acc.top1:.2f}%, top-5 {100 * acc.top5:.2f}% on {acc.n} images, "
           f"{runner.macs() / 1e9:.4f} GFLOPs per image")

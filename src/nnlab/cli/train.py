@@ -43,10 +43,18 @@ def register(subparsers) -> None:
                    help="continue the run in --out from its checkpoint (starts fresh when it has none); "
                         "lr, grad clip and schedule may change (recorded), nothing else")
     add_dataclass_options(p, TrainConfig)
-    for kind in ("model", "data", "optimizer", "schedule"):
-        p.add_argument(f"--{kind}-option", dest=f"{kind}_options", action=KeyValues, default=None,
-                       metavar="KEY=VALUE", help=f"extra {kind} option (repeatable)")
+    add_option_dicts(p)
     p.set_defaults(func=run, _parser=p)
+
+
+def add_option_dicts(parser: argparse.ArgumentParser) -> None:
+    """``--model-option``, ``--data-option``, ``--optimizer-option``, ``--schedule-option``: the dict
+    fields of TrainConfig, one KEY=VALUE at a time."""
+    examples = {"model": ", e.g. width=0.25", "data": "", "optimizer": ", e.g. nesterov=true",
+                "schedule": ", e.g. min_factor=0.1"}
+    for kind, example in examples.items():
+        parser.add_argument(f"--{kind}-option", dest=f"{kind}_options", action=KeyValues, default=None,
+                            metavar="KEY=VALUE", help=f"extra {kind} option{example} (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:

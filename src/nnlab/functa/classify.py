@@ -17,15 +17,15 @@ from nnlab.models.mlp import MLP
 
 @dataclass
 class ClassifyConfig:
-    hidden: list[int] = field(default_factory=lambda: [1024, 1024, 1024])
-    dropout: float = 0.2
-    epochs: int = 30
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    hidden: list[int] = field(default_factory=lambda: [1024, 1024, 1024])  # MLP hidden widths
+    dropout: float = 0.2               # dropout after each hidden layer
+    epochs: int = 30                   # passes over the train functaset
+    batch_size: int = 256              # latents per step
+    lr: float = 1e-3                   # AdamW peak learning rate (one-cycle schedule)
+    weight_decay: float = 1e-4         # AdamW decoupled decay
     latent_noise: float = 0.0          # std of Gaussian noise on normalised latents (augmentation)
-    normalize: bool = True
-    seed: int = 0
+    normalize: bool = True             # standardise each latent dimension with the train set's mean/std
+    seed: int = 0                      # init and batch order
 
 
 @dataclass

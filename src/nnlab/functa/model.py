@@ -32,7 +32,7 @@ class FunctaConfig:
     in_dims: int = 2                    # 2 for images, 3 for volumes
     out_channels: int = 1               # 1 grey, 3 RGB
     latent_dim: int = 128
-    latent_hidden: list[int] = field(default_factory=list)  # [] = linear latent map, else MLP
+    latent_hidden: list[int] = field(default_factory=list)  # hidden widths of the latent-map MLP; empty = linear map
     modulate_shift: bool = True
     modulate_scale: bool = False
     meta_sgd: bool = False

@@ -1,12 +1,12 @@
 """Figures built from files: functasets (safetensors) and run folders (metrics.jsonl, summary.json)."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from nnlab.engine.io import read_json
 from nnlab.engine.metrics import read_jsonl
 from nnlab.functa.functaset import load_functaset
+from nnlab.report import write_csv
 from nnlab.report.figures import plt, save_figure
 
 
@@ -46,11 +46,8 @@ def plot_sweep(runs: list[str | Path], out: Path) -> list[Path]:
     """Test PSNR against latent size from train runs' summary.json; also writes sweep.csv."""
     rows = sorted((read_json(Path(r) / "summary.json") for r in runs), key=lambda s: s["latent_dim"])
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "sweep.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["latent_dim", "test_psnr", "steps", "train_minutes"])
-        for s in rows:
-            w.writerow([s["latent_dim"], s["test_psnr"], s["steps"], s["train_minutes"]])
+    columns = ["latent_dim", "test_psnr", "steps", "train_minutes"]
+    write_csv(out / "sweep.csv", columns, [[s[k] for k in columns] for s in rows])
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([s["latent_dim"] for s in rows], [s["test_psnr"] for s in rows], marker="o")
     ax.set(xscale="log", xlabel="latent size", ylabel="test PSNR (dB)")

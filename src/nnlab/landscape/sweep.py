@@ -31,7 +31,6 @@ long enough that the last half of training (where the band medians are taken) is
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -44,11 +43,12 @@ import yaml
 from tqdm import tqdm
 
 from nnlab.engine.checkpoint import has_checkpoint
-from nnlab.engine.io import to_jsonable, atomic_write, atomic_write_text, read_json, write_json
+from nnlab.engine.io import atomic_write_text, read_json, to_jsonable, write_json
 from nnlab.engine.metrics import read_jsonl
 from nnlab.engine.runs import folder_lock
 from nnlab.errors import ConfigError, DivergenceError
 from nnlab.landscape.bands import band_medians
+from nnlab.report import write_records_csv
 
 BN_CHOICES = {"both": ("off", "on"), "on": ("on",), "off": ("off",)}
 MAY_DIFFER = ("data_dir", "progress", "jobs", "threads", "max_steps")  # settings that leave the numbers
@@ -279,16 +279,7 @@ def merged_records(run: Path, cfg: LandscapeConfig) -> list[dict]:
 
 def write_csv(path: Path, records: list[dict]) -> Path:
     """Records as CSV: bn, lr_run, step, epoch, probe first, then the other keys sorted."""
-    first = ["bn", "lr_run", "step", "epoch", "probe"]
-    keys = first + sorted({k for r in records for k in r} - set(first))
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(to_jsonable(r) for r in records)
-
-    return atomic_write(path, write)
+    return write_records_csv(path, [to_jsonable(r) for r in records], ["bn", "lr_run", "step", "epoch", "probe"])
 
 
 def _pair_rows(run: Path, cfg: LandscapeConfig, bn: str) -> list[dict[str, Any]]:

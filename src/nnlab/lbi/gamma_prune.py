@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from nnlab.engine.runs import RunDir
 from nnlab.engine.train import Callback, EvalResult, TrainConfig, evaluate, train
 from nnlab.errors import CheckpointError, ConfigError
 from nnlab.lbi.callback import LBI_FILE, read_lbi_file
+from nnlab.report import write_csv
 
 
 def importance_order(entry: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
@@ -147,11 +148,23 @@ def finetune_pruned(loaded: LoadedRun, module: nn.Module, keep: torch.Tensor, ou
     return evaluate(loaded.model, _test_loader(loaded), next(loaded.model.parameters()).device)
 
 
-def prune_run(run: str | Path, *, layer: str, ratios: list[float], out: str | Path,
-              data_dir: str | None = None, finetune_epochs: int = 0, finetune_lr: float = 0.01) -> PruneTable:
-    """Prune ``layer`` of ``run`` at each ratio (no fine-tuning unless ``finetune_epochs``), evaluate
-    on the test split, write ``out/results.csv`` (layer,ratio,top1,top5) and ``out/results.md``."""
-    loaded = load_run(run, data_dir)
+@dataclass
+class GammaPruneConfig:
+    """What :func:`prune_run` prunes and how (the defaults of ``nnlab lbi prune``)."""
+
+    layer: str = "conv3"             # module whose weight is pruned, e.g. conv3 or features.conv5_2
+    ratios: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.4, 0.6, 0.8])  # fractions of units removed
+    data_dir: str | None = None      # override the run's data folder
+    finetune_epochs: int = 0         # masked fine-tuning epochs per ratio (0: evaluate right after pruning)
+    finetune_lr: float = 0.01        # learning rate of that fine-tuning
+
+
+def prune_run(run: str | Path, out: str | Path, config: GammaPruneConfig | None = None) -> PruneTable:
+    """Prune ``config.layer`` of ``run`` at each ratio (no fine-tuning unless ``finetune_epochs``),
+    evaluate on the test split, write ``out/results.csv`` (layer,ratio,top1,top5) and ``results.md``."""
+    c = config or GammaPruneConfig()
+    layer, ratios, finetune_epochs, finetune_lr = c.layer, c.ratios, c.finetune_epochs, c.finetune_lr
+    loaded = load_run(run, c.data_dir)
     module, pname = _layer(loaded.model, layer)
     if pname not in loaded.entry:
         raise ConfigError(f"{pname} has no Gamma in {run}; it was not coupled (choose a conv or linear layer)")
@@ -174,9 +187,8 @@ def prune_run(run: str | Path, *, layer: str, ratios: list[float], out: str | Pa
 
 
 def write_table(rows: list[tuple[str, float, float, float]], out: Path) -> PruneTable:
-    out.mkdir(parents=True, exist_ok=True)
-    lines = ["layer,ratio,top1,top5"] + [f"{a},{b:g},{c:.6f},{d:.6f}" for a, b, c, d in rows]
-    atomic_write_text(out / "results.csv", "\n".join(lines) + "\n")
+    write_csv(out / "results.csv", ["layer", "ratio", "top1", "top5"],
+              [(a, f"{b:g}", f"{c:.6f}", f"{d:.6f}") for a, b, c, d in rows])
     md = markdown_table(rows)
     atomic_write_text(out / "results.md", md)
     return PruneTable(rows, md)

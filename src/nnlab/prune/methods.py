@@ -60,13 +60,13 @@ def build_tome(vit: ViT, ratio: float) -> ToMeRunner:
 class PViTOptions:
     """Gate training (sparsity) and the optional fine-tuning after slimming."""
 
-    gate_epochs: int = 3
+    gate_epochs: int = 3        # epochs of joint weight + gate training
     gate_lr: float = 1e-4       # weights (fine-tuned gently) and gates train together, as in VTP
     gate_gate_lr: float = 1e-2  # gates learn faster than the weights
-    l1_weight: float = 1e-4
-    finetune_epochs: int = 0
-    finetune_lr: float = 2e-4
-    train_limit: int | None = None  # use N random train images (faster gate training)
+    l1_weight: float = 1e-4     # L1 weight on the gates
+    finetune_epochs: int = 0    # fine-tuning epochs after slimming
+    finetune_lr: float = 2e-4   # learning rate of that fine-tuning
+    train_limit: int | None = None  # train on N random train images (seeded; faster gate training)
 
 
 def train_gates(vit: ViT, batches, options: PViTOptions) -> tuple[ViT, Gates]:
@@ -110,12 +110,12 @@ def pvit_ratio_of(runner: TokenRunner, base: ViT) -> float:
 
 @dataclass
 class APViTOptions:
-    agents: int = 3
-    hidden: int = 64
+    agents: int = 3             # agents, spread over the blocks
+    hidden: int = 64            # hidden width of each agent's MLP
     candidates: int = 16        # tokens per image whose drop reward is measured
-    epochs: int = 30
-    lr: float = 3e-3
-    thresholds: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
+    epochs: int = 30            # agent training epochs
+    lr: float = 3e-3            # agent learning rate
+    thresholds: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])  # rows of the threshold table (the seed's Table 2)
 
 
 @torch.no_grad()

@@ -22,8 +22,7 @@ from torch import nn
 from nnlab.data import DatasetSplits, load_dataset
 from nnlab.engine.checkpoint import load_checkpoint, tensors_sha256
 from nnlab.engine.io import read_json, to_jsonable, write_json
-from nnlab.engine.runs import folder_lock
-from nnlab.engine.runs import RunDir
+from nnlab.engine.runs import RunDir, folder_lock
 from nnlab.errors import CheckpointError, ConfigError
 from nnlab.models import create_model
 from nnlab.models.vit import ViT
@@ -33,6 +32,7 @@ from nnlab.prune.common import (accuracy, calibration_batch, ensure_dir, eval_tr
 from nnlab.prune.io import save_pruned
 from nnlab.prune.plots import write_plots, write_table
 from nnlab.prune.runners import TokenRunner
+from nnlab.report import write_csv, write_records_csv
 
 METHODS = ("p-vit", "ap-vit", "cp-vit", "tome")
 COLUMNS = ["method", "ratio", "top1", "top5", "gflops", "images_per_s", "achieved_ratio"]
@@ -42,20 +42,20 @@ COLUMNS = ["method", "ratio", "top1", "top5", "gflops", "images_per_s", "achieve
 class PruneSweepConfig:
     checkpoint: str
     out: str
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    ratios: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
-    data: str | None = None          # default: the run's data set (required for a weights file)
-    arch: str | None = None          # head count of a timm/DeiT/HF weights file (nnlab.models.vit_import)
-    data_dir: str | None = None
-    batch_size: int = 64             # timing batch
-    eval_batch_size: int = 256
+    methods: list[str] = field(default_factory=lambda: list(METHODS))  # methods to run: p-vit, ap-vit, cp-vit, tome
+    ratios: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])  # pruning ratios in [0, 1)
+    data: str | None = None          # data set (default: the run's; required for a weights file)
+    arch: str | None = None          # architecture of a weights file: deit-tiny/small/base, vit-tiny16/s16/b16/l16
+    data_dir: str | None = None      # data folder or .tar.gz
+    batch_size: int = 64             # batch size of the throughput timing
+    eval_batch_size: int = 256       # batch size of the accuracy evaluation
     calib_size: int = 512            # train images for CP-ViT ranges, AP-ViT agents and thresholds
-    test_limit: int | None = None
-    timing_repeats: int = 5
-    save_models: bool = True
+    test_limit: int | None = None    # evaluate on N random test images (seeded)
+    timing_repeats: int = 5          # timed passes per row (the fastest is kept)
+    save_models: bool = True         # save each pruned model under OUT/models/METHOD-RATIO
     pvit: M.PViTOptions = field(default_factory=M.PViTOptions)
     apvit: M.APViTOptions = field(default_factory=M.APViTOptions)
-    seed: int = 0
+    seed: int = 0                    # calibration subsets, test subset, P-ViT and agent training
 
 
 @dataclass
@@ -114,12 +114,9 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def _append(path: Path, row: dict) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
+    """Rewrite ``results.csv`` atomically with ``row`` added (a kill never leaves half a row)."""
+    rows = read_rows(path) + [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}]
+    write_records_csv(path, rows, COLUMNS)
 
 
 class _Sweep:
@@ -176,10 +173,8 @@ class _Sweep:
 
     def _write_threshold_table(self, agents: nn.ModuleList, positions: list[int]) -> None:
         table = M.threshold_table(self.vit, agents, positions, self.calib_x[:256], self.c.apvit.thresholds)
-        with open(self.out / "apvit_thresholds.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["threshold", "achieved_ratio"])
-            w.writerows([(t, round(r, 4)) for t, r in table])
+        write_csv(self.out / "apvit_thresholds.csv", ["threshold", "achieved_ratio"],
+                  [(t, round(r, 4)) for t, r in table])
 
 
 # settings that change the rows already in results.csv (the others: which rows to add, timing)

@@ -11,9 +11,9 @@ import html
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
-from nnlab.engine.io import atomic_write_text, write_json
+from nnlab.engine.io import atomic_write, atomic_write_text, write_json
 
 
 @dataclass
@@ -32,6 +32,28 @@ class ReportFiles:
     markdown: Path
     html: Path
     summary: Path
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """Write ``rows`` under ``header`` to ``path`` atomically (the one CSV writer of nnlab: a killed
+    process leaves the old file or the new one, never half of it); returns the path."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(Path(path), write)
+
+
+def write_records_csv(path: str | Path, records: Sequence[dict[str, Any]], columns: Sequence[str] = (),
+                      ) -> Path:
+    """Dict ``records`` as CSV through :func:`write_csv`: ``columns`` first, in that order, then every
+    other key of any record, sorted; a record lacking a key leaves its cell empty."""
+    rest = sorted({k for r in records for k in r} - set(columns))
+    header = [*columns, *rest]
+    return write_csv(path, header, ([r.get(k, "") for k in header] for r in records))
 
 
 def read_csv(path: str | Path) -> tuple[list[str], list[list[str]]]:

@@ -1,13 +1,10 @@
 """Helpers shared by the study modules of ``nnlab reproduce``: data folders, fresh stage
-folders, CSV tables and the preset check."""
+folders and the preset check (tables: :func:`nnlab.report.write_csv`)."""
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
 
-from nnlab.engine.io import atomic_write
 from nnlab.errors import ConfigError
 from nnlab.reproduce.stages import StageContext
 
@@ -37,18 +34,6 @@ def work_dir(ctx: StageContext, name: str) -> Path:
     if not ctx.resume and path.exists():
         shutil.rmtree(path)
     return path
-
-
-def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
-    """Write ``rows`` under ``header`` to ``path`` atomically; returns the path."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(rows)
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(Path(path), write)
 
 
 def pct(value: float | None, digits: int = 2) -> float | None:

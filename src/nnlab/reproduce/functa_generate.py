@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nnlab.reproduce.common import data_dir_for, write_csv
+from nnlab.report import write_csv
+from nnlab.reproduce.common import data_dir_for
 from nnlab.reproduce.stages import Stage, StageContext, StageResult
 
 HEADLINE = [

@@ -15,10 +15,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from nnlab.report import Section
+from nnlab.report import Section, write_csv
 from nnlab.reproduce.functa_generate import HEADLINE as GENERATE_HEADLINE
 from nnlab.reproduce.functa_generate import generate_stages
-from nnlab.reproduce.common import check_preset, data_dir_for, work_dir, write_csv
+from nnlab.reproduce.common import check_preset, data_dir_for, work_dir
 from nnlab.reproduce.stages import Stage, StageContext, StageResult
 
 SECTION = Section(

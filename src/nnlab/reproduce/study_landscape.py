@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nnlab.report import Section
-from nnlab.reproduce.common import check_preset, data_dir_for, pct, work_dir, write_csv
+from nnlab.report import Section, write_csv
+from nnlab.reproduce.common import check_preset, data_dir_for, pct, work_dir
 from nnlab.reproduce.stages import Stage, StageContext, StageResult
 
 SECTION = Section(

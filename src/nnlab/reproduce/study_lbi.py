@@ -12,8 +12,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from nnlab.report import Section
-from nnlab.reproduce.common import check_preset, data_dir_for, pct, work_dir, write_csv
+from nnlab.report import Section, write_csv
+from nnlab.reproduce.common import check_preset, data_dir_for, pct, work_dir
 from nnlab.reproduce.stages import Stage, StageContext, StageResult
 
 SECTION = Section(
@@ -145,12 +145,12 @@ def sparsest_conv(sparsity: dict[str, float]) -> str:
 
 def _prune_cifar(ctx: StageContext) -> StageResult:
     from nnlab.engine.io import read_json
-    from nnlab.lbi.gamma_prune import prune_run
+    from nnlab.lbi.gamma_prune import GammaPruneConfig, prune_run
 
     run = ctx.results[ctx.config["stage"]].dir / ctx.config["stage"]
     layer = sparsest_conv(read_json(run / "summary.json")["sparsity"])
-    table = prune_run(run, layer=layer, ratios=ctx.config["ratios"], out=work_dir(ctx, "prune"),
-                      data_dir=data_dir_for(ctx, ctx.config["data"]))
+    table = prune_run(run, work_dir(ctx, "prune"), GammaPruneConfig(
+        layer=layer, ratios=ctx.config["ratios"], data_dir=data_dir_for(ctx, ctx.config["data"])))
     rows = [[name, ratio, pct(top1), pct(top5)] for name, ratio, top1, top5 in table.rows]
     write_csv(ctx.dir / "prune.csv", ["layer", "ratio", "top1_pct", "top5_pct"], rows)
     tag = ctx.config["stage"].removeprefix("lbi-").replace("-", "_")
@@ -177,12 +177,12 @@ def cifar_stages() -> list[Stage]:
 
 
 def _prune(ctx: StageContext) -> StageResult:
-    from nnlab.lbi.gamma_prune import prune_run
+    from nnlab.lbi.gamma_prune import GammaPruneConfig, prune_run
     from nnlab.reproduce.pipeline import seed_numbers
 
     run = ctx.results["lbi-slbi"].dir / "lbi-slbi"
-    table = prune_run(run, layer="conv3", ratios=ctx.config["ratios"], out=work_dir(ctx, "prune"),
-                      data_dir=data_dir_for(ctx, ctx.config["data"]))
+    table = prune_run(run, work_dir(ctx, "prune"), GammaPruneConfig(
+        layer="conv3", ratios=ctx.config["ratios"], data_dir=data_dir_for(ctx, ctx.config["data"])))
     seed = {r["ratio"]: r for r in seed_numbers()["lbi"]["prune_table"]["rows"]}
     rows = [[ratio, pct(top1), pct(top5), seed.get(ratio, {}).get("top1"), seed.get(ratio, {}).get("top5")]
             for _, ratio, top1, top5 in table.rows]

@@ -9,8 +9,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from nnlab.report import Section
-from nnlab.reproduce.common import check_preset, data_dir_for, pct, work_dir, write_csv
+from nnlab.report import Section, write_csv
+from nnlab.reproduce.common import check_preset, data_dir_for, pct, work_dir
 from nnlab.reproduce.stages import Stage, StageContext, StageResult
 
 METHODS = ("p-vit", "ap-vit", "cp-vit", "tome")

@@ -28,7 +28,7 @@ from nnlab.functa.generate.model import GenerateConfig, Generator, save_generato
 from nnlab.functa.generate.plots import decode, interpolation_grid, plot_training, save_tiles
 from nnlab.functa.generate.train import ema_generator, resume_or_new, train
 from nnlab.functa.model import config_hash
-from nnlab.reproduce.common import write_csv
+from nnlab.report import write_csv
 
 
 def _check_resume(cfg: GenerateConfig, run: RunDir, resume: bool) -> None:
