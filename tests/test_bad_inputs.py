@@ -59,7 +59,7 @@ CASES = [
      "lbi.safetensors is unreadable"),
     ("lbi-plot-cut-short-file", ["lbi", "plot", "{lbi}", "--out", "{root}/plots"], "lbi.safetensors is unreadable"),
     ("lbi-prune-missing-run", ["lbi", "prune", "{root}/nosuch", "--layer", "conv3", "--out", "{root}/prune2"],
-     "is not an nnlab run folder"),
+     "nosuch does not exist"),
     ("train-bad-model-option", ["train", "--model-option", "bogus=1", "--out", "{root}/t1"],
      "model lenet5 has no option(s) bogus"),
     ("train-config-is-a-folder", ["train", "--config", "{root}", "--out", "{root}/t2"], "is a folder; pass a YAML file"),

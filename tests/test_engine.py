@@ -393,3 +393,31 @@ def test_resume_after_a_divergence_with_a_lower_lr_finishes_and_is_recorded(tmp_
     assert saved["lr"] == 0.01 and saved["config_changes"] == [{"step": start, "lr": {"old": 0.05, "new": 0.01}}]
     with pytest.raises(ConfigError, match=r"batch_size.*only lr, grad_clip, schedule"):
         train(tiny(epochs=3, lr=0.01, batch_size=16), run, resume=True, callbacks=[LRs()], data=digits)
+
+
+def test_a_trained_run_is_rebuilt_from_its_folder_and_from_a_published_copy(tmp_path, digits):
+    import shutil
+
+    from nnlab.engine.trained import FINAL_WEIGHTS, load_trained_run
+
+    result = train(tiny(epochs=1), tmp_path / "run", data=digits)
+    trained = load_trained_run(tmp_path / "run")
+    assert trained.config == tiny(epochs=1, threads=trained.config.threads)
+    assert len(trained.data.test) == 100 and len(trained.data.train) == 192  # the run's own subsets
+    assert len(load_trained_run(tmp_path / "run", subsets=False).data.test) == len(digits.test)
+    x = trained.data.test.images[:4].float() / 255
+    result.model.eval()
+    expected = result.model(x)
+    assert torch.equal(trained.model(x), expected) and not trained.model.training
+    published = tmp_path / "published"
+    shutil.copytree(tmp_path / "run", published, ignore=shutil.ignore_patterns("checkpoint", ".lock"))
+    assert torch.equal(load_trained_run(published).model(x), expected)  # from model.safetensors alone
+    (published / FINAL_WEIGHTS).write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_trained_run(published)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_trained_run(tmp_path / "nosuch")
+    cfg = result.run.load_config() | {"model": "mlp"}
+    (tmp_path / "run" / "config.yaml").write_text(__import__("yaml").safe_dump(cfg))
+    with pytest.raises(CheckpointError, match="do not fit model mlp"):
+        load_trained_run(tmp_path / "run")

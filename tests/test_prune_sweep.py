@@ -79,3 +79,17 @@ def test_a_sweep_of_another_base_model_is_refused(tiny_run, tmp_path):
         run_prune_sweep(PruneSweepConfig(checkpoint=str(tiny_run), **{**cfg, "test_limit": 16}))
     again = run_prune_sweep(PruneSweepConfig(checkpoint=str(tiny_run), **cfg))  # the same model: resumes, adds nothing
     assert again.rows == first.rows
+
+
+def test_the_sweep_loads_a_published_run_folder_as_it_is(tiny_run, tmp_path):
+    import shutil
+
+    import torch
+
+    from nnlab.prune.sweep import load_base
+
+    published = tmp_path / "base"  # what `nnlab publish` leaves: no checkpoint/, model.safetensors kept
+    shutil.copytree(tiny_run, published, ignore=shutil.ignore_patterns("checkpoint", ".lock"))
+    (vit, data), (ref, _) = load_base(published), load_base(tiny_run)
+    assert len(data.test) == 1000  # the whole test split of mnist-5k, not the run's 64-image subset
+    assert all(torch.equal(a, b) for a, b in zip(vit.state_dict().values(), ref.state_dict().values()))

@@ -9,7 +9,9 @@ A run folder (:class:`nnlab.engine.runs.RunDir`) gets ``config.yaml`` at the sta
 the latest checkpoint, mid-epoch included, and ends with bit-identical weights and the same metrics
 as an uninterrupted run: batch order and augmentation are functions of (seed, epoch, batch index),
 and the checkpoint holds the optimiser, schedule, RNG states, counters, running epoch sums, history
-and the callbacks' states. A NaN/inf loss, or non-finite weights when a checkpoint is due, raises
+and the callbacks' states. At the end ``model.safetensors`` holds the final weights alone (what a
+published copy of the run ships; :func:`nnlab.engine.trained.load_trained_run` rebuilds the run
+from either). A NaN/inf loss, or non-finite weights when a checkpoint is due, raises
 :class:`nnlab.errors.DivergenceError` before anything is saved, so the last good checkpoint stays.
 
 Under ``torchrun`` each process trains on its shard of every epoch's batch order (``batch_size`` is
@@ -39,7 +41,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from nnlab.data import BatchLoader, DatasetSplits, load_dataset
+from nnlab.data import BatchLoader, DatasetSplits
 from nnlab.data.transforms import Normalize, train_transform
 from nnlab.engine import distributed as D
 from nnlab.engine.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -49,6 +51,7 @@ from nnlab.engine.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_sch
 from nnlab.engine.callbacks import Callback, TrainContext
 from nnlab.engine.evaluate import EvalResult, evaluate, topk_correct, topk_correct_reference
 from nnlab.engine.runs import RunDir, check_out
+from nnlab.engine.trained import build_model, run_data, save_final_weights
 from nnlab.errors import CheckpointError, ConfigError, DivergenceError
 
 # The callback contract and evaluation live in their own modules; importable from here as before.
@@ -165,7 +168,7 @@ class TrainResult:
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False,
           callbacks: Sequence[Callback] = (), model: nn.Module | None = None,
           data: DatasetSplits | None = None) -> TrainResult:
-    """Train ``model`` (default: ``create_model(config.model, ...)``) on ``data`` (default:
+    """Train ``model`` (default: :func:`nnlab.engine.trained.build_model`) on ``data`` (default:
     ``load_dataset(config.data, ...)``) into run folder ``out``; see the module docstring.
 
     Raises CheckpointError when ``out`` already has a checkpoint and ``resume`` is False, ConfigError
@@ -237,8 +240,8 @@ class _Trainer:
             warnings.warn("--bf16 autocast needs a GPU; training in float32 on the CPU", stacklevel=3)
         self.autocast = config.bf16 and self.dist.device.type == "cuda"
         _seed_everything(config.seed, config.deterministic)
-        self.data = self._prepare_data(data)
-        self.model = (model if model is not None else self._create_model()).to(self.dist.device)
+        self.data = run_data(config, data)
+        self.model = (model if model is not None else build_model(config, self.data)).to(self.dist.device)
         self.net = self._wrap(self.model)
         self.optimizer = build_optimizer(config.optimizer, self.model, lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay, **config.optimizer_options)
@@ -273,24 +276,6 @@ class _Trainer:
                               f"use the original settings (only {', '.join(RESUME_OVERRIDES)} may change on "
                               "resume), or a new --out folder")
         return True
-
-    def _prepare_data(self, data: DatasetSplits | None) -> DatasetSplits:
-        c = self.config
-        if data is None:
-            data = load_dataset(c.data, c.data_dir, **c.data_options)
-        return data.replace(train=data.train.random_subset(c.train_limit, c.seed),
-                            test=data.test.random_subset(c.test_limit, c.seed + 1))
-
-    def _create_model(self) -> nn.Module:
-        from nnlab.models import create_model
-
-        ch, h, _ = self.data.shape
-        try:
-            return create_model(self.config.model, num_classes=self.data.num_classes, in_chans=ch,
-                                image_size=h, **self.config.model_options)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"cannot build model {self.config.model!r} for {self.data.name} images "
-                              f"{self.data.shape} with options {self.config.model_options}: {exc}") from None
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.dist.world_size == 1:
@@ -557,5 +542,6 @@ class _Trainer:
             "complete": self.p.epoch >= self.config.epochs,
         }
         if self.main:
+            save_final_weights(self.model, self.run_dir)
             self.run_dir.write_summary(summary)
         return summary

@@ -6,11 +6,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from nnlab.config import from_dict
-from nnlab.engine.checkpoint import has_checkpoint, load_checkpoint
 from nnlab.engine.runs import RunDir
+from nnlab.engine.trained import load_weights
 from nnlab.errors import CheckpointError
 from nnlab.functa.functaset import fit_images
 from nnlab.functa.model import FunctaConfig, LatentModulatedSiren
@@ -27,16 +26,8 @@ def load_model(run: str | Path, device: str | torch.device = "cpu") -> LatentMod
         what = f"its model is {config['model']!r}" if "model" in config else "config.yaml has no 'model' section"
         raise CheckpointError(f"{run} is not a functa run ({what}); pass a folder written by 'nnlab functa train'")
     model = LatentModulatedSiren(from_dict(FunctaConfig, config["model"]))
-    final = rd.path / "model.safetensors"
-    if has_checkpoint(rd.checkpoint_dir) or not final.is_file():
-        tensors = load_checkpoint(rd.checkpoint_dir).tensors
-    else:
-        try:
-            tensors = load_file(final)
-        except Exception as exc:  # safetensors raises several types for corrupt files
-            raise CheckpointError(f"{final} is unreadable ({exc}); copy it again from the trained run") from None
     try:
-        model.load_state_dict(tensors)
+        model.load_state_dict(load_weights(rd))
     except RuntimeError:
         raise CheckpointError(f"the weights in {run} do not match its config.yaml; use the run's own files") from None
     return model.to(device).eval()

@@ -26,6 +26,7 @@ from nnlab.engine import distributed as dist
 from nnlab.engine.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from nnlab.engine.metrics import MetricsLogger
 from nnlab.engine.runs import RunDir, check_out
+from nnlab.engine.trained import save_final_weights
 from nnlab.errors import CheckpointError, ConfigError, DivergenceError
 from nnlab.functa import meta
 from nnlab.functa.functaset import fit_images
@@ -196,16 +197,6 @@ def check_resume_config(run: RunDir, preset: Preset, data: str) -> None:
     if diffs:
         raise ConfigError(f"--resume with a changed configuration ({'; '.join(diffs)}) in {run.path}; drop "
                           "those options to continue the run as it was, or use a new --out")
-
-
-def save_final_weights(model: LatentModulatedSiren, run: RunDir) -> Path:
-    """RUN/model.safetensors: the final weights alone, enough to publish and reuse the run."""
-    from safetensors.torch import save_file
-
-    from nnlab.engine.io import atomic_write
-
-    flat = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    return atomic_write(run.path / "model.safetensors", lambda tmp: save_file(flat, tmp))
 
 
 def schedule_factor(cfg: MetaTrainConfig, step: int, elapsed: float) -> float:

@@ -15,12 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnlab.config import from_dict
-from nnlab.data import BatchLoader, load_dataset
+from nnlab.data import BatchLoader
 from nnlab.data.transforms import Normalize
-from nnlab.engine.checkpoint import load_checkpoint
 from nnlab.engine.io import atomic_write_text
-from nnlab.engine.runs import RunDir
+from nnlab.engine.trained import load_trained_run
 from nnlab.engine.train import Callback, EvalResult, TrainConfig, evaluate, train
 from nnlab.errors import CheckpointError, ConfigError
 from nnlab.lbi.callback import LBI_FILE, read_lbi_file
@@ -96,23 +94,15 @@ class LoadedRun:
 
 
 def load_run(run: str | Path, data_dir: str | None = None) -> LoadedRun:
-    """Rebuild a run's model with its last checkpoint's weights, its data and ``lbi.safetensors``."""
-    from nnlab.models import create_model
-
-    rd = RunDir(run, create=False)
-    cfg = from_dict(TrainConfig, rd.load_config())
-    data = load_dataset(cfg.data, data_dir or cfg.data_dir, **cfg.data_options)
-    data = data.replace(test=data.test.random_subset(cfg.test_limit, cfg.seed + 1))
-    ch, h, _ = data.shape
-    model = create_model(cfg.model, num_classes=data.num_classes, in_chans=ch, image_size=h,
-                         **cfg.model_options)
-    model.load_state_dict(load_checkpoint(rd.checkpoint_dir).tensors)
-    lbi_path = rd.path / LBI_FILE
+    """Rebuild a run's model with its weights and test subset (:func:`nnlab.engine.trained.load_trained_run`)
+    and read its ``lbi.safetensors``."""
+    trained = load_trained_run(run, data_dir=data_dir)
+    lbi_path = trained.run.path / LBI_FILE
     if not lbi_path.is_file():
-        raise CheckpointError(f"{rd.path} has no {LBI_FILE}; prune runs of `nnlab lbi train "
+        raise CheckpointError(f"{trained.run.path} has no {LBI_FILE}; prune runs of `nnlab lbi train "
                               "--optimizer slbi` (or slbi-adam) that finished at least one epoch")
     entry = {k[len("entry."):]: v for k, v in read_lbi_file(lbi_path).items() if k.startswith("entry.")}
-    return LoadedRun(cfg, data, model, entry)
+    return LoadedRun(trained.config, trained.data, trained.model, entry)
 
 
 def _test_loader(loaded: LoadedRun) -> BatchLoader:

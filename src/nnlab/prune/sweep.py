@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from nnlab.data import DatasetSplits, load_dataset
-from nnlab.engine.checkpoint import load_checkpoint, tensors_sha256
+from nnlab.engine.checkpoint import tensors_sha256
 from nnlab.engine.io import read_json, to_jsonable, write_json
-from nnlab.engine.runs import RunDir, folder_lock
+from nnlab.engine.runs import folder_lock
+from nnlab.engine.trained import load_trained_run
 from nnlab.errors import CheckpointError, ConfigError
-from nnlab.models import create_model
 from nnlab.models.vit import ViT
 from nnlab.prune import methods as M
 from nnlab.prune.common import (accuracy, calibration_batch, ensure_dir, eval_transform, throughput,
@@ -66,26 +66,18 @@ class PruneSweepResult:
 
 def load_base(checkpoint: str | Path, data: str | None = None, data_dir: str | None = None,
               arch: str | None = None) -> tuple[ViT, DatasetSplits]:
-    """The trained ViT of run folder ``checkpoint`` (from ``nnlab train``) and its data set; or of
-    a timm / DeiT / Hugging Face weights file (``arch`` gives its head count, ``data`` is required)."""
+    """The trained ViT of run folder ``checkpoint`` (from ``nnlab train``, or a published copy with
+    ``model.safetensors``; :func:`nnlab.engine.trained.load_trained_run`) and its whole data set; or
+    of a timm / DeiT / Hugging Face weights file (``arch`` gives its head count, ``data`` is required)."""
     if Path(checkpoint).is_file():
         return _load_weights_file(Path(checkpoint), data, data_dir, arch)
-    run = RunDir(checkpoint, create=False) if Path(checkpoint).is_dir() else None
-    if run is None:
+    if not Path(checkpoint).is_dir():
         raise CheckpointError(f"run folder {checkpoint} does not exist; train one with "
                               "'nnlab train --config configs/vit-mnist.yaml --out RUN'")
-    cfg = run.load_config()
-    splits = load_dataset(data or cfg["data"], data_dir or cfg.get("data_dir"), **(cfg.get("data_options") or {}))
-    ch, h, _ = splits.shape
-    model = create_model(cfg["model"], num_classes=splits.num_classes, in_chans=ch, image_size=h,
-                         **(cfg.get("model_options") or {}))
-    if not isinstance(model, ViT):
-        raise ConfigError(f"run {checkpoint} trained {cfg['model']!r}, not a ViT; prune a vit-* model")
-    try:
-        model.load_state_dict(load_checkpoint(run.checkpoint_dir).tensors)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint of {checkpoint} does not fit model {cfg['model']} ({exc})") from None
-    return model.eval(), splits
+    run = load_trained_run(checkpoint, data=data, data_dir=data_dir, subsets=False)  # pruning sees all images
+    if not isinstance(run.model, ViT):
+        raise ConfigError(f"run {checkpoint} trained {run.config.model!r}, not a ViT; prune a vit-* model")
+    return run.model, run.data
 
 
 def _load_weights_file(path: Path, data: str | None, data_dir: str | None, arch: str | None
