@@ -32,8 +32,15 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     for name, magic, dims in (("train-images-idx3-ubyte", 0x803, (0, 28, 28)), ("train-labels-idx1-ubyte", 0x801, (0,)),
                               ("t10k-images-idx3-ubyte", 0x803, (0, 28, 28)), ("t10k-labels-idx1-ubyte", 0x801, (0,))):
         (idx / name).write_bytes(struct.pack(">I", magic) + struct.pack(f">{len(dims)}I", *dims))
+    big = root / "idx-big"  # train header dims whose product overflows 64 bits; a valid 1-image test split
+    big.mkdir()
+    for name, magic, dims, body in (("train-images-idx3-ubyte", 0x803, (2**31,) * 3, b""),
+                                    ("train-labels-idx1-ubyte", 0x801, (2**31,), b""),
+                                    ("t10k-images-idx3-ubyte", 0x803, (1, 28, 28), bytes(784)),
+                                    ("t10k-labels-idx1-ubyte", 0x801, (1,), bytes(1))):
+        (big / name).write_bytes(struct.pack(">I", magic) + struct.pack(f">{len(dims)}I", *dims) + body)
     return {"root": root, "clf": root / "clf", "functa": root / "functa", "lbi": root / "lbi",
-            "file": root / "file", "idx": idx}
+            "file": root / "file", "idx": idx, "idx_big": big}
 
 
 # (case id, argv with {root}/{clf}/... placeholders, expected fragment of the one-line error)
@@ -74,6 +81,37 @@ CASES = [
     ("recheck-not-a-run", ["recheck", "{root}", "--out", "{root}/rc"], "has no config.yaml and metrics.jsonl"),
     ("lbi-train-grad-clip-is-accepted-negative", ["lbi", "train", "--grad-clip", "-1", "--out", "{root}/l2"],
      "grad_clip must be >= 0"),
+    ("data-mnist-overflowing-dims", ["data", "info", "mnist", "--data-dir", "{idx_big}"],
+     "2147483648 x 2147483648 x 2147483648 = 9903520314283042199192993792 bytes"),
+    ("functa-train-unknown-data", ["functa", "train", "--preset", "tiny", "--data", "nosuch", "--out", "{root}/f1"],
+     "unknown data set 'nosuch'"),
+    ("functa-train-missing-data-dir", ["functa", "train", "--preset", "tiny", "--data", "cifar10", "--data-dir",
+                                       "{root}/nosuch", "--out", "{root}/f2"], "nosuch does not exist; pass --data-dir"),
+    ("functa-reconstruct-on-a-classifier-run", ["functa", "reconstruct", "{clf}", "--data", "mnist-5k", "--out",
+                                                "{root}/r1"], "is not a functa run"),
+    ("functa-classify-corrupt-functaset", ["functa", "classify", "{file}", "{file}", "--out", "{root}/c1"],
+     "is unreadable"),
+    ("functa-classify-missing-functaset", ["functa", "classify", "{root}/no.safetensors", "{root}/no.safetensors",
+                                           "--out", "{root}/c2"], "does not exist; make it with 'nnlab functa fit'"),
+    ("functa-fit-bad-shard", ["functa", "fit", "{functa}", "--data", "mnist-5k", "--shard", "3/2", "--out",
+                              "{root}/fs2.safetensors"], "0 <= i < n, got 3/2"),
+    ("functa-sample-missing-generator", ["functa", "sample", "{root}/nosuch", "--out", "{root}/x.png"],
+     "train a generator with 'nnlab functa generate'"),
+    ("publish-into-a-file", ["publish", "{clf}", "{file}"], "error: DEST "),
+    ("publish-under-a-file", ["publish", "{clf}", "{file}/sub"], "cannot be created"),
+    ("prune-sweep-negative-l1", ["prune", "sweep", "--checkpoint", "{clf}", "--pvit-l1", "-1", "--out", "{root}/s2"],
+     "--pvit-l1-weight must be a finite number >= 0"),
+    ("prune-sweep-no-agent-candidates", ["prune", "sweep", "--checkpoint", "{clf}", "--apvit-candidates", "0",
+                                         "--out", "{root}/s3"], "--apvit-candidates must be >= 1"),
+    ("prune-sweep-ratio-one", ["prune", "sweep", "--checkpoint", "{clf}", "--ratios", "1", "--out", "{root}/s4"],
+     "ratios must be in [0, 1)"),
+    ("prune-eval-not-a-pruned-model", ["prune", "eval", "--model", "{clf}", "--data", "mnist-5k"], "no pruned.json"),
+    ("lbi-prune-run-without-gamma", ["lbi", "prune", "{clf}", "--out", "{root}/p3"], "has no lbi.safetensors"),
+    ("lbi-train-lbi-options-for-sgd", ["lbi", "train", "--optimizer", "sgd", "--mu", "5", "--out", "{root}/l3"],
+     "apply to slbi or slbi-adam"),
+    ("lbi-train-negative-kappa", ["lbi", "train", "--kappa", "-1", "--out", "{root}/l4"], "invalid kappa -1.0"),
+    ("train-config-not-a-mapping", ["train", "--config", "{file}", "--out", "{root}/t5"], "must hold a mapping"),
+    ("recheck-zero-steps", ["recheck", "{clf}", "--max-steps", "0", "--out", "{root}/rc2"], "expected a number >= 1"),
 ]
 
 

@@ -25,17 +25,18 @@ from nnlab.engine.io import to_jsonable, atomic_write_text, read_json, write_jso
 from nnlab.errors import CheckpointError, ConfigError
 
 
-def check_out(out: str | Path) -> Path:
+def check_out(out: str | Path, what: str = "--out") -> Path:
     """Refuse an ``--out`` that cannot become a run folder (a file, a path under a file, an
-    unwritable parent) with a one-line ConfigError, before any work starts; returns it as a Path."""
+    unwritable parent) with a one-line ConfigError, before any work starts; returns it as a Path.
+    ``what`` names the argument in the message."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder path")
+        raise ConfigError(f"{what} {out} is a file; give a folder path")
     parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
     if not parent.is_dir():
-        raise ConfigError(f"--out {out} cannot be created: {parent} is a file; choose another path")
+        raise ConfigError(f"{what} {out} cannot be created: {parent} is a file; choose another path")
     if not os.access(parent, os.W_OK):
-        raise ConfigError(f"--out {out} cannot be created ({parent} is not writable); choose another path")
+        raise ConfigError(f"{what} {out} cannot be created ({parent} is not writable); choose another path")
     return out
 
 

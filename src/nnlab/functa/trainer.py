@@ -141,16 +141,16 @@ def train_functa(preset: Preset, data: str, out: str | Path, *, data_dir: str | 
     preset.train.validate()
     info = dist.init_from_env(device)
     run = RunDir(check_out(out), create=False)
-    with run.lock() if dist.is_main() else nullcontext():
-        return _train_functa(preset, data, run, info, data_dir, resume, progress)
-
-
-def _train_functa(preset: Preset, data: str, run: RunDir, info, data_dir, resume: bool, progress: bool) -> dict:
-    cfg = preset.train
-    splits = load_dataset(data, data_dir)
+    splits = load_dataset(data, data_dir)  # before the lock: a bad data set leaves no run folder
     check_data(preset.model, splits.shape, data)
-    if len(splits.train) <= cfg.val_images + cfg.batch_size:
+    if len(splits.train) <= preset.train.val_images + preset.train.batch_size:
         raise ConfigError(f"{data} has {len(splits.train)} train images; need more than val_images + batch_size")
+    with run.lock() if dist.is_main() else nullcontext():
+        return _train_functa(preset, data, splits, run, info, resume, progress)
+
+
+def _train_functa(preset: Preset, data: str, splits, run: RunDir, info, resume: bool, progress: bool) -> dict:
+    cfg = preset.train
     train = splits.train.subset(slice(0, len(splits.train) - cfg.val_images))
     val = splits.train.images[len(splits.train) - cfg.val_images:]
     state = build_state(preset, info.device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,29 @@ class PruneSweepConfig:
     pvit: M.PViTOptions = field(default_factory=M.PViTOptions)
     apvit: M.APViTOptions = field(default_factory=M.APViTOptions)
     seed: int = 0                    # calibration subsets, test subset, P-ViT and agent training
+
+    def validate(self) -> "PruneSweepConfig":
+        """Raise a ConfigError naming the first bad setting (the flag's spelling) and its range."""
+        bad = sorted(set(self.methods) - set(METHODS))
+        if bad:
+            raise ConfigError(f"unknown pruning method(s) {bad}; choose from {', '.join(METHODS)}")
+        if not self.ratios or any(not 0 <= r < 1 for r in self.ratios):
+            raise ConfigError(f"ratios must be in [0, 1), got {self.ratios}")
+        p, a = self.pvit, self.apvit
+        checks = [("batch-size", self.batch_size, 1), ("eval-batch-size", self.eval_batch_size, 1),
+                  ("calib-size", self.calib_size, 1), ("timing-repeats", self.timing_repeats, 1),
+                  ("test-limit", self.test_limit or 1, 1), ("pvit-gate-epochs", p.gate_epochs, 0),
+                  ("pvit-finetune-epochs", p.finetune_epochs, 0), ("pvit-train-limit", p.train_limit or 1, 1),
+                  ("apvit-agents", a.agents, 1), ("apvit-hidden", a.hidden, 1),
+                  ("apvit-candidates", a.candidates, 1), ("apvit-epochs", a.epochs, 0)]
+        for flag, value, low in checks:
+            if value < low:
+                raise ConfigError(f"--{flag} must be >= {low}, got {value}")
+        for flag, value in (("pvit-gate-lr", p.gate_lr), ("pvit-gate-gate-lr", p.gate_gate_lr),
+                            ("pvit-finetune-lr", p.finetune_lr), ("apvit-lr", a.lr), ("pvit-l1-weight", p.l1_weight)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{flag} must be a finite number >= 0, got {value}")
+        return self
 
 
 @dataclass
@@ -117,13 +141,8 @@ class _Sweep:
     def __init__(self, config: PruneSweepConfig):
         from nnlab.engine.runs import check_out
 
-        self.c = config
+        self.c = config.validate()
         check_out(config.out)
-        bad = sorted(set(config.methods) - set(METHODS))
-        if bad:
-            raise ConfigError(f"unknown pruning method(s) {bad}; choose from {', '.join(METHODS)}")
-        if any(not 0 <= r < 1 for r in config.ratios):
-            raise ConfigError(f"ratios must be in [0, 1), got {config.ratios}")
         self.vit, self.data = load_base(config.checkpoint, config.data, config.data_dir, config.arch)
         size = self.vit.config.image_size
         self.transform = eval_transform(self.data, size)

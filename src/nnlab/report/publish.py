@@ -17,6 +17,7 @@ from pathlib import Path
 
 from nnlab.engine.checkpoint import sha256
 from nnlab.engine.io import write_json
+from nnlab.engine.runs import check_out
 from nnlab.errors import CheckpointError, ConfigError
 
 SKIP_DIRS = {"checkpoint", "__pycache__", ".nnlab_cache"}
@@ -52,6 +53,7 @@ def publish(run: str | Path, dest: str | Path, *, max_file_mb: float = 20.0, max
         raise CheckpointError(f"{run} is not a run folder")
     if dest.resolve() == run.resolve() or run.resolve() in dest.resolve().parents:
         raise ConfigError(f"publish {run} into a folder outside it, not {dest}")
+    check_out(dest, "DEST")  # not a file, nor under one, and writable
     copied, skipped, manifest = [], [], {}
     for path in sorted(p for p in run.rglob("*") if p.is_file()):
         rel = path.relative_to(run)
