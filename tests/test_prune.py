@@ -225,7 +225,7 @@ def test_cpvit_runner_matches_the_per_image_reference_logits_and_kept_patches(vi
     with torch.no_grad():
         logits = run(x)
         for b in range(len(x)):
-            ref_logits, ref_kept = cpvit_reference(vit, x[b], keep)
+            ref_logits, ref_kept, _ = cpvit_reference(vit, x[b], keep)
             torch.testing.assert_close(logits[b], ref_logits, rtol=1e-4, atol=1e-5)
             for layer, ids in enumerate(ref_kept):
                 assert sorted(run.kept[layer][b, 1:].tolist()) == ids, (b, layer)
@@ -273,3 +273,91 @@ def test_accuracy_at_equal_gflops_interpolates_and_drops_capped_repeats(tmp_path
     assert "| 0.6 x base | - | 82.00 |" in equal_compute_table(rows)  # columns P-ViT, CP-ViT (the seed's order)
     text = write_table(rows, tmp_path / "results.md").read_text()
     assert "at equal compute" in text
+
+
+# --------------------------------------------------------------------------- CP-ViT head pruning (issue 13)
+
+
+@pytest.fixture
+def vit4():
+    """vit-test with 4 heads of width 4, so that head subsets are non-trivial, and q/k weights
+    scaled up so that attention is peaked (at init it is nearly uniform, and every head scores alike)."""
+    model = create_model("vit-test", num_classes=5, in_chans=3, image_size=16, heads=4).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight[: 2 * 16] = torch.randn(32, 16, generator=g) * 2.0  # the q and k rows
+    return model
+
+
+def test_cpvit_with_removed_heads_matches_the_per_image_reference(vit4):
+    """The sliced attention computes only the kept heads, through their own q/k/v rows and projection
+    columns: a wrong row layout, wrong projection columns or a zeroed-but-computed head all differ
+    from the reference, which sums each kept head's output through its projection block."""
+    from nnlab.prune.reference import cpvit_reference
+
+    keep, heads = [10, 6, 3], [[0, 2, 3], [1], [0, 3]]
+    run = CPViTRunner(vit4, keep, heads)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        logits = run(x)
+        for b in range(len(x)):
+            ref_logits, ref_kept, _ = cpvit_reference(vit4, x[b], keep, heads)
+            torch.testing.assert_close(logits[b], ref_logits, rtol=1e-4, atol=1e-5)
+            assert [sorted(k[b, 1:].tolist()) for k in run.kept] == ref_kept
+        assert not torch.allclose(logits, CPViTRunner(vit4, keep)(x), atol=1e-3)  # heads really removed
+    assert run.block_heads() == [3, 1, 2] and run.heads_kept() == pytest.approx(6 / 12)
+    assert sum(p.numel() for p in run.sliced.parameters()) < 3 * sum(p.numel() for p in vit4.blocks[0].attn.parameters())
+
+
+def test_head_scores_collected_over_images_match_the_reference(vit4):
+    from nnlab.prune.reference import cpvit_reference
+
+    keep = [10, 6, 3]
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    from nnlab.prune.methods import head_importance
+
+    sums = head_importance(vit4, keep, x, batch_size=3)  # two batches: the sums must accumulate
+    with torch.no_grad():
+        ref = [torch.tensor(s) for s in cpvit_reference(vit4, x[0], keep)[2]]
+        for b in range(1, len(x)):
+            ref = [r + torch.tensor(s) for r, s in zip(ref, cpvit_reference(vit4, x[b], keep)[2])]
+    for got, want in zip(sums, ref):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-6)
+        assert want.max() > 1.03 * want.min()  # heads differ, so the test can tell scores apart
+
+
+def test_select_heads_and_head_counts():
+    s = torch.tensor([0.3, 0.9, 0.1, 0.5])
+    assert cpvit.select_heads(s, 2) == cpvit.select_heads_reference(s, 2) == [1, 3]
+    assert cpvit.head_keep_counts([0.0, 0.3, 0.9], 4) == [4, 3, 1]
+
+
+def test_build_cpvit_removes_the_lowest_scoring_heads_on_a_layer_aware_cascade(vit4):
+    from nnlab.prune.methods import CPViTOptions, build_cpvit, head_importance
+
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    ranges = [0.8, 0.7, 0.6]
+    patches_only = build_cpvit(vit4, 0.6, ranges, x, CPViTOptions(heads=False))
+    run = build_cpvit(vit4, 0.6, ranges, x, CPViTOptions(head_share=0.8))
+    assert patches_only.heads is None and run.keep == patches_only.keep
+    counts = cpvit.head_keep_counts(cpvit.cascade_ratios(0.48, ranges, 1 - 1 / 4), 4)
+    assert run.block_heads() == counts and counts == sorted(counts, reverse=True) and sum(counts) < 12
+    sums = head_importance(vit4, run.keep, x)
+    assert run.heads == [cpvit.select_heads_reference(s, k) for s, k in zip(sums, counts)]
+    with torch.no_grad():
+        patches_only(x), run(x)
+    assert run.macs() < patches_only.macs() and patches_only.heads_kept() == 1.0
+    assert _counted_macs(run, x) == pytest.approx(run.macs())  # FLOPs count the heads really computed
+
+
+def test_a_pruned_cpvit_with_heads_is_saved_and_loaded(vit4, tmp_path):
+    from nnlab.prune.io import load_pruned, save_pruned
+
+    run = CPViTRunner(vit4, [10, 6, 3], [[0, 2, 3], [1], [0, 3]])
+    x = torch.randn(2, 3, 16, 16)
+    save_pruned(run, tmp_path / "m", ratio=0.5, top1=0.0)
+    loaded = load_pruned(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), run(x))
+    assert loaded.heads == run.heads

@@ -43,7 +43,7 @@ def register(subparsers) -> None:
 def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
     """Flags of PruneSweepConfig and its P-ViT / AP-ViT option dataclasses (their defaults and help)."""
     from nnlab.config import add_dataclass_options
-    from nnlab.prune.methods import APViTOptions, PViTOptions
+    from nnlab.prune.methods import APViTOptions, CPViTOptions, PViTOptions
     from nnlab.prune.sweep import PruneSweepConfig
 
     add_dataclass_options(parser, PruneSweepConfig, skip=("checkpoint", "out"))
@@ -52,6 +52,8 @@ def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
                                                                   "train_limit": "--train-limit"})
     a = parser.add_argument_group("AP-ViT (the pruning agents)")
     add_dataclass_options(a, APViTOptions, prefix="apvit")
+    c = parser.add_argument_group("CP-ViT (head pruning; patches are always pruned)")
+    add_dataclass_options(c, CPViTOptions, prefix="cpvit")
 
 
 def run_prune_sweep(args: argparse.Namespace) -> int:
@@ -60,7 +62,8 @@ def run_prune_sweep(args: argparse.Namespace) -> int:
 
     config = dataclass_from_args(sweep.PruneSweepConfig, args,
                                  pvit=dataclass_from_args(methods.PViTOptions, args, prefix="pvit"),
-                                 apvit=dataclass_from_args(methods.APViTOptions, args, prefix="apvit"))
+                                 apvit=dataclass_from_args(methods.APViTOptions, args, prefix="apvit"),
+                                 cpvit=dataclass_from_args(methods.CPViTOptions, args, prefix="cpvit"))
     result = sweep.run_prune_sweep(config)
     print(f"{len(result.rows)} rows in {result.out}/results.csv; table in results.md; "
           "plots accuracy_vs_ratio.png, accuracy_vs_gflops.png, accuracy_vs_throughput.png")

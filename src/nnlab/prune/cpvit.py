@@ -1,11 +1,21 @@
-"""CP-ViT (Song et al. 2022): cascade pruning of patches from cumulative attention scores.
+"""CP-ViT (Song et al. 2022): cascade pruning of patches and heads from cumulative attention scores.
 
 Pure tensor functions; :class:`nnlab.prune.runners.CPViTRunner` applies them to a ViT.
 
 * Patch score of one layer: the attention *column mass* of each key token, summed over queries
   and heads (how much the layer reads from that token). Scores accumulate over layers and a
   pruned patch stays pruned (it is removed; its score goes with it).
-* Head score: how much of a head's attention lands on informative (high-score) patches.
+* Head score: how much of a head's attention lands on informative (high-score) patches, the
+  patches weighted by their cumulative score; the heads of the PH-region are the best-scoring
+  ones. Heads follow a layer-aware cascade like the patches (:func:`cascade_ratios` with the
+  heads' own target, :func:`head_keep_counts`).
+
+  Where nnlab differs from the paper: CP-ViT picks heads per input, at run time. nnlab picks them
+  per model, from the head scores summed over calibration images (:func:`select_heads`), so that
+  a removed head's q/k/v rows and output-projection columns leave the weights and every image of
+  a batch shares one smaller matrix product (a per-image head set would need a per-image GEMM).
+  Heads of different blocks are different units, so their scores accumulate over images and,
+  through the patch weights, over layers, not by head index across blocks.
 * Layer-aware cascade: the fraction of patches removed by layer l, r_l, is non-decreasing in l,
   grows with depth and is larger where the layer's attention range is narrow (attention
   concentrated on few patches); a global factor makes the mean of r_l meet the target ratio.
@@ -108,3 +118,19 @@ def select_patches_reference(x: torch.Tensor, scores: torch.Tensor, keep: int
         xs.append(x[b, idx])
         ss.append(scores[b, idx])
     return torch.stack(xs), torch.stack(ss)
+
+
+def head_keep_counts(ratios: Sequence[float], heads: int) -> list[int]:
+    """Heads kept in each block: round((1 - r_l) * heads), at least 1."""
+    return [max(1, round((1.0 - r) * heads)) for r in ratios]
+
+
+def select_heads(scores: torch.Tensor, keep: int) -> list[int]:
+    """scores (H,) summed head scores of one block -> the ``keep`` best heads, ascending ids."""
+    return sorted(scores.topk(min(keep, scores.numel())).indices.tolist())
+
+
+def select_heads_reference(scores: torch.Tensor, keep: int) -> list[int]:
+    """Plain-sort version of :func:`select_heads` (ties to the lower head id)."""
+    order = sorted(range(scores.numel()), key=lambda h: (-float(scores[h]), h))
+    return sorted(order[:keep])

@@ -25,18 +25,21 @@ def block_macs(dim: int, heads: int, head_dim: int, mlp_dim: int, attn_tokens: f
 
 
 def vit_macs(config: ViTConfig, attn_tokens: Sequence[float] | None = None,
-             mlp_tokens: Sequence[float] | None = None, extra: float = 0.0) -> float:
+             mlp_tokens: Sequence[float] | None = None, extra: float = 0.0,
+             heads: Sequence[int] | None = None) -> float:
     """MACs of one image through a ViT. Token counts include CLS; default: all 1 + N everywhere.
 
     attn_tokens[i] / mlp_tokens[i]: tokens in block i's attention / MLP (lists of length depth).
-    extra: MACs of a method's own work (e.g. ToMe's similarity products).
+    extra: MACs of a method's own work (e.g. ToMe's similarity products). heads[i]: heads block i
+    computes (default: all; CP-ViT removes some).
     """
     c = config
     full = [1 + c.num_patches] * c.depth
     attn_tokens = list(attn_tokens) if attn_tokens is not None else full
     mlp_tokens = list(mlp_tokens) if mlp_tokens is not None else list(attn_tokens)
     embed = c.num_patches * c.in_chans * c.patch_size ** 2 * c.dim
-    blocks = sum(block_macs(c.dim, c.heads, c.head_dims[i], c.mlp_dims[i], attn_tokens[i], mlp_tokens[i])
+    heads = list(heads) if heads is not None else [c.heads] * c.depth
+    blocks = sum(block_macs(c.dim, heads[i], c.head_dims[i], c.mlp_dims[i], attn_tokens[i], mlp_tokens[i])
                  for i in range(c.depth))
     return embed + blocks + c.dim * c.num_classes + extra
 

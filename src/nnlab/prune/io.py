@@ -30,7 +30,7 @@ def _build(meta: dict) -> TokenRunner:
     vit = ViT(ViTConfig(**meta["vit"]))
     spec, method = meta["spec"], meta["method"]
     if method == "cp-vit":
-        return CPViTRunner(vit, spec["keep"])
+        return CPViTRunner(vit, spec["keep"], spec.get("heads"))
     if method == "tome":
         return ToMeRunner(vit, spec["r"])
     if method == "p-vit":

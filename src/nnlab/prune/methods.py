@@ -39,10 +39,38 @@ def attention_ranges(vit: ViT, x: torch.Tensor, batch_size: int = 128) -> list[f
     return [s / x.shape[0] for s in totals]
 
 
-def build_cpvit(vit: ViT, ratio: float, ranges: list[float]) -> CPViTRunner:
-    """CP-ViT runner whose cascade meets ``ratio`` (mean fraction of patches removed per block)."""
-    n = vit.config.num_patches
-    return CPViTRunner(vit, cpvit.keep_counts(cpvit.cascade_ratios(ratio, ranges, 1 - 1 / n), n))
+@dataclass
+class CPViTOptions:
+    """Head pruning of CP-ViT (the heads of the PH-region; patches are always pruned)."""
+
+    heads: bool = True       # prune heads as well as patches
+    head_share: float = 0.5  # heads' target ratio = head_share x the patch ratio (layer-aware cascade)
+
+
+@torch.no_grad()
+def head_importance(vit: ViT, keep: list[int], x: torch.Tensor, batch_size: int = 128) -> list[torch.Tensor]:
+    """Per block (H,): head scores summed over images x (B, C, H, W) on the patch-pruned forward
+    with ``keep`` (:class:`CPViTRunner` in collect mode)."""
+    run = CPViTRunner(vit, keep)
+    run.collect = True
+    for start in range(0, x.shape[0], batch_size):
+        run(x[start:start + batch_size])
+    return run.head_sums
+
+
+def build_cpvit(vit: ViT, ratio: float, ranges: list[float], calib_x: torch.Tensor | None = None,
+                options: CPViTOptions | None = None) -> CPViTRunner:
+    """CP-ViT runner whose cascade meets ``ratio`` (mean fraction of patches removed per block).
+    With ``options.heads`` (and calibration images ``calib_x``), each block also keeps only its
+    best heads (:func:`head_importance`), as many as a cascade towards ``head_share * ratio`` allows."""
+    options = options or CPViTOptions()
+    n, h = vit.config.num_patches, vit.config.heads
+    keep = cpvit.keep_counts(cpvit.cascade_ratios(ratio, ranges, 1 - 1 / n), n)
+    if not options.heads or calib_x is None or h == 1 or options.head_share * ratio <= 0:
+        return CPViTRunner(vit, keep)
+    counts = cpvit.head_keep_counts(cpvit.cascade_ratios(options.head_share * ratio, ranges, 1 - 1 / h), h)
+    sums = head_importance(vit, keep, calib_x)
+    return CPViTRunner(vit, keep, [cpvit.select_heads(s, k) for s, k in zip(sums, counts)])
 
 
 # ----------------------------------------------------------------------------- ToMe

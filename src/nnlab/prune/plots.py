@@ -38,18 +38,26 @@ def markdown_table(rows: list[dict]) -> str:
             r = get.get((m, round(ratio, 4)))
             cells.append(f"{100 * r['top1']:.2f} | {100 * r['top5']:.2f}" if r else "- | -")
         lines.append(f"| {ratio:g} | " + " | ".join(cells) + " |")
-    lines += ["", "## Cost: GFLOPs (1e9 MACs) per image / images per s (batch timing) / achieved ratio", "",
+    lines += ["", "## Cost: GFLOPs (1e9 MACs) per image / images per s (batch timing) / achieved ratio / heads kept",
+              "",
               "| ratio | " + " | ".join(NAMES.get(m, m) for m in methods) + " |", "|" + " --- |" * (1 + len(methods))]
     if base:
-        lines.append("| 0 (base) | " + " | ".join(f"{base['gflops']:.4f} / {base['images_per_s']:.0f} / 0"
+        lines.append("| 0 (base) | " + " | ".join(f"{base['gflops']:.4f} / {base['images_per_s']:.0f} / 0 / 1"
                                                    for _ in methods) + " |")
     for ratio in ratios:
         cells = []
         for m in methods:
             r = get.get((m, round(ratio, 4)))
-            cells.append(f"{r['gflops']:.4f} / {r['images_per_s']:.0f} / {r['achieved_ratio']:.2f}" if r else "-")
+            cells.append(f"{r['gflops']:.4f} / {r['images_per_s']:.0f} / {r['achieved_ratio']:.2f} / "
+                         f"{_heads(r)}" if r else "-")
         lines.append(f"| {ratio:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _heads(row: dict) -> str:
+    """The row's fraction of head computations done (rows of older sweeps have none)."""
+    value = row.get("heads_kept")
+    return "n/a" if value is None or value == "" else f"{value:.2f}"
 
 
 FRACTIONS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)

@@ -3,7 +3,8 @@ papers with loops and no batching, for the agreement tests.
 
 They pin the defining mechanisms: CP-ViT's score of a token is the attention it *receives*
 (column mass: a sum over queries and heads), accumulated over layers by token identity, and a
-pruned patch never returns; ToMe merges by bipartite soft matching on the keys and attends with
+pruned patch never returns; a removed head contributes nothing (its output-projection columns are
+skipped, not its output zeroed after the fact); ToMe merges by bipartite soft matching on the keys and attends with
 proportional attention (log of token sizes added to the logits).
 
 Shapes: one image (C, H, W) at a time; tokens (T, D) lists; logits (num_classes,).
@@ -41,24 +42,45 @@ def _attend(block: Block, heads: tuple[list, list, list], log_size: torch.Tensor
     return block.attn.proj(torch.cat(outs, -1)), probs
 
 
-def cpvit_reference(vit: ViT, image: torch.Tensor, keep: list[int]) -> tuple[torch.Tensor, list[list[int]]]:
-    """CP-ViT on one image: logits and, per block, the original patch ids kept in its MLP (sorted)."""
+def _attend_heads(block: Block, heads: tuple[list, list, list], use: list[int]
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Attention output (T, D) of heads ``use`` alone: the sum of each head's ``probs @ v`` through
+    its own columns of the output projection, plus the bias; and those heads' probabilities."""
+    q, k, v = heads
+    a, d = block.attn, block.attn.head_dim
+    out, probs = a.proj.bias.expand(q[0].shape[0], -1), []
+    for j in use:
+        p = torch.softmax(q[j] @ k[j].T * a.scale, dim=-1)
+        probs.append(p)
+        out = out + (p @ v[j]) @ a.proj.weight[:, j * d:(j + 1) * d].T
+    return out, probs
+
+
+def cpvit_reference(vit: ViT, image: torch.Tensor, keep: list[int], heads: list[list[int]] | None = None
+                    ) -> tuple[torch.Tensor, list[list[int]], list[list[float]]]:
+    """CP-ViT on one image: logits; per block, the original patch ids kept in its MLP (sorted);
+    and per block each computed head's score (attention on keys, averaged over queries, weighted by
+    the keys' normalised cumulative scores). ``heads``: per block the head ids computed (all if None)."""
     x = vit.embed(image[None])[0]
     ids = list(range(x.shape[0]))                               # 0 = CLS, 1..N patches
     score = {i: 0.0 for i in ids}
-    kept = []
+    kept, head_scores = [], []
     for layer, block in enumerate(vit.blocks):
-        out, probs = _attend(block, _heads(block, block.norm1(x)))
+        use = heads[layer] if heads is not None else list(range(block.attn.heads))
+        out, probs = _attend_heads(block, _heads(block, block.norm1(x)), use)
         x = x + out
         for col, tok in enumerate(ids):                          # attention received by key `tok`
             score[tok] += sum(float(p[qi, col]) for p in probs for qi in range(len(ids)))
+        total = sum(score[t] for t in ids)
+        head_scores.append([sum(float(p[:, col].mean()) * score[tok] / total for col, tok in enumerate(ids))
+                            for p in probs])
         n_keep = min(keep[layer], len(ids) - 1)
         best = sorted(ids[1:], key=lambda t: -score[t])[:n_keep]
         rows = [0] + [ids.index(t) for t in sorted(best)]
         x, ids = x[rows], [ids[r] for r in rows]
         x = x + block.mlp(block.norm2(x))
         kept.append(ids[1:])
-    return vit.classify(x[None])[0], kept
+    return vit.classify(x[None])[0], kept, head_scores
 
 
 def tome_reference(vit: ViT, image: torch.Tensor, r: list[int]) -> torch.Tensor:

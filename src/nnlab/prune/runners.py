@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nnlab.models.vit import ViT
+from nnlab.models.vit import Attention, ViT
 from nnlab.prune import cpvit, tome
 from nnlab.prune.flops import vit_macs
 
@@ -61,10 +61,18 @@ class TokenRunner(nn.Module):
         """Mean MACs per image of the method's own work (LayerNorm and GELU left out, as elsewhere)."""
         return self._extra / max(self._images, 1)
 
+    def block_heads(self) -> list[int]:
+        """Heads each block computes (all of them unless a method removes heads)."""
+        return [self.vit.config.heads] * self.vit.config.depth
+
+    def heads_kept(self) -> float:
+        """Fraction of head computations done, averaged over blocks (1.0: every head kept)."""
+        return sum(self.block_heads()) / (self.vit.config.heads * self.vit.config.depth)
+
     def macs(self) -> float:
         """Mean MACs per image over the recorded runs."""
         counts = self.token_counts()
-        return vit_macs(self.vit.config, counts.attn, counts.mlp, self.extra_macs())
+        return vit_macs(self.vit.config, counts.attn, counts.mlp, self.extra_macs(), heads=self.block_heads())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.vit.embed(images)
@@ -78,20 +86,50 @@ class TokenRunner(nn.Module):
         return {}
 
 
+def slice_heads(attn: Attention, keep: list[int]) -> Attention:
+    """A copy of ``attn`` with only heads ``keep``: their q/k/v rows (layout [q heads | k heads |
+    v heads], ``head_dim`` rows each) and output-projection columns; the scale stays."""
+    d, h = attn.head_dim, attn.heads
+    new = Attention(attn.proj.out_features, len(keep), d, 1)
+    new.scale = attn.scale
+    rows = torch.cat([torch.arange((part * h + j) * d, (part * h + j + 1) * d) for part in range(3) for j in keep])
+    cols = torch.cat([torch.arange(j * d, (j + 1) * d) for j in keep])
+    with torch.no_grad():
+        new.qkv.weight.copy_(attn.qkv.weight[rows])
+        new.qkv.bias.copy_(attn.qkv.bias[rows])
+        new.proj.weight.copy_(attn.proj.weight[:, cols])
+        new.proj.bias.copy_(attn.proj.bias)
+    return new.to(attn.qkv.weight.device)
+
+
 class CPViTRunner(TokenRunner):
     """CP-ViT: cumulative attention scores; block l's MLP keeps ``keep[l]`` patches (+ CLS).
-    ``kept``: after a forward, per pruning block the original positions (B, 1 + keep) it kept
-    (0 = CLS), for inspection and the identity tests."""
+    ``heads`` (optional): per block the head ids it keeps; the others are removed from the weights
+    (:func:`slice_heads`), so their q/k/v and projection work is skipped. ``kept``: after a forward,
+    per pruning block the original positions (B, 1 + keep) it kept (0 = CLS). With ``collect``
+    on, every block scores its heads (:func:`cpvit.head_scores` with the cumulative patch scores)
+    and ``head_sums`` (per block (H,)) adds them up over the images seen: the calibration pass."""
 
     method = "cp-vit"
 
-    def __init__(self, vit: ViT, keep: list[int]):
+    def __init__(self, vit: ViT, keep: list[int], heads: list[list[int]] | None = None):
         super().__init__(vit)
         self.keep = [int(k) for k in keep]
         prev, self.last = vit.config.num_patches, -1
         for layer, k in enumerate(self.keep):
             if k < prev:
                 self.last, prev = layer, k
+        full = list(range(vit.config.heads))
+        self.heads = [sorted(int(h) for h in hs) for hs in heads] if heads is not None else None
+        self.sliced = nn.ModuleDict({str(layer): slice_heads(block.attn, hs) for layer, (block, hs) in
+                                     enumerate(zip(vit.blocks, self.heads or [])) if hs != full})
+        self.collect, self.head_sums = False, [torch.zeros(vit.config.heads) for _ in vit.blocks]
+
+    def block_heads(self) -> list[int]:
+        return [len(h) for h in self.heads] if self.heads is not None else super().block_heads()
+
+    def _attention(self, layer: int) -> Attention:
+        return self.sliced[str(layer)] if str(layer) in self.sliced else self.vit.blocks[layer].attn
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.vit.embed(images)
@@ -99,13 +137,17 @@ class CPViTRunner(TokenRunner):
         ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)  # original positions
         self.kept = []
         for layer, block in enumerate(self.vit.blocks):
-            if layer > self.last:
-                x = block(x)
+            attn = self._attention(layer)
+            if layer > self.last and not self.collect:  # no pruning left: the fused attention
+                x = x + attn(block.norm1(x))
+                x = x + block.mlp(block.norm2(x))
                 self._record(layer, x.shape[0], x.shape[1], x.shape[1])
                 continue
-            out, probs = block.attn.forward_with_probs(block.norm1(x))
+            out, probs = attn.forward_with_probs(block.norm1(x))
             x, t_attn = x + out, x.shape[1]
             scores = scores + cpvit.column_mass(probs)
+            if self.collect:
+                self.head_sums[layer] += cpvit.head_scores(probs, scores).sum(0).cpu()
             if self.keep[layer] < x.shape[1] - 1:
                 idx = cpvit.top_patches(scores, self.keep[layer])
                 x = x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
@@ -116,7 +158,7 @@ class CPViTRunner(TokenRunner):
         return self.vit.classify(x)
 
     def spec(self) -> dict:
-        return {"keep": self.keep}
+        return {"keep": self.keep, "heads": self.heads}
 
 
 class ToMeRunner(TokenRunner):

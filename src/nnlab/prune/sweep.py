@@ -36,7 +36,7 @@ from nnlab.prune.runners import TokenRunner
 from nnlab.report import write_csv, write_records_csv
 
 METHODS = ("p-vit", "ap-vit", "cp-vit", "tome")
-COLUMNS = ["method", "ratio", "top1", "top5", "gflops", "images_per_s", "achieved_ratio"]
+COLUMNS = ["method", "ratio", "top1", "top5", "gflops", "images_per_s", "achieved_ratio", "heads_kept"]
 
 
 @dataclass
@@ -56,6 +56,7 @@ class PruneSweepConfig:
     save_models: bool = True         # save each pruned model under OUT/models/METHOD-RATIO
     pvit: M.PViTOptions = field(default_factory=M.PViTOptions)
     apvit: M.APViTOptions = field(default_factory=M.APViTOptions)
+    cpvit: M.CPViTOptions = field(default_factory=M.CPViTOptions)
     seed: int = 0                    # calibration subsets, test subset, P-ViT and agent training
 
     def validate(self) -> "PruneSweepConfig":
@@ -75,6 +76,8 @@ class PruneSweepConfig:
         for flag, value, low in checks:
             if value < low:
                 raise ConfigError(f"--{flag} must be >= {low}, got {value}")
+        if not 0 <= self.cpvit.head_share <= 1:
+            raise ConfigError(f"--cpvit-head-share must be in [0, 1], got {self.cpvit.head_share}")
         for flag, value in (("pvit-gate-lr", p.gate_lr), ("pvit-gate-gate-lr", p.gate_gate_lr),
                             ("pvit-finetune-lr", p.finetune_lr), ("apvit-lr", a.lr), ("pvit-l1-weight", p.l1_weight)):
             if not (math.isfinite(value) and value >= 0):
@@ -126,7 +129,7 @@ def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [{k: (v if k == "method" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+        return [{k: (v if k == "method" or v == "" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def _append(path: Path, row: dict) -> None:
@@ -160,13 +163,13 @@ class _Sweep:
         macs = runner.macs()
         ips = throughput(runner, self.timing_x, repeats=self.c.timing_repeats)
         return {"method": method, "ratio": ratio, "top1": acc.top1, "top5": acc.top5, "gflops": macs / 1e9,
-                "images_per_s": ips, "achieved_ratio": achieved}
+                "images_per_s": ips, "achieved_ratio": achieved, "heads_kept": runner.heads_kept()}
 
     def build(self, method: str, ratio: float) -> TokenRunner:
         if method == "cp-vit":
             if "ranges" not in self._prepared:
                 self._prepared["ranges"] = M.attention_ranges(self.vit, self.calib_x)
-            return M.build_cpvit(self.vit, ratio, self._prepared["ranges"])
+            return M.build_cpvit(self.vit, ratio, self._prepared["ranges"], self.calib_x[:256], self.c.cpvit)
         if method == "tome":
             return M.build_tome(self.vit, ratio)
         if method == "p-vit":
@@ -189,7 +192,7 @@ class _Sweep:
 
 
 # settings that change the rows already in results.csv (the others: which rows to add, timing)
-IDENTITY = ("data", "eval_batch_size", "calib_size", "test_limit", "seed", "pvit", "apvit")
+IDENTITY = ("data", "eval_batch_size", "calib_size", "test_limit", "seed", "pvit", "apvit", "cpvit")
 
 
 def check_same_base(s: "_Sweep") -> None:

@@ -73,6 +73,12 @@ def notes_for(base: dict[str, Any], sweep: dict[str, Any]) -> list[str]:
     if pvit.get("train_limit"):
         notes.append(f"P-ViT: gates trained for {pvit.get('gate_epochs', 3)} epoch(s) on "
                      f"{pvit['train_limit']:,} training images, no fine-tuning after slimming.")
+    from nnlab.prune.methods import CPViTOptions
+
+    cpvit = CPViTOptions(**sweep.get("cpvit", {}))
+    if cpvit.heads:
+        notes.append(f"CP-ViT: heads pruned as well, towards {cpvit.head_share:g} x the patch ratio "
+                     "(heads picked per model from calibration images, not per image; heads_kept in cost.csv).")
     return notes
 
 
@@ -86,15 +92,16 @@ def _train_base(ctx: StageContext) -> StageResult:
 
 
 def _sweep_config(ctx: StageContext):
-    from nnlab.prune.methods import APViTOptions, PViTOptions
+    from nnlab.prune.methods import APViTOptions, CPViTOptions, PViTOptions
     from nnlab.prune.sweep import PruneSweepConfig
 
     c = dict(ctx.config["sweep"])
     pvit, apvit = PViTOptions(**c.pop("pvit", {})), APViTOptions(**c.pop("apvit", {}))
+    cpvit = CPViTOptions(**c.pop("cpvit", {}))
     run = ctx.results["prune-base"].dir / "run"
     out = work_dir(ctx, "sweep")
     return PruneSweepConfig(checkpoint=str(run), out=str(out), methods=list(METHODS), pvit=pvit, apvit=apvit,
-                       data_dir=data_dir_for(ctx, ctx.config["data"]), **c)
+                            cpvit=cpvit, data_dir=data_dir_for(ctx, ctx.config["data"]), **c)
 
 
 def _sweep(ctx: StageContext, notes: tuple[str, ...] = ()) -> StageResult:
@@ -109,8 +116,9 @@ def _sweep(ctx: StageContext, notes: tuple[str, ...] = ()) -> StageResult:
                    for m in METHODS for k in ("top1", "top5"))] for r in ratios]
     write_csv(ctx.dir / "table1.csv", header, table)
     cost = [[r["method"], r["ratio"], round(r["achieved_ratio"], 3), round(r["gflops"], 5),
-             round(r["images_per_s"], 1)] for r in rows]
-    write_csv(ctx.dir / "cost.csv", ["method", "ratio", "achieved_ratio", "gflops", "images_per_s"], cost)
+             round(r["images_per_s"], 1), r.get("heads_kept")] for r in rows]
+    write_csv(ctx.dir / "cost.csv", ["method", "ratio", "achieved_ratio", "gflops", "images_per_s", "heads_kept"],
+              cost)
     return StageResult(metrics=metrics, tables=["table1.csv", "cost.csv"],
                        figures=["sweep/accuracy_vs_ratio.png", "sweep/accuracy_vs_gflops.png",
                                 "sweep/accuracy_vs_throughput.png"],
