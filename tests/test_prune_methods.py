@@ -163,3 +163,61 @@ def test_apvit_flops_count_the_padding_the_batch_computes(vit):
     padded = batched.token_counts().attn
     assert all(p >= a for p, a in zip(padded, alone.token_counts().attn))
     assert batched.macs() > alone.macs()  # the padding is real work, and it is counted
+
+
+def test_keep_lowest_matches_reference():
+    x, prob = torch.randn(3, 9, 4), torch.rand(3, 9)
+    torch.testing.assert_close(apvit.keep_lowest(x, prob, 4), apvit.keep_lowest_reference(x, prob, 4))
+    assert torch.equal(apvit.keep_lowest(x, prob, 4)[:, 0], x[:, 0])  # CLS stays, first
+
+
+def _fixed_count_reference(vit, agents, positions, counts, image):
+    """One image, plain loop: at each agent, keep CLS and the `count` patches of lowest drop probability."""
+    x = vit.embed(image[None])
+    for layer, block in enumerate(vit.blocks):
+        if layer in positions:
+            i = positions.index(layer)
+            prob = torch.sigmoid(agents[i](x))
+            x = apvit.keep_lowest_reference(x, prob, min(counts[i], x.shape[1] - 1))
+        x = block(x)
+    return vit.classify(x)[0]
+
+
+def test_apvit_fixed_count_runs_without_padding_and_matches_the_per_image_reference(vit):
+    """Issue 13: every image keeps the same number of patches per agent (its own lowest-probability
+    ones), so no padding is computed; a kept-the-highest or re-ordered variant differs from the loop."""
+    torch.manual_seed(3)
+    agents = torch.nn.ModuleList(apvit.Agent(16, 8) for _ in range(2))
+    for a in agents:
+        torch.nn.init.normal_(a.fc2.weight, std=3.0)
+    x = torch.randn(4, 3, 16, 16)
+    run = APViTRunner(vit, agents, [1, 2], threshold=0.5, counts=[10, 5])
+    with torch.no_grad():
+        logits = run(x)
+        for b in range(len(x)):
+            torch.testing.assert_close(logits[b], _fixed_count_reference(vit, agents, [1, 2], [10, 5], x[b]),
+                                       rtol=1e-4, atol=1e-5)
+    assert run.token_counts().attn == [17, 11, 6] and run.kept_per_agent() == [11, 6]
+    assert run.achieved_ratio() == pytest.approx(1 - (16 + 10 + 5) / 48)
+
+
+def test_build_apvit_fixed_count_keeps_the_calibrated_mean_and_computes_less(vit):
+    torch.manual_seed(3)
+    agents = torch.nn.ModuleList(apvit.Agent(16, 8) for _ in range(2))
+    for a in agents:
+        torch.nn.init.normal_(a.fc2.weight, std=3.0)
+    x = torch.randn(16, 3, 16, 16)
+    padded = methods.build_apvit(vit, agents, [1, 2], 0.4, x, fixed_count=False)
+    fixed = methods.build_apvit(vit, agents, [1, 2], 0.4, x)
+    assert padded.counts is None and fixed.threshold == padded.threshold
+    with torch.no_grad():
+        padded(x), fixed(x)
+    assert fixed.counts == [max(1, round(t - 1)) for t in padded.kept_per_agent()]
+    assert fixed.achieved_ratio() == pytest.approx(padded.achieved_ratio(), abs=0.05)
+    assert fixed.macs() < padded.macs()  # the same mean tokens, without the padding
+
+
+def test_agent_split_fc1_equals_the_concat_form():
+    agent = apvit.Agent(16, 8)
+    x = torch.randn(3, 7, 16)
+    torch.testing.assert_close(agent(x), agent.forward_reference(x), rtol=1e-5, atol=1e-6)

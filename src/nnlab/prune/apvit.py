@@ -10,8 +10,16 @@ goes when its probability exceeds a threshold; :func:`threshold_for_ratio` picks
 that meets a target ratio from a measured threshold -> ratio table.
 
 "Pruning ratio" for AP-ViT: the fraction of patch tokens removed, averaged over the blocks, as for
-the other token methods. Per image the number of kept tokens varies; batches are gathered to the
-largest count and padding is masked out of attention (:func:`compact`, :func:`padding_bias`).
+the other token methods. Two ways to batch (``APViTOptions.fixed_count``):
+
+* per image by threshold, as in APT: the number of kept tokens varies, batches are gathered to
+  the largest count and padding is masked out of attention (:func:`compact`, :func:`padding_bias`),
+  so the padding is computed (and counted in the FLOPs);
+* fixed count (nnlab's default): after each agent every image keeps the same number of patches,
+  its lowest-probability ones (:func:`keep_lowest`), the count being the mean the calibrated
+  threshold keeps on the calibration images. Which tokens go still differs per image; how many
+  does not, so there is no padding and no mask, and the fused attention kernel runs: AP-ViT is then
+  never slower than the unpruned model for want of batching.
 """
 from __future__ import annotations
 
@@ -23,7 +31,10 @@ from torch import nn
 
 
 class Agent(nn.Module):
-    """Tokens (B, T, D), CLS first -> prune logits (B, T) (sigmoid = probability of dropping)."""
+    """Tokens (B, T, D), CLS first -> prune logits (B, T) (sigmoid = probability of dropping).
+
+    fc1 reads [token, CLS] (2D inputs); it is computed as ``token @ W_tok + CLS @ W_cls`` so that the
+    CLS half is one product per image, not per token (:meth:`forward_reference` is the concat form)."""
 
     def __init__(self, dim: int, hidden: int = 64):
         super().__init__()
@@ -32,8 +43,20 @@ class Agent(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
+        d = h.shape[-1]
+        z = F.linear(h, self.fc1.weight[:, :d], self.fc1.bias) + F.linear(h[:, :1], self.fc1.weight[:, d:])
+        return self.fc2(F.gelu(z)).squeeze(-1)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain form: fc1 on the concatenation [token, CLS] of every token."""
+        h = self.norm(x)
         h = torch.cat([h, h[:, :1].expand_as(h)], dim=-1)
         return self.fc2(F.gelu(self.fc1(h))).squeeze(-1)
+
+    def macs(self, tokens: float, images: float) -> float:
+        """MACs of :meth:`forward` on ``tokens`` tokens of ``images`` images (CLS half once per image)."""
+        hidden, d = self.fc1.out_features, self.fc1.in_features // 2
+        return tokens * (d * hidden + hidden) + images * d * hidden
 
 
 def agent_positions(depth: int, count: int = 3) -> list[int]:
@@ -87,6 +110,23 @@ def compact(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     t = int(keep.sum(1).max())
     idx = order[:, :t]
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])), keep.gather(1, idx)
+
+
+def keep_lowest(x: torch.Tensor, prob: torch.Tensor, count: int) -> torch.Tensor:
+    """Keep CLS and the ``count`` patches with the lowest drop probability, in their original order.
+    x (B, T, D), prob (B, T) -> (B, 1 + count, D)."""
+    idx = prob[:, 1:].topk(count, dim=1, largest=False).indices.sort(dim=1).values + 1
+    idx = torch.cat([torch.zeros_like(idx[:, :1]), idx], dim=1)
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def keep_lowest_reference(x: torch.Tensor, prob: torch.Tensor, count: int) -> torch.Tensor:
+    """Loop-per-image version of :func:`keep_lowest` (ties to the lower position)."""
+    out = []
+    for b in range(x.shape[0]):
+        order = sorted(range(1, x.shape[1]), key=lambda j: (float(prob[b, j]), j))[:count]
+        out.append(x[b, [0] + sorted(order)])
+    return torch.stack(out)
 
 
 def padding_bias(valid: torch.Tensor) -> torch.Tensor | None:

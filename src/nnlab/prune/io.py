@@ -37,7 +37,7 @@ def _build(meta: dict) -> TokenRunner:
         return PViTRunner(vit, spec["attn_keep"], spec["mlp_keep"])
     if method == "ap-vit":
         agents = nn.ModuleList(apvit.Agent(vit.config.dim, meta["agent_hidden"]) for _ in spec["positions"])
-        return APViTRunner(vit, agents, spec["positions"], spec["threshold"])
+        return APViTRunner(vit, agents, spec["positions"], spec["threshold"], spec.get("counts"))
     if method == "base":
         return TokenRunner(vit)
     raise CheckpointError(f"pruned.json names an unknown method {method!r}; it was written by another version")

@@ -143,6 +143,7 @@ class APViTOptions:
     candidates: int = 16        # tokens per image whose drop reward is measured
     epochs: int = 30            # agent training epochs
     lr: float = 3e-3            # agent learning rate
+    fixed_count: bool = True    # every image keeps the same number of patches per agent (no padding; off: APT's per-image threshold)
     thresholds: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])  # rows of the threshold table (the seed's Table 2)
 
 
@@ -230,6 +231,15 @@ def threshold_for(vit: ViT, agents: nn.ModuleList, positions: list[int], x: torc
 
 
 def build_apvit(vit: ViT, agents: nn.ModuleList, positions: list[int], ratio: float,
-                x: torch.Tensor) -> APViTRunner:
-    """AP-ViT runner whose threshold meets ``ratio`` on calibration images x (B, C, H, W)."""
-    return APViTRunner(vit, agents, positions, threshold_for(vit, agents, positions, x, ratio))
+                x: torch.Tensor, fixed_count: bool = True) -> APViTRunner:
+    """AP-ViT runner whose threshold meets ``ratio`` on calibration images x (B, C, H, W). With
+    ``fixed_count``, every image keeps, after each agent, the mean number of patches that threshold
+    keeps on x (no padding: see :mod:`nnlab.prune.apvit`)."""
+    threshold = threshold_for(vit, agents, positions, x, ratio)
+    if not fixed_count:
+        return APViTRunner(vit, agents, positions, threshold)
+    calibrated = APViTRunner(vit, agents, positions, threshold)
+    with torch.no_grad():
+        calibrated(x)
+    counts = [max(1, round(t - 1)) for t in calibrated.kept_per_agent()]
+    return APViTRunner(vit, agents, positions, threshold, counts)

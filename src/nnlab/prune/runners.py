@@ -193,16 +193,20 @@ class ToMeRunner(TokenRunner):
 
 
 class APViTRunner(TokenRunner):
-    """AP-ViT: agents in front of blocks ``positions`` drop tokens whose prune probability
-    exceeds ``threshold``. Per-image counts vary, so a batch is gathered to its largest count and
-    the padding is masked in attention. FLOPs (:meth:`macs`) count the padded length each block
-    really computes; :meth:`achieved_ratio` counts the tokens each image really dropped."""
+    """AP-ViT: agents in front of blocks ``positions`` drop tokens. By threshold (``counts`` None):
+    a token goes when its prune probability exceeds ``threshold``; per-image counts vary, so a
+    batch is gathered to its largest count and the padding is masked in attention. With ``counts``
+    (patches kept after each agent): every image keeps that many, its lowest-probability patches,
+    with no padding (:func:`nnlab.prune.apvit.keep_lowest`). FLOPs (:meth:`macs`) count the padded
+    length each block really computes; :meth:`achieved_ratio` counts the tokens each image kept."""
 
     method = "ap-vit"
 
-    def __init__(self, vit: ViT, agents: nn.ModuleList, positions: list[int], threshold: float):
+    def __init__(self, vit: ViT, agents: nn.ModuleList, positions: list[int], threshold: float,
+                 counts: list[int] | None = None):
         super().__init__(vit)
         self.agents, self.positions, self.threshold = agents, [int(p) for p in positions], float(threshold)
+        self.counts = [int(c) for c in counts] if counts is not None else None
 
     def reset_stats(self) -> None:
         super().reset_stats()
@@ -213,6 +217,21 @@ class APViTRunner(TokenRunner):
         n, images = self.vit.config.num_patches, max(self._images, 1)
         return 1.0 - sum(v / images - 1 for v in self._valid) / (len(self._valid) * n)
 
+    def _drop(self, i: int, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Agent ``i`` on tokens x (B, T, D) with validity (B, T) -> the kept tokens and validity."""
+        from nnlab.prune import apvit
+        if self.counts is not None and self.counts[i] >= x.shape[1] - 1:
+            return x, valid  # an agent that would drop nothing is not run: its cost would be pure loss
+        agent = self.agents[i]
+        prob = torch.sigmoid(agent(x))
+        self._extra += agent.macs(float(valid.sum()), x.shape[0])
+        if self.counts is not None:
+            x = apvit.keep_lowest(x, prob, min(self.counts[i], x.shape[1] - 1))
+            return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        keep = valid & (prob <= self.threshold)
+        keep[:, 0] = True
+        return apvit.compact(x, keep)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         from nnlab.prune import apvit
         x = self.vit.embed(images)
@@ -220,20 +239,20 @@ class APViTRunner(TokenRunner):
         bias = None
         for layer, block in enumerate(self.vit.blocks):
             if layer in self.positions:
-                agent = self.agents[self.positions.index(layer)]
-                prob = torch.sigmoid(agent(x))
-                self._extra += float(valid.sum()) * (agent.fc1.in_features + 1) * agent.fc1.out_features
-                keep = valid & (prob <= self.threshold)
-                keep[:, 0] = True
-                x, valid = apvit.compact(x, keep)
+                x, valid = self._drop(self.positions.index(layer), x, valid)
                 bias = apvit.padding_bias(valid)
             x = block(x, bias)
             self._valid[layer] += float(valid.sum())
             self._record(layer, x.shape[0], x.shape[1], x.shape[1])  # the padded length is computed
         return self.vit.classify(x)
 
+    def kept_per_agent(self) -> list[float]:
+        """Mean tokens per image (CLS included) right after each agent, from the recorded runs."""
+        images = max(self._images, 1)
+        return [self._valid[p] / images for p in self.positions]
+
     def spec(self) -> dict:
-        return {"positions": self.positions, "threshold": self.threshold}
+        return {"positions": self.positions, "threshold": self.threshold, "counts": self.counts}
 
 
 class PViTRunner(TokenRunner):

@@ -183,7 +183,7 @@ class _Sweep:
             self._prepared["agents"] = M.train_agents(self.vit, self.calib_x, self.calib_y, self.c.apvit)
             self._write_threshold_table(*self._prepared["agents"])
         agents, positions = self._prepared["agents"]
-        return M.build_apvit(self.vit, agents, positions, ratio, self.calib_x[:256])
+        return M.build_apvit(self.vit, agents, positions, ratio, self.calib_x[:256], self.c.apvit.fixed_count)
 
     def _write_threshold_table(self, agents: nn.ModuleList, positions: list[int]) -> None:
         table = M.threshold_table(self.vit, agents, positions, self.calib_x[:256], self.c.apvit.thresholds)
