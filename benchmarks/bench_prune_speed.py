@@ -49,13 +49,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
     p.add_argument("--inner", type=int, default=3, help="passes per round (best is kept)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (timing synchronises the GPU)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     return p.parse_args(argv)
 
 
 def machine() -> dict:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gpu": gpu,
             "threads": torch.get_num_threads(), "load_avg_1min": load, "torch": torch.__version__}
 
 
@@ -71,10 +73,14 @@ def build(args):
         x = torch.randn(args.batch_size, args.in_chans, args.image_size, args.image_size)
     from nnlab.prune import apvit
 
+    from nnlab.engine.distributed import resolve_device
+
+    device = resolve_device(args.device)
+    vit, x = vit.to(device), x.to(device)
     ranges = methods.attention_ranges(vit, x)
     positions = apvit.agent_positions(vit.config.depth)
     torch.manual_seed(0)
-    agents = torch.nn.ModuleList(apvit.Agent(vit.config.dim) for _ in positions).eval()
+    agents = torch.nn.ModuleList(apvit.Agent(vit.config.dim) for _ in positions).eval().to(device)
     runners = {"base": TokenRunner(vit),
                "cp-vit": methods.build_cpvit(vit, args.ratio, ranges, x, methods.CPViTOptions(heads=False)),
                "cp-vit-heads": methods.build_cpvit(vit, args.ratio, ranges, x, methods.CPViTOptions()),
@@ -87,6 +93,7 @@ def build(args):
 @torch.no_grad()
 def time_interleaved(runners: dict, x: torch.Tensor, repeats: int, inner: int) -> dict[str, float]:
     """Median over ``repeats`` rounds of the best of ``inner`` passes: images per second per runner."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # GPU kernels run asynchronously
     for r in runners.values():  # warm-up
         r(x)
     samples: dict[str, list[float]] = {k: [] for k in runners}
@@ -94,8 +101,10 @@ def time_interleaved(runners: dict, x: torch.Tensor, repeats: int, inner: int) -
         for name, r in runners.items():
             best = float("inf")
             for _ in range(inner):
+                sync()
                 t0 = time.perf_counter()
                 r(x)
+                sync()
                 best = min(best, time.perf_counter() - t0)
             samples[name].append(x.shape[0] / best)
     return {k: statistics.median(v) for k, v in samples.items()}

@@ -113,3 +113,21 @@ def test_list_flags_reject_bad_values(argv, fragment, capsys):
     with pytest.raises(SystemExit) as exc:
         parse(*argv)
     assert exc.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_every_config_file_parses_under_its_command():
+    """configs/*.yaml hold only options their command knows (a typo would be a ConfigError), and
+    their values become the command's defaults."""
+    import yaml
+
+    from nnlab.config import apply_config_defaults
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    commands = {"prune-": (["prune", "sweep"], ["--checkpoint", "C", "--out", "O"]), "": (["train"], ["--out", "O"])}
+    for path in sorted(root.glob("*.yaml")):
+        words, rest = next(v for k, v in commands.items() if path.name.startswith(k))
+        sub = parse(*words, *rest)._parser
+        apply_config_defaults(sub, path)
+        args = sub.parse_args(rest)
+        for key, value in yaml.safe_load(path.read_text()).items():
+            assert getattr(args, key.replace("-", "_")) == value, (path.name, key)

@@ -93,3 +93,13 @@ def test_the_sweep_loads_a_published_run_folder_as_it_is(tiny_run, tmp_path):
     (vit, data), (ref, _) = load_base(published), load_base(tiny_run)
     assert len(data.test) == 1000  # the whole test split of mnist-5k, not the run's 64-image subset
     assert all(torch.equal(a, b) for a, b in zip(vit.state_dict().values(), ref.state_dict().values()))
+
+
+def test_sweep_device_cuda_without_a_gpu_is_a_clear_error(tiny_run, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: --device cuda is valid here")
+    out = tmp_path / "s"
+    assert main(["prune", "sweep", "--checkpoint", str(tiny_run), "--device", "cuda", "--out", str(out)]) == 2
+    assert "no GPU is visible" in capsys.readouterr().err and not out.exists()

@@ -27,6 +27,11 @@ class Accuracy:
     n: int
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (the CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
 def eval_transform(data: DatasetSplits, image_size: int):
     """Resize (when the model's input size differs) then normalise with the train statistics."""
     steps = [] if data.shape[-1] == image_size else [Resize(image_size)]
@@ -38,9 +43,11 @@ def accuracy(model: nn.Module, images: ImageSet, transform, batch_size: int = 25
              desc: str = "eval") -> Accuracy:
     """Top-1 and top-5 of ``model`` ((B, C, H, W) -> (B, K) logits) on ``images``."""
     model.eval()
+    device = model_device(model)
     loader = BatchLoader(images, batch_size, transform=transform)
     top1 = top5 = n = 0
     for x, y in tqdm(loader, desc=desc, leave=False, disable=None):
+        x, y = x.to(device), y.to(device)
         logits = model(x)
         k = min(5, logits.shape[-1])
         top = logits.topk(k, dim=-1).indices
@@ -57,13 +64,16 @@ def throughput(model: nn.Module, x: torch.Tensor, *, warmup: int = 2, repeats: i
     forward passes after ``warmup`` untimed ones (keeps going until ``min_time`` s are spent). The
     fastest pass is the one least disturbed by other processes (as ``timeit`` advises)."""
     model.eval()
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # GPU kernels run asynchronously
     for _ in range(warmup):
         model(x)
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < repeats or time.perf_counter() - start < min_time:
+        sync()
         t0 = time.perf_counter()
         model(x)
+        sync()
         times.append(time.perf_counter() - t0)
     return x.shape[0] / min(times)
 
@@ -81,11 +91,12 @@ def fit(model: nn.Module, params: Iterable[torch.nn.Parameter], batches: Callabl
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     total = max(1, epochs * sum(1 for _ in batches(0)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
-    losses = []
+    losses, device = [], params[0].device
     for epoch in range(epochs):
         model.train()
         run, count = 0.0, 0
         for x, y in tqdm(batches(epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None):
+            x, y = (v.to(device) if isinstance(v, torch.Tensor) else v for v in (x, y))
             loss = loss_fn(model, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -172,7 +172,7 @@ def agent_data(vit: ViT, x: torch.Tensor, y: torch.Tensor, position: int, candid
         xb, yb = x[s:s + batch_size], y[s:s + batch_size]
         t = _tokens_at(vit, xb, position)
         k = min(candidates, t.shape[1] - 1)
-        cand = torch.stack([torch.randperm(t.shape[1] - 1, generator=g)[:k] + 1 for _ in range(t.shape[0])])
+        cand = torch.stack([torch.randperm(t.shape[1] - 1, generator=g)[:k] + 1 for _ in range(t.shape[0])]).to(t.device)
         p_full = _true_prob(vit, t, position, yb)
         p_drop = _true_prob(vit, apvit.without_token(t, cand), position, yb.repeat_interleave(k))
         tokens.append(t), cands.append(cand), rewards.append(apvit.drop_rewards(p_full, p_drop.view(-1, k)))
@@ -187,7 +187,7 @@ def train_agents(vit: ViT, x: torch.Tensor, y: torch.Tensor, options: APViTOptio
     for i, pos in enumerate(positions):
         tokens, cand, rewards = agent_data(vit, x, y, pos, options.candidates, seed=i)
         targets = apvit.rank_targets(rewards)
-        agent = apvit.Agent(vit.config.dim, options.hidden)
+        agent = apvit.Agent(vit.config.dim, options.hidden).to(tokens.device)
 
         def batches(epoch, n=tokens.shape[0]):
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))

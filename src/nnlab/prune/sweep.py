@@ -22,6 +22,7 @@ from torch import nn
 
 from nnlab.data import DatasetSplits, load_dataset
 from nnlab.engine.checkpoint import tensors_sha256
+from nnlab.engine.distributed import resolve_device
 from nnlab.engine.io import read_json, to_jsonable, write_json
 from nnlab.engine.runs import folder_lock
 from nnlab.engine.trained import load_trained_run
@@ -54,6 +55,7 @@ class PruneSweepConfig:
     test_limit: int | None = None    # evaluate on N random test images (seeded)
     timing_repeats: int = 5          # timed passes per row (the fastest is kept)
     save_models: bool = True         # save each pruned model under OUT/models/METHOD-RATIO
+    device: str = "auto"             # auto (a GPU if any), cpu or cuda: where pruning, evaluation and timing run
     pvit: M.PViTOptions = field(default_factory=M.PViTOptions)
     apvit: M.APViTOptions = field(default_factory=M.APViTOptions)
     cpvit: M.CPViTOptions = field(default_factory=M.CPViTOptions)
@@ -146,18 +148,22 @@ class _Sweep:
 
         self.c = config.validate()
         check_out(config.out)
+        self.device = resolve_device(config.device)
         self.vit, self.data = load_base(config.checkpoint, config.data, config.data_dir, config.arch)
+        self.vit = self.vit.to(self.device)
         size = self.vit.config.image_size
         self.transform = eval_transform(self.data, size)
         self.test = self.data.test.random_subset(config.test_limit, config.seed)
         self.timing_x, _ = calibration_batch(self.data, size, config.batch_size, seed=config.seed + 1)
         self.calib_x, self.calib_y = calibration_batch(self.data, size, config.calib_size, seed=config.seed)
+        self.timing_x, self.calib_x, self.calib_y = (t.to(self.device) for t in (self.timing_x, self.calib_x,
+                                                                                 self.calib_y))
         self.out = ensure_dir(config.out)
         self.csv = self.out / "results.csv"
         self._prepared: dict = {}
 
     def measure(self, runner: TokenRunner, method: str, ratio: float) -> dict:
-        runner.reset_stats()
+        runner.to(self.device).reset_stats()  # a slimmed P-ViT is built anew: bring it to the device
         acc = accuracy(runner, self.test, self.transform, self.c.eval_batch_size, desc=f"{method} {ratio}")
         achieved = M.pvit_ratio_of(runner, self.vit) if method == "p-vit" else runner.achieved_ratio()
         macs = runner.macs()
