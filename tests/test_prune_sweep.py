@@ -103,3 +103,17 @@ def test_sweep_device_cuda_without_a_gpu_is_a_clear_error(tiny_run, tmp_path, ca
     out = tmp_path / "s"
     assert main(["prune", "sweep", "--checkpoint", str(tiny_run), "--device", "cuda", "--out", str(out)]) == 2
     assert "no GPU is visible" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_sweep_runs_ap_vit_joint_with_its_unpruned_row(tiny_run, tmp_path):
+    out = tmp_path / "joint"
+    args = ["prune", "sweep", "--checkpoint", str(tiny_run), "--methods", "ap-vit-joint", "--ratios", "0.3",
+            "--out", str(out), "--test-limit", "32", "--calib-size", "16", "--timing-repeats", "1",
+            "--batch-size", "8", "--apvit-joint-train-limit", "64", "--apvit-hidden", "8", "--no-save-models"]
+    assert main(args) == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], float(r["ratio"])) for r in rows] == [("base", 0.0), ("ap-vit-joint", 0.0),
+                                                                 ("ap-vit-joint", 0.3)]
+    assert float(rows[1]["achieved_ratio"]) == pytest.approx(0.0, abs=0.02)  # the fine-tuned copy, unpruned
+    assert "AP-ViT (joint, APT)" in (out / "results.md").read_text()

@@ -103,11 +103,12 @@ def train_gates(vit: ViT, batches, options: PViTOptions) -> tuple[ViT, Gates]:
     gates = attach_gates(model)
     params = [{"params": list(model.parameters()), "lr": options.gate_lr},
               {"params": gates.all(), "lr": options.gate_gate_lr, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(params)
+    opt, device = torch.optim.AdamW(params), next(model.parameters()).device
     for epoch in range(options.gate_epochs):
         model.train()
         for x, y in tqdm(batches(epoch), desc=f"p-vit gates {epoch + 1}/{options.gate_epochs}", leave=False,
                          disable=None):
+            x, y = x.to(device), y.to(device)
             loss = F.cross_entropy(model(x), y) + options.l1_weight * pvit.l1_penalty(gates.all())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -144,6 +145,9 @@ class APViTOptions:
     epochs: int = 30            # agent training epochs
     lr: float = 3e-3            # agent learning rate
     fixed_count: bool = True    # every image keeps the same number of patches per agent (no padding; off: APT's per-image threshold)
+    joint_epochs: int = 1       # ap-vit-joint: epochs of APT's joint training of the agents with a backbone copy
+    joint_lr: float = 1e-4      # backbone learning rate of that joint training (agents: lr)
+    joint_train_limit: int | None = None  # joint training on N random train images (seeded)
     thresholds: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])  # rows of the threshold table (the seed's Table 2)
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from nnlab.engine.io import atomic_write_text
 
-ORDER = ["p-vit", "ap-vit", "cp-vit", "tome"]
-NAMES = {"p-vit": "P-ViT", "ap-vit": "AP-ViT", "cp-vit": "CP-ViT", "tome": "ToMe"}
+ORDER = ["p-vit", "ap-vit", "ap-vit-joint", "cp-vit", "tome"]
+NAMES = {"p-vit": "P-ViT", "ap-vit": "AP-ViT", "ap-vit-joint": "AP-ViT (joint, APT)", "cp-vit": "CP-ViT", "tome": "ToMe"}
 
 
 def _methods(rows: list[dict]) -> list[str]:

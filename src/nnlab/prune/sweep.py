@@ -36,7 +36,8 @@ from nnlab.prune.plots import write_plots, write_table
 from nnlab.prune.runners import TokenRunner
 from nnlab.report import write_csv, write_records_csv
 
-METHODS = ("p-vit", "ap-vit", "cp-vit", "tome")
+METHODS = ("p-vit", "ap-vit", "cp-vit", "tome", "ap-vit-joint")
+DEFAULT_METHODS = METHODS[:4]  # ap-vit-joint trains a backbone copy (APT's three streams): asked for by name
 COLUMNS = ["method", "ratio", "top1", "top5", "gflops", "images_per_s", "achieved_ratio", "heads_kept"]
 
 
@@ -44,7 +45,7 @@ COLUMNS = ["method", "ratio", "top1", "top5", "gflops", "images_per_s", "achieve
 class PruneSweepConfig:
     checkpoint: str
     out: str
-    methods: list[str] = field(default_factory=lambda: list(METHODS))  # methods to run: p-vit, ap-vit, cp-vit, tome
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # p-vit, ap-vit, cp-vit, tome; also ap-vit-joint
     ratios: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])  # pruning ratios in [0, 1)
     data: str | None = None          # data set (default: the run's; required for a weights file)
     arch: str | None = None          # architecture of a weights file: deit-tiny/small/base, vit-tiny16/s16/b16/l16
@@ -74,14 +75,16 @@ class PruneSweepConfig:
                   ("test-limit", self.test_limit or 1, 1), ("pvit-gate-epochs", p.gate_epochs, 0),
                   ("pvit-finetune-epochs", p.finetune_epochs, 0), ("pvit-train-limit", p.train_limit or 1, 1),
                   ("apvit-agents", a.agents, 1), ("apvit-hidden", a.hidden, 1),
-                  ("apvit-candidates", a.candidates, 1), ("apvit-epochs", a.epochs, 0)]
+                  ("apvit-candidates", a.candidates, 1), ("apvit-epochs", a.epochs, 0),
+                  ("apvit-joint-epochs", a.joint_epochs, 1), ("apvit-joint-train-limit", a.joint_train_limit or 1, 1)]
         for flag, value, low in checks:
             if value < low:
                 raise ConfigError(f"--{flag} must be >= {low}, got {value}")
         if not 0 <= self.cpvit.head_share <= 1:
             raise ConfigError(f"--cpvit-head-share must be in [0, 1], got {self.cpvit.head_share}")
         for flag, value in (("pvit-gate-lr", p.gate_lr), ("pvit-gate-gate-lr", p.gate_gate_lr),
-                            ("pvit-finetune-lr", p.finetune_lr), ("apvit-lr", a.lr), ("pvit-l1-weight", p.l1_weight)):
+                            ("pvit-finetune-lr", p.finetune_lr), ("apvit-lr", a.lr), ("pvit-l1-weight", p.l1_weight),
+                            ("apvit-joint-lr", a.joint_lr)):
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"--{flag} must be a finite number >= 0, got {value}")
         return self
@@ -185,11 +188,25 @@ class _Sweep:
                 self._prepared["gates"] = M.train_gates(self.vit, batches, self.c.pvit)
             gated, gates = self._prepared["gates"]
             return M.build_pvit(gated, gates, ratio, batches, self.c.pvit)
+        if method == "ap-vit-joint":
+            return self._build_joint(ratio)
         if "agents" not in self._prepared:
             self._prepared["agents"] = M.train_agents(self.vit, self.calib_x, self.calib_y, self.c.apvit)
             self._write_threshold_table(*self._prepared["agents"])
         agents, positions = self._prepared["agents"]
         return M.build_apvit(self.vit, agents, positions, ratio, self.calib_x[:256], self.c.apvit.fixed_count)
+
+    def _build_joint(self, ratio: float) -> TokenRunner:
+        """AP-ViT with agents trained jointly with a backbone copy (:mod:`nnlab.prune.apt`), once."""
+        from nnlab.prune.apt import train_jointly
+
+        a = self.c.apvit
+        if "joint" not in self._prepared:
+            batches = train_loader(self.data, 64, self.vit.config.image_size, seed=self.c.seed,
+                                   limit=a.joint_train_limit)
+            self._prepared["joint"] = train_jointly(self.vit, batches, a, a.joint_epochs, seed=self.c.seed)
+        model, agents, positions = self._prepared["joint"]
+        return M.build_apvit(model, agents, positions, ratio, self.calib_x[:256], a.fixed_count)
 
     def _write_threshold_table(self, agents: nn.ModuleList, positions: list[int]) -> None:
         table = M.threshold_table(self.vit, agents, positions, self.calib_x[:256], self.c.apvit.thresholds)
@@ -237,8 +254,9 @@ def run_prune_sweep(config: PruneSweepConfig) -> PruneSweepResult:
 def _run_locked(s: "_Sweep", config: PruneSweepConfig) -> PruneSweepResult:
     done = {(r["method"], round(r["ratio"], 4)) for r in read_rows(s.csv)}
     todo = [("base", 0.0)] + [(m, float(r)) for m in config.methods for r in config.ratios]
-    if "p-vit" in config.methods and 0.0 not in config.ratios:  # the gated, unpruned model: gate training
-        todo.insert(1, ("p-vit", 0.0))                        # and pruning are not confounded
+    for method in ("p-vit", "ap-vit-joint"):  # the gated / jointly fine-tuned model unpruned: training
+        if method in config.methods and 0.0 not in config.ratios:  # and pruning are not confounded
+            todo.insert(1, (method, 0.0))
     for method, ratio in todo:
         if (method, round(ratio, 4)) in done:
             continue
