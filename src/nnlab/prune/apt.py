@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from nnlab.models.vit import ViT
 from nnlab.prune import apvit
+from nnlab.prune.methods import tokens_at, true_prob
 from nnlab.prune.runners import APViTRunner
 
 STREAM1_THRESHOLD = 0.5  # APT's: a token goes when the agent's drop probability exceeds 1/2
@@ -45,23 +46,6 @@ class ClipBatch:
     token: torch.Tensor
     logit: torch.Tensor
     label: torch.Tensor
-
-
-@torch.no_grad()
-def true_prob(vit: ViT, tokens: torch.Tensor, position: int, y: torch.Tensor) -> torch.Tensor:
-    """True-class probability (B,) of tokens (B, T, D) entering block ``position``."""
-    for block in vit.blocks[position:]:
-        tokens = block(tokens)
-    return vit.classify(tokens).softmax(-1).gather(1, y[:, None]).squeeze(1)
-
-
-@torch.no_grad()
-def tokens_at(vit: ViT, x: torch.Tensor, position: int) -> torch.Tensor:
-    """Tokens (B, T, D) entering block ``position`` of images x."""
-    t = vit.embed(x)
-    for block in vit.blocks[:position]:
-        t = block(t)
-    return t
 
 
 def clip_one(vit: ViT, agent: nn.Module, x: torch.Tensor, y: torch.Tensor, p_old: torch.Tensor,

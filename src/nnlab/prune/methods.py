@@ -152,7 +152,8 @@ class APViTOptions:
 
 
 @torch.no_grad()
-def _tokens_at(vit: ViT, x: torch.Tensor, position: int) -> torch.Tensor:
+def tokens_at(vit: ViT, x: torch.Tensor, position: int) -> torch.Tensor:
+    """Tokens (B, T, D) entering block ``position`` of images x (B, C, H, W)."""
     t = vit.embed(x)
     for block in vit.blocks[:position]:
         t = block(t)
@@ -160,7 +161,8 @@ def _tokens_at(vit: ViT, x: torch.Tensor, position: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _true_prob(vit: ViT, t: torch.Tensor, position: int, y: torch.Tensor) -> torch.Tensor:
+def true_prob(vit: ViT, t: torch.Tensor, position: int, y: torch.Tensor) -> torch.Tensor:
+    """True-class probability (B,) of tokens t (B, T, D) entering block ``position``; labels y (B,)."""
     for block in vit.blocks[position:]:
         t = block(t)
     return vit.classify(t).softmax(-1).gather(1, y[:, None]).squeeze(1)
@@ -174,11 +176,11 @@ def agent_data(vit: ViT, x: torch.Tensor, y: torch.Tensor, position: int, candid
     tokens, cands, rewards = [], [], []
     for s in tqdm(range(0, x.shape[0], batch_size), desc=f"ap-vit rewards @{position}", leave=False, disable=None):
         xb, yb = x[s:s + batch_size], y[s:s + batch_size]
-        t = _tokens_at(vit, xb, position)
+        t = tokens_at(vit, xb, position)
         k = min(candidates, t.shape[1] - 1)
         cand = torch.stack([torch.randperm(t.shape[1] - 1, generator=g)[:k] + 1 for _ in range(t.shape[0])]).to(t.device)
-        p_full = _true_prob(vit, t, position, yb)
-        p_drop = _true_prob(vit, apvit.without_token(t, cand), position, yb.repeat_interleave(k))
+        p_full = true_prob(vit, t, position, yb)
+        p_drop = true_prob(vit, apvit.without_token(t, cand), position, yb.repeat_interleave(k))
         tokens.append(t), cands.append(cand), rewards.append(apvit.drop_rewards(p_full, p_drop.view(-1, k)))
     return torch.cat(tokens), torch.cat(cands), torch.cat(rewards)
 
