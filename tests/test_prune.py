@@ -361,3 +361,41 @@ def test_a_pruned_cpvit_with_heads_is_saved_and_loaded(vit4, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), run(x))
     assert loaded.heads == run.heads
+
+
+# --------------------------------------------------------------------------- conv-stem ViT (issue 13)
+
+
+@pytest.fixture
+def stem_vit():
+    return create_model("vit-test", num_classes=5, in_chans=3, image_size=16, stem=[6, 8]).eval()
+
+
+def test_conv_stem_gives_one_token_per_patch_and_its_flops_are_counted(stem_vit):
+    x = torch.randn(2, 3, 16, 16)
+    assert stem_vit.embed(x).shape == (2, 1 + 16, 16)
+    base = TokenRunner(stem_vit)
+    assert _counted_macs(base, x) == pytest.approx(vit_macs(stem_vit.config))  # stem convs + 1x1 + blocks
+    plain = create_model("vit-test", num_classes=5, in_chans=3, image_size=16)
+    stem_only = vit_macs(stem_vit.config) - vit_macs(plain.config) + 16 * 3 * 16 * 16  # minus plain embed
+    assert stem_only == pytest.approx(8 * 8 * 3 * 6 * 9 + 4 * 4 * 6 * 8 * 9 + 16 * 8 * 16)
+    cp = CPViTRunner(stem_vit, [8, 4, 2])
+    assert _counted_macs(cp, x) == pytest.approx(cp.macs())
+
+
+def test_conv_stem_must_match_the_patch_size():
+    from nnlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="log2\\(patch_size\\) = 2"):
+        create_model("vit-test", num_classes=5, in_chans=3, image_size=16, stem=[8])
+
+
+def test_slimming_keeps_the_stem(stem_vit):
+    from nnlab.prune.slim import slim_vit
+
+    c = stem_vit.config
+    with torch.no_grad():
+        stem_vit.stem[1].running_mean.uniform_(-1, 1)  # a trained stem's BatchNorm statistics
+        full = slim_vit(stem_vit, None, [torch.arange(d) for d in c.head_dims], [torch.arange(d) for d in c.mlp_dims])
+        x = torch.randn(2, 3, 16, 16)
+        torch.testing.assert_close(full(x), stem_vit(x))

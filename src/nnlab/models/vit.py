@@ -11,6 +11,10 @@ Pre-norm blocks: ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``. What pruning
   returns them for CP-ViT; :meth:`Attention.forward` is the fast fused path
   (``F.scaled_dot_product_attention``); both take an additive bias (B, 1, 1, T) or None.
 * **Position embeddings** resizable by bicubic interpolation (:func:`resize_pos_embed`).
+* **Convolutional stem** (optional, ``ViTConfig.stem``; Xiao et al. 2021, "Early convolutions help
+  transformers see better"): log2(patch_size) 3x3 stride-2 convolutions with BatchNorm and ReLU,
+  then a 1x1 convolution to ``dim``, in place of the patch-size convolution. It still gives one token
+  per patch (e.g. 8 x 8 = 64 on 32 px images with patch 4), so every pruning method applies as is.
 
 Shapes: images (B, C, H, W); tokens (B, T, D) with T = 1 + N patches; logits (B, num_classes).
 """
@@ -47,6 +51,7 @@ class ViTConfig:
     dropout: float = 0.0
     ln_eps: float = 1e-6
     input_size: int = 0                                  # >0: inputs of this size are resized to image_size
+    stem: list[int] = field(default_factory=list)        # conv stem channels (one 3x3 stride-2 conv each); [] = none
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -59,6 +64,11 @@ class ViTConfig:
         self.attn_scale_dim = self.attn_scale_dim or self.dim // self.heads
         if len(self.head_dims) != self.depth or len(self.mlp_dims) != self.depth:
             raise ConfigError(f"head_dims and mlp_dims need {self.depth} entries (one per block)")
+        self.stem = [int(c) for c in self.stem]
+        if self.stem and 2 ** len(self.stem) != self.patch_size:
+            raise ConfigError(f"a conv stem of {len(self.stem)} stride-2 convolutions makes patches of "
+                              f"{2 ** len(self.stem)} pixels, not patch_size {self.patch_size}; give "
+                              f"log2(patch_size) = {math.log2(self.patch_size):g} stem channels")
 
     @property
     def grid(self) -> int:
@@ -169,6 +179,18 @@ class Block(nn.Module):
         return x + self._dp(self.mlp(self.norm2(x)))
 
 
+def conv_stem(in_chans: int, channels: list[int]) -> nn.Module:
+    """3x3 stride-2 conv + BatchNorm + ReLU per entry of ``channels``: (B, C, H, W) ->
+    (B, channels[-1], H / 2^k, W / 2^k); nn.Identity() for no channels."""
+    if not channels:
+        return nn.Identity()
+    layers, prev = [], in_chans
+    for ch in channels:
+        layers += [nn.Conv2d(prev, ch, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(inplace=True)]
+        prev = ch
+    return nn.Sequential(*layers)
+
+
 def resize_pos_embed(pos: torch.Tensor, new_grid: int) -> torch.Tensor:
     """pos: (1, 1 + g*g, D) -> (1, 1 + new_grid**2, D), bicubic over the patch grid, CLS kept."""
     cls, grid = pos[:, :1], pos[:, 1:]
@@ -188,7 +210,11 @@ class ViT(nn.Module):
     def __init__(self, config: ViTConfig):
         super().__init__()
         c = self.config = config
-        self.patch_embed = nn.Conv2d(c.in_chans, c.dim, c.patch_size, stride=c.patch_size)
+        self.stem = conv_stem(c.in_chans, c.stem)  # nn.Identity() without a stem
+        if c.stem:
+            self.patch_embed = nn.Conv2d(c.stem[-1], c.dim, 1)
+        else:
+            self.patch_embed = nn.Conv2d(c.in_chans, c.dim, c.patch_size, stride=c.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + c.num_patches, c.dim) * 0.02)
         self.pos_drop = nn.Dropout(c.dropout)
@@ -208,7 +234,7 @@ class ViT(nn.Module):
         if x.shape[1:] != (c.in_chans, c.image_size, c.image_size):
             raise ConfigError(f"this ViT takes ({c.in_chans}, {c.image_size}, {c.image_size}) images, "
                               f"got {tuple(x.shape[1:])}; resize the data or call set_image_size()")
-        patches = self.patch_embed(x).flatten(2).transpose(1, 2)          # (B, N, dim)
+        patches = self.patch_embed(self.stem(x)).flatten(2).transpose(1, 2)   # (B, N, dim)
         tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), patches], dim=1)
         return self.pos_drop(tokens + self.pos_embed)
 
@@ -253,6 +279,8 @@ VIT_PRESETS: dict[str, dict] = {
     "vit-s16": dict(patch_size=16, dim=384, depth=12, heads=6, mlp_ratio=4.0),
     "vit-tiny-cifar": dict(patch_size=4, dim=192, depth=6, heads=3, mlp_ratio=2.0),
     "vit-small-cifar": dict(patch_size=4, dim=192, depth=9, heads=3, mlp_ratio=2.0),
+    # CPU-trainable CIFAR-10 ViT (issue 13): a conv stem (32 -> 16 -> 8 px, 64 tokens), 7 pre-norm blocks
+    "vit-cifar-cpu": dict(patch_size=4, dim=192, depth=7, heads=4, mlp_ratio=2.0, stem=[48, 96]),
     "vit-mnist": dict(patch_size=4, dim=64, depth=4, heads=2, mlp_ratio=2.0),
     "vit-test": dict(patch_size=4, dim=16, depth=3, heads=2, mlp_ratio=2.0),
 }

@@ -24,6 +24,20 @@ def block_macs(dim: int, heads: int, head_dim: int, mlp_dim: int, attn_tokens: f
     return qkv + scores_and_mix + proj + mlp
 
 
+def embed_macs(config: ViTConfig) -> float:
+    """MACs of the patch embedding: the patch-size convolution, or the conv stem (3x3 stride-2
+    convolutions, BatchNorm folded) and its 1x1 projection to ``dim``."""
+    c = config
+    if not c.stem:
+        return c.num_patches * c.in_chans * c.patch_size ** 2 * c.dim
+    total, size, prev = 0.0, c.image_size, c.in_chans
+    for ch in c.stem:
+        size = (size + 1) // 2
+        total += size * size * prev * ch * 9
+        prev = ch
+    return total + c.num_patches * prev * c.dim
+
+
 def vit_macs(config: ViTConfig, attn_tokens: Sequence[float] | None = None,
              mlp_tokens: Sequence[float] | None = None, extra: float = 0.0,
              heads: Sequence[int] | None = None) -> float:
@@ -37,7 +51,7 @@ def vit_macs(config: ViTConfig, attn_tokens: Sequence[float] | None = None,
     full = [1 + c.num_patches] * c.depth
     attn_tokens = list(attn_tokens) if attn_tokens is not None else full
     mlp_tokens = list(mlp_tokens) if mlp_tokens is not None else list(attn_tokens)
-    embed = c.num_patches * c.in_chans * c.patch_size ** 2 * c.dim
+    embed = embed_macs(c)
     heads = list(heads) if heads is not None else [c.heads] * c.depth
     blocks = sum(block_macs(c.dim, heads[i], c.head_dims[i], c.mlp_dims[i], attn_tokens[i], mlp_tokens[i])
                  for i in range(c.depth))
