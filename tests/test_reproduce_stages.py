@@ -62,3 +62,29 @@ def test_headline_rows_skip_only_what_neither_side_has():
     rows = headline_rows(section, {"x": 0.5}, {"lbi": {"s": {"value": 98.61, "source": "seed"}}})
     assert [r[0] for r in rows] == ["measured", "seed only"]
     assert rows[1][1] is None and rows[1][2] == 98.61  # a gap against the seed stays visible
+
+
+def test_the_cpu_preset_prunes_the_published_cifar_model_when_it_is_present(tmp_path, monkeypatch):
+    """Issue 13: with docs/results/vit-cifar/base in place, the ViT section uses it as it is."""
+    from pathlib import Path
+
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    from nnlab.reproduce import study_prune
+
+    monkeypatch.chdir(tmp_path)
+    assert [s.name for s in study_prune.stages("cpu")] == ["prune-base", "prune-sweep"]
+    assert study_prune.stages("cpu")[0].fn.__name__ == "_train_base"  # nothing published: train the stand-in
+    base = tmp_path / study_prune.PUBLISHED_BASE
+    base.mkdir(parents=True)
+    (base / "config.yaml").write_text(yaml.safe_dump({"model": "vit-cifar-cpu", "data": "cifar10", "epochs": 30}))
+    save_file({"w": torch.zeros(2)}, base / "model.safetensors")
+    use, sweep = study_prune.stages("cpu")
+    assert use.fn.__name__ == "_use_published" and Path(use.config["checkpoint"]).resolve() == base.resolve()
+    assert sweep.config["data"] == "cifar10" and sweep.config["sweep"]["ratios"] == study_prune.RATIOS
+    key = use.key()
+    save_file({"w": torch.ones(2)}, base / "model.safetensors")  # another published model: another key
+    assert study_prune.stages("cpu")[0].key() != key
+    assert study_prune.stages("quick")[0].fn.__name__ == "_train_base"  # quick never uses it

@@ -3,10 +3,16 @@
 Stages: ``prune-base`` trains the base ViT with the engine (resumable), ``prune-sweep`` prunes it with
 every method at every ratio and measures top-1/top-5, GFLOPs and images/s
 (:func:`nnlab.prune.sweep.run_prune_sweep`, resumable row by row); its table is the seed's Table 1.
+
+In the ``cpu`` preset, when the published CIFAR-10 base model is present (``docs/results/vit-cifar/base``
+under the working directory, with ``config.yaml`` and ``model.safetensors``), ``prune-base`` uses it
+as it is (no training) and the sweep runs on CIFAR-10 at the nine ratios; otherwise the MNIST
+stand-in is trained as in the ``quick`` preset.
 """
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from nnlab.report import Section, write_csv
@@ -44,6 +50,9 @@ BASE: dict[str, dict[str, Any]] = {
                   flip=True, eval_every=5),
 }
 RATIOS = [round(0.1 * i, 1) for i in range(1, 10)]
+PUBLISHED_BASE = Path("docs/results/vit-cifar/base")  # the CIFAR-10 base model, as `nnlab publish` left it
+# the sweep on the published CIFAR-10 model (configs/prune-cifar.yaml, the four methods of the table)
+CIFAR_SWEEP: dict[str, Any] = dict(ratios=RATIOS, pvit=dict(gate_epochs=1, train_limit=10_000, finetune_epochs=1))
 # Sweep settings (nnlab.prune.sweep.PruneSweepConfig fields; pvit/apvit: their option dataclasses).
 SWEEP: dict[str, dict[str, Any]] = {
     "quick": dict(ratios=[0.3, 0.5, 0.7, 0.9], test_limit=500, calib_size=256, timing_repeats=5,
@@ -55,6 +64,8 @@ SWEEP: dict[str, dict[str, Any]] = {
 
 def notes_for(base: dict[str, Any], sweep: dict[str, Any]) -> list[str]:
     """One sentence per difference from the seed's set-up (ViT-B/16 fine-tuned on CIFAR-10, 224 px)."""
+    from nnlab.prune.methods import CPViTOptions, PViTOptions
+
     notes = []
     if base["data"] in ("mnist-5k", "mnist"):
         what = "the embedded mnist-5k digits (4,000 train / 1,000 test)" if base["data"] == "mnist-5k" \
@@ -62,19 +73,20 @@ def notes_for(base: dict[str, Any], sweep: dict[str, Any]) -> list[str]:
         notes.append(f"Data: {what} as a stand-in for CIFAR-10, so accuracies are not comparable with "
                      "the seed's.")
     if base["model"] != "vit-b16":
-        notes.append(f"Model: {base['model']} trained from scratch for {base['epochs']} epochs instead of "
+        notes.append(f"Model: {base['model']} trained from scratch for {base.get('epochs')} epochs instead of "
                      "ViT-B/16 pre-trained on ImageNet-21k and fine-tuned at 224 px (Google's weights "
                      "cannot be downloaded here).")
     if sweep.get("test_limit"):
         notes.append(f"Evaluation: the first {sweep['test_limit']:,} test images.")
     if sweep["ratios"] != RATIOS:
         notes.append(f"Ratios: {', '.join(f'{r:g}' for r in sweep['ratios'])} instead of 0.1 to 0.9.")
-    pvit = sweep.get("pvit", {})
-    if pvit.get("train_limit"):
-        notes.append(f"P-ViT: gates trained for {pvit.get('gate_epochs', 3)} epoch(s) on "
-                     f"{pvit['train_limit']:,} training images, no fine-tuning after slimming.")
-    from nnlab.prune.methods import CPViTOptions
-
+    pvit = PViTOptions(**sweep.get("pvit", {}))
+    if pvit.train_limit:
+        tune = pvit.finetune_epochs
+        notes.append(f"P-ViT: gates trained for {pvit.gate_epochs} epoch(s) on "
+                     f"{pvit.train_limit:,} training images, "
+                     + (f"{tune} epoch(s) of fine-tuning after slimming (VTP's third stage)." if tune else
+                        "no fine-tuning after slimming."))
     cpvit = CPViTOptions(**sweep.get("cpvit", {}))
     if cpvit.heads:
         notes.append(f"CP-ViT: heads pruned as well, towards {cpvit.head_share:g} x the patch ratio "
@@ -98,7 +110,7 @@ def _sweep_config(ctx: StageContext):
     c = dict(ctx.config["sweep"])
     pvit, apvit = PViTOptions(**c.pop("pvit", {})), APViTOptions(**c.pop("apvit", {}))
     cpvit = CPViTOptions(**c.pop("cpvit", {}))
-    run = ctx.results["prune-base"].dir / "run"
+    run = ctx.config.get("checkpoint") or ctx.results["prune-base"].dir / "run"
     out = work_dir(ctx, "sweep")
     return PruneSweepConfig(checkpoint=str(run), out=str(out), methods=list(METHODS), pvit=pvit, apvit=apvit,
                             cpvit=cpvit, data_dir=data_dir_for(ctx, ctx.config["data"]), **c)
@@ -138,10 +150,45 @@ def sweep_metrics(rows: list[dict]) -> dict[str, Any]:
     return out
 
 
+def published_base(root: Path | None = None) -> Path | None:
+    """The published CIFAR-10 base model's folder under ``root`` (default: the working directory),
+    or None when it is not there."""
+    path = (root or Path.cwd()) / PUBLISHED_BASE
+    return path if (path / "config.yaml").is_file() and (path / "model.safetensors").is_file() else None
+
+
+def _use_published(ctx: StageContext) -> StageResult:
+    from nnlab.engine.io import read_json
+
+    summary = read_json(Path(ctx.config["checkpoint"]) / "summary.json")
+    return StageResult(metrics={"base_train_test_top1": summary["test_top1"]},
+                       notes=[f"Base model: the published {ctx.config['model']} in {ctx.config['checkpoint']} "
+                              "(trained on CPU, not retrained here)."])
+
+
+def _published_stages(path: Path) -> list[Stage]:
+    """prune-base reads the published model (keyed by its weights' SHA-256); the sweep prunes it."""
+    import yaml
+
+    from nnlab.engine.checkpoint import sha256
+
+    cfg = yaml.safe_load((path / "config.yaml").read_text())
+    base = {"model": cfg["model"], "data": cfg["data"], "epochs": cfg.get("epochs")}
+    use = Stage("prune-base", "prune", f"base ViT (the published {cfg['model']} on {cfg['data']})", _use_published,
+                {"checkpoint": str(path), "model": cfg["model"], "sha256": sha256(path / "model.safetensors")})
+    prune = Stage("prune-sweep", "prune", "pruning sweep: methods x ratios (Table 1) and throughput",
+                  partial(_sweep, notes=tuple(notes_for(base, CIFAR_SWEEP))),
+                  {"base": use.key(), "sweep": CIFAR_SWEEP, "data": cfg["data"], "checkpoint": str(path)},
+                  needs=("prune-base",))
+    return [use, prune]
+
+
 def stages(preset: str) -> list[Stage]:
     """The ViT pruning study's stages for ``preset`` (quick, cpu, paper; none in cpu-full)."""
     if check_preset(preset) == "cpu-full":
         return []
+    if preset == "cpu" and (path := published_base()) is not None:
+        return _published_stages(path)
     base, sweep = BASE[preset], SWEEP[preset]
     train = Stage("prune-base", "prune", f"base ViT ({base['model']} on {base['data']})", _train_base,
                   {"train": base})
