@@ -17,6 +17,12 @@ Implementations (both include the Adam step on the shared weights):
 - ``nnlab``: the trainer's step (:func:`nnlab.functa.trainer.meta_step`: the hand-derived inner
   gradient, chunks on worker threads).
 
+With ``--fit`` it also times fitting (functaset writing: 3 inner steps, no meta-gradient) on a
+batch of ``--fit-batch`` images: the peer's batched autograd
+(:func:`nnlab.functa.reference.fit_latents_batched_autograd`) against nnlab's
+:func:`nnlab.functa.functaset.fit_batch`, in images/s (issue-17 target: nnlab >= 1,500 images/s
+on mnist-cpu).
+
 It prints ms per step for each, the ratio (the issue-17 target is >= 3x), the FLOPs of one step
 (counted on the peer with ``torch.utils.flop_counter``: matmuls and their backward) and the
 fraction of the fp32 matmul peak each reaches (peak measured in the same run). ``--policy``
@@ -51,6 +57,31 @@ def _model_and_batch(name: str):
     model = LatentModulatedSiren(cfg)
     x = torch.rand(spec["batch"], cfg.out_channels, 28, 28)
     return model, x
+
+
+def fit_child(name: str, impl: str, repeat: int, batch: int) -> dict:
+    """Run in a fresh process: images/s of fitting ``batch`` images with ``impl`` on config ``name``."""
+    import torch
+
+    from nnlab.functa import reference
+    from nnlab.functa.functaset import fit_batch
+    from nnlab.functa.parallel import chunk_runner
+
+    model, _ = _model_and_batch(name)
+    x = torch.rand(batch, model.config.out_channels, 28, 28)
+    with chunk_runner(0) as runner:
+        def fit():
+            if impl == "peer":
+                reference.fit_latents_batched_autograd(model, x, 3)
+            else:
+                with torch.no_grad():
+                    fit_batch(model, x, 3, runner=runner)
+        fit()
+        t = time.perf_counter()
+        for _ in range(repeat):
+            fit()
+        seconds = (time.perf_counter() - t) / repeat
+    return {"images_per_s": batch / seconds, "threads": torch.get_num_threads()}
 
 
 def child(name: str, impl: str, repeat: int) -> dict:
@@ -148,9 +179,16 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures here")
     ap.add_argument("--_child", nargs=3, metavar=("CONFIG", "IMPL", "REPEAT"), help=argparse.SUPPRESS)
     ap.add_argument("--_flops", metavar="CONFIG", help=argparse.SUPPRESS)
+    ap.add_argument("--fit", action="store_true", help="also time fitting (functaset writing)")
+    ap.add_argument("--fit-batch", type=int, default=256, help="images per timed fit")
+    ap.add_argument("--_fit_child", nargs=4, metavar=("CONFIG", "IMPL", "REPEAT", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
         print(json.dumps(child(args._child[0], args._child[1], int(args._child[2]))))
+        return
+    if args._fit_child:
+        c, impl, repeat, batch = args._fit_child
+        print(json.dumps(fit_child(c, impl, int(repeat), int(batch))))
         return
     if args._flops:
         print(json.dumps(flops_and_peak(args._flops)))
@@ -173,9 +211,26 @@ def main() -> None:
                   f"nnlab {' / '.join(f'{v:.0f}' for v in ms['nnlab'])} ms -> {ratio:.2f}x (target >= 3x); "
                   f"{fp['gflop']:.2f} GFLOP per step, matmul peak {fp['peak_gflops']:.0f} GFLOP/s: peer "
                   f"{100 * frac['peer']:.0f}%, nnlab {100 * frac['nnlab']:.0f}% of peak")
+        if args.fit:
+            report[f"{name}/fit"] = _fit_rounds(name, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+
+
+def _fit_rounds(name: str, args) -> dict:
+    """Interleaved fitting rounds (peer, nnlab, ...), each in a fresh process, OMP policy unset."""
+    ips = {"peer": [], "nnlab": []}
+    for _ in range(args.rounds):
+        for impl in ips:
+            ips[impl].append(_spawn(["--_fit_child", name, impl, str(args.repeat), str(args.fit_batch)],
+                                    None)["images_per_s"])
+    med = {k: statistics.median(v) for k, v in ips.items()}
+    print(f"{name:13s} fitting, {args.fit_batch} images, 3 steps: peer "
+          f"{' / '.join(f'{v:.0f}' for v in ips['peer'])} images/s, nnlab "
+          f"{' / '.join(f'{v:.0f}' for v in ips['nnlab'])} images/s -> {med['nnlab'] / med['peer']:.2f}x "
+          "(target: nnlab >= 1500 images/s on mnist-cpu)")
+    return {"images_per_s": ips, "median": med, "ratio": med["nnlab"] / med["peer"]}
 
 
 if __name__ == "__main__":

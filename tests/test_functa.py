@@ -111,3 +111,18 @@ def test_bad_config_raises_config_error():
         FunctaConfig(depth=1)
     with pytest.raises(ConfigError, match="modulate_shift"):
         FunctaConfig(modulate_shift=False, modulate_scale=False)
+
+
+def test_the_batched_autograd_fit_peer_agrees_with_nnlab_fitting():
+    """Issue 17's fitting peer (whole batch, autograd inner gradients) gives nnlab's latents."""
+    from nnlab.functa.functaset import fit_batch
+    from nnlab.functa.model import FunctaConfig, LatentModulatedSiren
+    from nnlab.functa.reference import fit_latents_batched_autograd
+
+    torch.manual_seed(0)
+    model = LatentModulatedSiren(FunctaConfig(width=16, depth=3, latent_dim=8, meta_sgd=True)).double()
+    images = torch.rand(5, 1, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        ours = fit_batch(model, images, 3).latents
+    torch.testing.assert_close(fit_latents_batched_autograd(model, images, 3), ours, rtol=1e-9, atol=1e-12)
+    assert ours.abs().sum() > 0

@@ -41,6 +41,24 @@ def meta_loss_reference(model: LatentModulatedSiren, images: torch.Tensor, steps
     return torch.stack(losses).mean()
 
 
+def fit_latents_batched_autograd(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3
+                                 ) -> torch.Tensor:
+    """The peer's fitting (functaset writing, COIN++ style): the whole batch's latents from ``steps``
+    inner SGD steps, gradients from ``torch.autograd.grad`` (no graph kept between steps, no
+    hand-derived backward). images (B, C, *size) in [0, 1] -> latents (B, latent_dim)."""
+    size = tuple(images.shape[2:])
+    coords = coordinate_grid(size, len(size), device=images.device, dtype=images.dtype)
+    target = images.flatten(2).transpose(1, 2)                         # (B, P, C)
+    z = images.new_zeros(images.shape[0], model.config.latent_dim)
+    lr = model.inner_lr().detach()
+    for _ in range(steps):
+        z = z.requires_grad_()
+        loss = (model(z, coords) - target).pow(2).mean(dim=(1, 2)).sum()  # each latent: its own image's MSE
+        (g,) = torch.autograd.grad(loss, z)
+        z = (z - lr * g).detach()
+    return z
+
+
 def meta_loss_batched_autograd(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3, *,
                                first_order: bool = False) -> torch.Tensor:
     """The peer's meta-step (EmilienDupont/coinpp style): the whole batch through the model, inner
