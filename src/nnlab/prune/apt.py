@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from nnlab.models.vit import ViT
 from nnlab.prune import apvit
+from nnlab.prune.common import model_device
 from nnlab.prune.methods import tokens_at, true_prob
 from nnlab.prune.runners import APViTRunner
 
@@ -105,7 +106,7 @@ def train_jointly(vit: ViT, batches, options, epochs: int, seed: int = 0
     :class:`~nnlab.prune.methods.APViTOptions`); batches(epoch) yields (x, y). Returns the
     fine-tuned copy (eval mode), the agents and their positions."""
     model = copy.deepcopy(vit)
-    device = next(model.parameters()).device
+    device = model_device(model)
     positions = apvit.agent_positions(model.config.depth, options.agents)
     agents = nn.ModuleList(apvit.Agent(model.config.dim, options.hidden) for _ in positions).to(device)
     opt = torch.optim.AdamW([{"params": model.parameters(), "lr": options.joint_lr},

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from nnlab.models.vit import ViT
 from nnlab.prune import apvit, cpvit, pvit, tome
-from nnlab.prune.common import fit
+from nnlab.prune.common import fit, model_device
 from nnlab.prune.runners import APViTRunner, CPViTRunner, PViTRunner, ToMeRunner, TokenRunner
 from nnlab.prune.slim import Gates, attach_gates, slim_vit
 
@@ -103,7 +103,7 @@ def train_gates(vit: ViT, batches, options: PViTOptions) -> tuple[ViT, Gates]:
     gates = attach_gates(model)
     params = [{"params": list(model.parameters()), "lr": options.gate_lr},
               {"params": gates.all(), "lr": options.gate_gate_lr, "weight_decay": 0.0}]
-    opt, device = torch.optim.AdamW(params), next(model.parameters()).device
+    opt, device = torch.optim.AdamW(params), model_device(model)
     for epoch in range(options.gate_epochs):
         model.train()
         for x, y in tqdm(batches(epoch), desc=f"p-vit gates {epoch + 1}/{options.gate_epochs}", leave=False,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from nnlab.models.vit import Attention, ViT
-from nnlab.prune import cpvit, tome
+from nnlab.prune import apvit, cpvit, tome
 from nnlab.prune.flops import vit_macs
 
 
@@ -219,7 +219,6 @@ class APViTRunner(TokenRunner):
 
     def _drop(self, i: int, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Agent ``i`` on tokens x (B, T, D) with validity (B, T) -> the kept tokens and validity."""
-        from nnlab.prune import apvit
         if self.counts is not None and self.counts[i] >= x.shape[1] - 1:
             return x, valid  # an agent that would drop nothing is not run: its cost would be pure loss
         agent = self.agents[i]
@@ -233,7 +232,6 @@ class APViTRunner(TokenRunner):
         return apvit.compact(x, keep)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from nnlab.prune import apvit
         x = self.vit.embed(images)
         valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         bias = None
