@@ -275,6 +275,23 @@ def test_accuracy_at_equal_gflops_interpolates_and_drops_capped_repeats(tmp_path
     assert "at equal compute" in text
 
 
+def test_a_method_with_its_own_unpruned_row_starts_its_curve_there():
+    """P-ViT's gated model (ratio 0) is what gets pruned: its curve and its equal-compute figures
+    start from it, not from the base model, and the table labels that row as trained."""
+    from nnlab.prune.plots import at_equal_gflops, curve, markdown_table
+
+    base = {"method": "base", "ratio": 0.0, "top1": 0.90, "top5": 0.99, "gflops": 1.0, "images_per_s": 10.0,
+            "achieved_ratio": 0.0}
+    gated = dict(base, method="p-vit", top1=0.80)
+    pruned = dict(base, method="p-vit", ratio=0.5, gflops=0.5, top1=0.70, achieved_ratio=0.5)
+    tome = dict(base, method="tome", ratio=0.5, gflops=0.5, top1=0.70, achieved_ratio=0.5)
+    rows = [base, gated, pruned, tome]
+    assert curve(rows, "p-vit") == [gated, pruned] and curve(rows, "tome") == [base, tome]
+    table = at_equal_gflops(rows)
+    assert table["p-vit"][0.9] == pytest.approx(0.78) and table["tome"][0.9] == pytest.approx(0.86)
+    assert "| 0 (trained, unpruned) | 80.00 | 99.00 | - | - |" in markdown_table(rows)
+
+
 # --------------------------------------------------------------------------- CP-ViT head pruning (issue 13)
 
 

@@ -37,7 +37,7 @@ def markdown_table(rows: list[dict]) -> str:
         for m in methods:
             r = get.get((m, round(ratio, 4)))
             cells.append(f"{100 * r['top1']:.2f} | {100 * r['top5']:.2f}" if r else "- | -")
-        lines.append(f"| {ratio:g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_ratio_label(ratio)} | " + " | ".join(cells) + " |")
     lines += ["", "## Cost: GFLOPs (1e9 MACs) per image / images per s (batch timing) / achieved ratio / heads kept",
               "",
               "| ratio | " + " | ".join(NAMES.get(m, m) for m in methods) + " |", "|" + " --- |" * (1 + len(methods))]
@@ -50,8 +50,14 @@ def markdown_table(rows: list[dict]) -> str:
             r = get.get((m, round(ratio, 4)))
             cells.append(f"{r['gflops']:.4f} / {r['images_per_s']:.0f} / {r['achieved_ratio']:.2f} / "
                          f"{_heads(r)}" if r else "-")
-        lines.append(f"| {ratio:g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_ratio_label(ratio)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _ratio_label(ratio: float) -> str:
+    """Ratio 0 of a method is its own trained, unpruned model (P-ViT's gated model, APT's jointly
+    trained copy), not the base model."""
+    return "0 (trained, unpruned)" if ratio == 0 else f"{ratio:g}"
 
 
 def _heads(row: dict) -> str:
@@ -82,14 +88,23 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     return points[0][1] if len(points) == 1 and points[0][0] == x else None
 
 
+def curve(rows: list[dict], method: str) -> list[dict]:
+    """A method's points from unpruned to most pruned (by nominal ratio): its distinct rows, starting
+    from its own unpruned row where it has one (P-ViT's gated model, APT's jointly trained copy),
+    else from the base model's row."""
+    pts = distinct_points(rows, method)
+    base = [r for r in rows if r["method"] == "base"]
+    own_unpruned = any(r["ratio"] == 0 for r in pts)
+    return sorted(pts + ([] if own_unpruned else base), key=lambda r: r["ratio"])
+
+
 def at_equal_gflops(rows: list[dict], fractions=FRACTIONS) -> dict[str, dict[float, float | None]]:
-    """method -> {fraction of the base GFLOPs: top-1 interpolated there} (the base point included
-    in every curve; None where a method never got that cheap)."""
+    """method -> {fraction of the base GFLOPs: top-1 interpolated there} along :func:`curve` (None
+    where a method never got that cheap)."""
     base = next(r for r in rows if r["method"] == "base")
     out = {}
     for m in _methods(rows):
-        pts = [(r["gflops"], r["top1"]) for r in distinct_points(rows, m)] + [(base["gflops"], base["top1"])]
-        pts = sorted(set(pts))
+        pts = sorted({(r["gflops"], r["top1"]) for r in curve(rows, m)})
         out[m] = {f: interpolate(pts, f * base["gflops"]) for f in fractions}
     return out
 
@@ -127,8 +142,7 @@ def write_plots(rows: list[dict], out: str | Path) -> list[Path]:
                                ("images_per_s", "accuracy_vs_throughput.png", "images / s (CPU, batch timing)")):
         fig, ax = plt.subplots(figsize=(5, 3.6))
         for m in _methods(rows):
-            pts = distinct_points(rows, m) + ([base] if base else [])
-            pts.sort(key=lambda r: r["ratio"])  # connect in ratio order (timings are noisy)
+            pts = curve(rows, m)  # connected in ratio order (timings are noisy)
             ax.plot([r[x_key] for r in pts], [100 * r["top1"] for r in pts], marker="o", ms=3, label=NAMES.get(m, m))
         if base:
             ax.axhline(100 * base["top1"], color="grey", lw=0.8, ls="--", label="base")
