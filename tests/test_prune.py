@@ -122,6 +122,31 @@ def test_merge_weighted_matches_reference():
     torch.testing.assert_close((fx * fs).sum(1), (x * size).sum(1))  # so is the weighted mass
 
 
+def test_token_take_and_add_at_match_gather_and_scatter():
+    """The row-copy fast paths equal gather / scatter_reduce, repeated destinations included (two
+    sources merged into one token must both be added), and gradients flow through them."""
+    from nnlab.prune import tokens
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 9, 5, generator=g, requires_grad=True)
+    idx = torch.stack([torch.randperm(9, generator=g)[:4] for _ in range(3)])
+    torch.testing.assert_close(tokens.take(x, idx), tokens.take_reference(x, idx), rtol=0, atol=0)
+    dst = torch.tensor([[0, 0, 2], [1, 1, 1], [3, 0, 2]])       # repeats add up
+    src = torch.randn(3, 3, 5, generator=g)
+    fast, ref = tokens.add_at(x, dst, src), tokens.add_at_reference(x, dst, src)
+    torch.testing.assert_close(fast, ref)
+    assert torch.allclose(fast[1, 1], x[1, 1] + src[1].sum(0))
+    (gf,) = torch.autograd.grad(tokens.take(x, idx).sum() + fast.square().sum(), x)
+    (gr,) = torch.autograd.grad(tokens.take_reference(x, idx).sum() + ref.square().sum(), x)
+    torch.testing.assert_close(gf, gr)
+
+
+def test_merge_reads_a_and_b_from_the_interleaved_tokens():
+    x = torch.randn(2, 13, 6)
+    plan = tome.bipartite_soft_matching(torch.randn(2, 13, 6), 5)
+    torch.testing.assert_close(tome.merge(x, plan), tome.merge_reference(x, plan))
+
+
 def test_tome_schedule_and_r_for_ratio():
     assert tome.token_schedule(16, 3, 2) == [14, 12, 10]
     assert tome.token_schedule(16, 3, 100) == [8, 4, 2]

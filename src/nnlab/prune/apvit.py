@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnlab.prune.tokens import take
+
 
 class Agent(nn.Module):
     """Tokens (B, T, D), CLS first -> prune logits (B, T) (sigmoid = probability of dropping).
@@ -109,7 +111,7 @@ def compact(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     order = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)
     t = int(keep.sum(1).max())
     idx = order[:, :t]
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])), keep.gather(1, idx)
+    return take(x, idx), keep.gather(1, idx)
 
 
 def keep_lowest(x: torch.Tensor, prob: torch.Tensor, count: int) -> torch.Tensor:
@@ -117,7 +119,7 @@ def keep_lowest(x: torch.Tensor, prob: torch.Tensor, count: int) -> torch.Tensor
     x (B, T, D), prob (B, T) -> (B, 1 + count, D)."""
     idx = prob[:, 1:].topk(count, dim=1, largest=False).indices.sort(dim=1).values + 1
     idx = torch.cat([torch.zeros_like(idx[:, :1]), idx], dim=1)
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    return take(x, idx)
 
 
 def keep_lowest_reference(x: torch.Tensor, prob: torch.Tensor, count: int) -> torch.Tensor:

@@ -30,6 +30,8 @@ from typing import Sequence
 
 import torch
 
+from nnlab.prune.tokens import take
+
 
 def column_mass(probs: torch.Tensor) -> torch.Tensor:
     """probs (B, H, T, T) -> (B, T): attention received by each key, summed over queries and heads."""
@@ -105,7 +107,7 @@ def select_patches(x: torch.Tensor, scores: torch.Tensor, keep: int) -> tuple[to
     """Keep CLS and the ``keep`` highest-scoring patches. x (B, T, D), scores (B, T) ->
     (x (B, 1 + keep, D), scores (B, 1 + keep)); CLS stays first."""
     idx = top_patches(scores, keep)
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])), scores.gather(1, idx)
+    return take(x, idx), scores.gather(1, idx)
 
 
 def select_patches_reference(x: torch.Tensor, scores: torch.Tensor, keep: int

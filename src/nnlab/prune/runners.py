@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from nnlab.models.vit import Attention, ViT
-from nnlab.prune import apvit, cpvit, tome
+from nnlab.prune import apvit, cpvit, tokens, tome
 from nnlab.prune.flops import vit_macs
 
 
@@ -150,7 +150,7 @@ class CPViTRunner(TokenRunner):
                 self.head_sums[layer] += cpvit.head_scores(probs, scores).sum(0).cpu()
             if self.keep[layer] < x.shape[1] - 1:
                 idx = cpvit.top_patches(scores, self.keep[layer])
-                x = x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+                x = tokens.take(x, idx)
                 scores, ids = scores.gather(1, idx), ids.gather(1, idx)
             self.kept.append(ids)
             x = x + block.mlp(block.norm2(x))

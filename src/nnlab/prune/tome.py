@@ -16,6 +16,8 @@ from typing import Sequence
 
 import torch
 
+from nnlab.prune.tokens import add_at, add_at_reference, take, take_reference
+
 
 @dataclass
 class MergePlan:
@@ -41,13 +43,18 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> MergePlan:
 
 
 def merge(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
-    """Sum-merge x (B, T, C) by ``plan`` -> (B, T - r, C): [unmerged A, B (with sources added)]."""
+    """Sum-merge x (B, T, C) by ``plan`` -> (B, T - r, C): [unmerged A, B (with sources added)].
+    A's token j is x's token 2 j and B's token j is x's token 2 j + 1, so the rows are read from
+    x directly (:mod:`nnlab.prune.tokens`; :func:`merge_reference` is the gather version)."""
+    b = add_at(x[:, 1::2].contiguous(), plan.dst, take(x, 2 * plan.src))
+    return torch.cat([take(x, 2 * plan.unmerged), b], dim=1)
+
+
+def merge_reference(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    """:func:`merge` with ``gather`` and ``scatter_reduce`` on the A and B halves."""
     a, b = x[:, ::2], x[:, 1::2]
-    c = x.shape[-1]
-    unm = a.gather(1, plan.unmerged[..., None].expand(-1, -1, c))
-    src = a.gather(1, plan.src[..., None].expand(-1, -1, c))
-    b = b.scatter_reduce(1, plan.dst[..., None].expand(-1, -1, c), src, reduce="sum")
-    return torch.cat([unm, b], dim=1)
+    return torch.cat([take_reference(a, plan.unmerged),
+                      add_at_reference(b, plan.dst, take_reference(a, plan.src))], dim=1)
 
 
 def merge_weighted(x: torch.Tensor, size: torch.Tensor, plan: MergePlan
