@@ -60,23 +60,54 @@ def shared_terms(model: LatentModulatedSiren, size: tuple[int, ...]) -> Shared:
     return Shared(coords, pre1, torch.sin(u), torch.cos(u))
 
 
-def _layer_sin_cos(model, shared, shift, scale, i, h):
-    """Sine layer i for a batch: returns (pre-activation a or None, sin, cos), each (B, P, W).
+class SinCos(torch.autograd.Function):
+    """(sin u, cos u) of one tensor, with a backward that reuses both outputs:
+    dL/du = dL/dsin * cos u - dL/dcos * sin u. Plain autograd recomputes cos u for sin's backward
+    and sin u for cos's, two more transcendental passes per sine layer and inner step of every
+    meta-gradient (on (B P, W) activations a sine costs about as much as the layer's W x W GEMM).
+    The backward is made of differentiable ops on the saved outputs, so higher orders still work."""
+
+    @staticmethod
+    def forward(ctx, u):
+        s, c = torch.sin(u), torch.cos(u)
+        ctx.save_for_backward(s, c)
+        return s, c
+
+    @staticmethod
+    def backward(ctx, g_sin, g_cos):
+        s, c = ctx.saved_tensors
+        if g_sin is None:
+            return -g_cos * s
+        return g_sin * c if g_cos is None else torch.addcmul(g_sin * c, g_cos, s, value=-1.0)
+
+
+def sincos(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sin u, cos u), same shape as u; through :class:`SinCos` when a graph is being recorded."""
+    if torch.is_grad_enabled() and u.requires_grad:
+        return SinCos.apply(u)
+    return torch.sin(u), torch.cos(u)
+
+
+def _first_layer_shift_only(model, shared, shift):
+    """The first sine layer without scales, (sin, cos) each (B, P, W): sin(A + B) = sin A cos B +
+    cos A sin B, with A = w0 (W_1 x + b_1) shared by all images and B = w0 shift (B, 1, W)."""
+    w0 = model.config.w0
+    sb, cb = torch.sin(w0 * shift[:, 0]).unsqueeze(1), torch.cos(w0 * shift[:, 0]).unsqueeze(1)
+    return torch.addcmul(shared.s1 * cb, shared.c1, sb), torch.addcmul(shared.c1 * cb, shared.s1, sb, value=-1.0)
+
+
+def _layer_arg(model, shared, shift, scale, i, h):
+    """Sine layer i's argument for a batch: (pre-activation a or None, u), u (B, P, W).
 
     Shift-only layers fold w0 into the weights (u = h (w0 W)^T + w0 (b + shift), one batched
-    GEMM); the first layer uses sin(A + B) = sin A cos B + cos A sin B with A shared by all images.
+    GEMM); with scales, a = W h + b (kept: the scale gradient needs it) and u = w0 (a scale + shift).
     """
     w0 = model.config.w0
-    if scale is None and i == 0:
-        sb, cb = torch.sin(w0 * shift[:, 0]).unsqueeze(1), torch.cos(w0 * shift[:, 0]).unsqueeze(1)
-        return None, torch.addcmul(shared.s1 * cb, shared.c1, sb), \
-            torch.addcmul(shared.c1 * cb, shared.s1, sb, value=-1.0)
     if scale is None:
         layer = model.hidden[i - 1]
         bias = (w0 * (layer.bias + shift[:, i])).unsqueeze(1)                    # (B, 1, W)
         weight_t = (w0 * layer.weight.t()).expand(h.shape[0], -1, -1)          # (B, W, W)
-        u = torch.baddbmm(bias, h, weight_t)
-        return None, torch.sin(u), torch.cos(u)
+        return None, torch.baddbmm(bias, h, weight_t)
     if i == 0:
         a = shared.pre1.unsqueeze(0)
     else:
@@ -85,8 +116,15 @@ def _layer_sin_cos(model, shared, shift, scale, i, h):
     u = a * scale[:, None, i]
     if shift is not None:
         u = u + shift[:, None, i]
-    u = w0 * u
-    return a, torch.sin(u), torch.cos(u)
+    return a, w0 * u
+
+
+def _layer_sin_cos(model, shared, shift, scale, i, h):
+    """Sine layer i for a batch: returns (pre-activation a or None, sin, cos), each (B, P, W)."""
+    if scale is None and i == 0:
+        return (None, *_first_layer_shift_only(model, shared, shift))
+    a, u = _layer_arg(model, shared, shift, scale, i, h)
+    return (a, *sincos(u))
 
 
 def latent_grad(model: LatentModulatedSiren, shared: Shared, z: torch.Tensor, target: torch.Tensor,
@@ -189,7 +227,10 @@ def predict(model: LatentModulatedSiren, shared: Shared, z: torch.Tensor) -> tor
     shift, scale = model.modulations(z)
     h = None
     for i in range(model.config.num_modulated):
-        a, h, _ = _layer_sin_cos(model, shared, shift, scale, i, h)
+        if scale is None and i == 0:
+            h = _first_layer_shift_only(model, shared, shift)[0]
+        else:
+            h = torch.sin(_layer_arg(model, shared, shift, scale, i, h)[1])  # no cosine needed here
     return torch.matmul(h, model.out.weight.t()) + (model.out.bias + 0.5)
 
 
