@@ -147,6 +147,28 @@ def test_merge_reads_a_and_b_from_the_interleaved_tokens():
     torch.testing.assert_close(tome.merge(x, plan), tome.merge_reference(x, plan))
 
 
+def test_fused_tome_merge_matches_the_loop_reference():
+    """The C++ merge (inference, CPU float32) against the per-image loop: unmerged A rows, B rows,
+    sources added at repeated destinations, averages and sizes; with a gradient wanted it falls
+    back to the torch merge, which autograd can follow."""
+    from nnlab.prune import kernels
+
+    if kernels.merge_kernel() is None:
+        pytest.skip("no C++ toolchain: the torch merge runs instead")
+    g = torch.Generator().manual_seed(1)
+    x, size = torch.randn(4, 13, 7, generator=g), torch.randint(1, 5, (4, 13, 1), generator=g).float()
+    plan = tome.bipartite_soft_matching(torch.randn(4, 13, 5, generator=g), 5)
+    assert (plan.dst[:, :, None] == plan.dst[:, None, :]).sum() > plan.dst.numel()  # some repeats
+    fx, fs = kernels.merge_weighted(x, size, plan)
+    rx, rs = tome.merge_weighted_reference(x, size, plan)
+    torch.testing.assert_close(fx, rx)
+    torch.testing.assert_close(fs, rs, rtol=0, atol=0)
+    xg = x.clone().requires_grad_()
+    out, _ = kernels.merge_weighted(xg, size, plan)
+    out.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
 def test_tome_schedule_and_r_for_ratio():
     assert tome.token_schedule(16, 3, 2) == [14, 12, 10]
     assert tome.token_schedule(16, 3, 100) == [8, 4, 2]

@@ -25,9 +25,9 @@ C++ compiler and ninja, as ``torch.compile`` on CPU does); :func:`sgd_kernels` r
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
+
+from nnlab.engine.cpp import build_once
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -127,43 +127,10 @@ void slbi_flat_sgd(torch::Tensor w, torch::Tensor g, torch::Tensor b, torch::Ten
 }
 """
 
-_STATE: dict = {}
-
-
-def _cpu_tag() -> str:
-    """A short hash of this CPU's model and feature flags: the kernel is built with -march=native,
-    so a build cache shared by different machines (a cluster's home directory) must not mix them."""
-    import hashlib
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = "".join(line for line in f if line.startswith(("model name", "flags")))
-    except OSError:
-        info = platform.processor() + platform.machine()
-    return hashlib.sha1(info.encode()).hexdigest()[:10]
-
-
-def _build():
-    from torch.utils.cpp_extension import load_inline
-
-    return load_inline(f"nnlab_slbi_kernels_{_cpu_tag()}", cpp_sources=_SOURCE,
-                       functions=["slbi_group_sgd", "slbi_flat_sgd"],
-                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                       verbose=False)
-
-
 def sgd_kernels():
     """The built module (``slbi_group_sgd``, ``slbi_flat_sgd``), or ``None`` (with one warning) if it
     cannot be built."""
-    if "mod" not in _STATE:
-        try:
-            _STATE["mod"] = _build()
-        except Exception as err:  # no compiler, no ninja, no write access to the build cache
-            warnings.warn(f"DessiLBI fused CPU kernel unavailable ({type(err).__name__}: {err}); "
-                          "falling back to torch.compile", RuntimeWarning, stacklevel=2)
-            _STATE["mod"] = None
-    return _STATE["mod"]
+    return build_once("nnlab_slbi_kernels", _SOURCE, ["slbi_group_sgd", "slbi_flat_sgd"], "torch.compile")
 
 
 def kernel_applies(p: torch.Tensor) -> bool:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from nnlab.models.vit import Attention, ViT
-from nnlab.prune import apvit, cpvit, tokens, tome
+from nnlab.prune import apvit, cpvit, kernels, tokens, tome
 from nnlab.prune.flops import vit_macs
 
 
@@ -181,7 +181,7 @@ class ToMeRunner(TokenRunner):
             r = min(self.r[layer], (t_attn + 1) // 2 - 1)
             if r > 0:
                 plan = tome.bipartite_soft_matching(keys, r)
-                x, size = tome.merge_weighted(x, size, plan)
+                x, size = kernels.merge_weighted(x, size, plan)  # fused on CPU, else tome.merge_weighted
                 bias = tome.size_bias(size)
                 self._extra += x.shape[0] * ((t_attn + 1) // 2) * (t_attn // 2) * keys.shape[-1]
             x = x + block.mlp(block.norm2(x))
