@@ -163,6 +163,9 @@ def test_fused_tome_merge_matches_the_loop_reference():
     rx, rs = tome.merge_weighted_reference(x, size, plan)
     torch.testing.assert_close(fx, rx)
     torch.testing.assert_close(fs, rs, rtol=0, atol=0)
+    bad = tome.MergePlan(plan.unmerged, plan.src, plan.dst + 7)
+    with pytest.raises(ValueError, match="dst out of range"):
+        kernels.merge_weighted(x, size, bad)
     xg = x.clone().requires_grad_()
     out, _ = kernels.merge_weighted(xg, size, plan)
     out.sum().backward()

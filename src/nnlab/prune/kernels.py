@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from nnlab.engine.cpp import build_once
+from nnlab.prune import tome
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -85,15 +86,24 @@ def kernel_applies(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
 
 
-def merge_weighted(x: torch.Tensor, size: torch.Tensor, plan) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_weighted(x: torch.Tensor, size: torch.Tensor, plan: tome.MergePlan) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`nnlab.prune.tome.merge_weighted` (x (B, T, C), size (B, T, 1), a ``MergePlan``) through
     the fused kernel where it applies and builds, else through the torch version."""
-    from nnlab.prune import tome
-
     mod = merge_kernel() if kernel_applies(x) else None
     if mod is None:
         return tome.merge_weighted(x, size, plan)
     b, t, _ = x.shape
+    _check_plan(plan, b, t)  # the kernel does not bound-check its indices
     out, sizes = mod.tome_merge_weighted(x.contiguous(), size.reshape(b, t).contiguous(), plan.src.contiguous(),
                                          plan.dst.contiguous(), plan.unmerged.contiguous())
     return out, sizes.unsqueeze(-1)
+
+
+def _check_plan(plan: tome.MergePlan, batch: int, tokens: int) -> None:
+    """ValueError unless ``plan`` fits tokens (batch, tokens, C): every A index below ceil(T / 2), every
+    B index below T // 2, one row per image."""
+    a, b = (tokens + 1) // 2, tokens // 2
+    for name, idx, bound in (("src", plan.src, a), ("unmerged", plan.unmerged, a), ("dst", plan.dst, b)):
+        if idx.shape[0] != batch or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= bound)):
+            raise ValueError(f"ToMe merge plan does not fit {batch} x {tokens} tokens ({name} out of range); "
+                             "make the plan with tome.bipartite_soft_matching on the same tokens")
