@@ -128,6 +128,18 @@ def test_publish_copies_a_run_minus_checkpoints_locks_and_big_weights(tmp_path):
     assert not (tmp_path / "pub" / "bn-on" / "lr-0.1" / "checkpoint").exists()
     with pytest.raises(ConfigError, match="outside it"):
         publish(run, run / "inside")
+    # a pruning sweep: its resume state (prepared/) never goes; its pruned models only when not excluded
+    (run / "prepared").mkdir()
+    (run / "prepared" / "pvit-gates.safetensors").write_bytes(b"g")
+    (run / "models" / "cp-vit-0.5").mkdir(parents=True)
+    (run / "models" / "cp-vit-0.5" / "pruned.json").write_text("{}")
+    (run / "bn-on" / "curve.png").write_bytes(b"p")
+    result = publish(run, tmp_path / "pub2", max_weights_mb=1.0, exclude=["models", "*.png"])
+    assert result.copied == ["bn-on/lr-0.1/config.yaml", "summary.json"]
+    why = dict(result.skipped)
+    assert why["models/cp-vit-0.5/pruned.json"] == "excluded by 'models'" and why["bn-on/curve.png"] == "excluded by '*.png'"
+    assert why["prepared/pvit-gates.safetensors"] == "checkpoint or cache"
+    assert "models/cp-vit-0.5/pruned.json" in publish(run, tmp_path / "pub3", max_weights_mb=1.0).copied
 
 
 def test_records_csv_puts_the_named_columns_first_and_leaves_missing_cells_empty(tmp_path):

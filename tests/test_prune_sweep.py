@@ -2,6 +2,7 @@
 import csv
 
 import pytest
+import torch
 
 from nnlab.cli import main
 from nnlab.errors import ConfigError
@@ -117,3 +118,63 @@ def test_the_sweep_runs_ap_vit_joint_with_its_unpruned_row(tiny_run, tmp_path):
                                                                  ("ap-vit-joint", 0.3)]
     assert float(rows[1]["achieved_ratio"]) == pytest.approx(0.0, abs=0.02)  # the fine-tuned copy, unpruned
     assert "AP-ViT (joint, APT)" in (out / "results.md").read_text()
+
+
+def _states_equal(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_resumed_sweep_reuses_what_it_trained_instead_of_training_again(tiny_run, tmp_path, monkeypatch):
+    """P-ViT's gated model, AP-ViT's agents and APT's joint copy are trained once per sweep folder and
+    kept in OUT/prepared/: a sweep killed after training them resumes with exactly those weights."""
+    import shutil
+
+    from nnlab.errors import CheckpointError
+    from nnlab.prune import apt
+    from nnlab.prune import methods as M
+    from nnlab.prune.sweep import PruneSweepConfig, run_prune_sweep
+
+    trained, used = {}, {}  # what the first sweep trained; what the second one built its rows from
+
+    def spy(store, key, fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            store.setdefault(key, (out, args))
+            return out
+        return wrapped
+    monkeypatch.setattr(M, "train_gates", spy(trained, "gates", M.train_gates))
+    monkeypatch.setattr(M, "train_agents", spy(trained, "agents", M.train_agents))
+    monkeypatch.setattr(apt, "train_jointly", spy(trained, "joint", apt.train_jointly))
+    cfg = dict(checkpoint=str(tiny_run), methods=["p-vit", "ap-vit", "ap-vit-joint"], ratios=[0.3], test_limit=32,
+               calib_size=16, timing_repeats=1, batch_size=4, save_models=False,
+               pvit=M.PViTOptions(gate_epochs=1, train_limit=64),
+               apvit=M.APViTOptions(epochs=1, candidates=2, hidden=8, joint_train_limit=64))
+    first = run_prune_sweep(PruneSweepConfig(out=str(tmp_path / "a"), **cfg))
+    names = sorted(p.name for p in (tmp_path / "a" / "prepared").iterdir())
+    assert names == ["apvit-agents.safetensors", "apvit-joint.safetensors", "pvit-gates.safetensors"]
+
+    # the same folder without its rows (as if killed right after training): nothing may train again
+    shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns("results.csv", ".lock"))
+
+    def no_training(*_a, **_k):
+        raise AssertionError("trained again")
+    for mod, name in ((M, "train_gates"), (M, "train_agents"), (apt, "train_jointly")):
+        monkeypatch.setattr(mod, name, no_training)
+    for name in ("build_pvit", "build_apvit"):
+        monkeypatch.setattr(M, name, lambda *a, _f=getattr(M, name), _n=name, **k: used.setdefault(_n, []).append(a)
+                            or _f(*a, **k))
+    again = run_prune_sweep(PruneSweepConfig(out=str(tmp_path / "b"), **cfg))
+    (gated, gates), _ = trained["gates"]
+    assert all(_states_equal(a[0], gated) and _states_equal(a[1], gates) for a in used["build_pvit"])
+    (joint_model, joint_agents, _), _ = trained["joint"]
+    joint_0, frozen, joint_3 = used["build_apvit"]  # rows in order: ap-vit-joint 0.0, ap-vit 0.3, ap-vit-joint 0.3
+    assert all(_states_equal(a[0], joint_model) and _states_equal(a[1], joint_agents) for a in (joint_0, joint_3))
+    assert _states_equal(frozen[1], trained["agents"][0][0])
+    keep = ("method", "ratio", "top1", "top5", "gflops", "achieved_ratio")
+    assert [{k: r[k] for k in keep} for r in again.rows] == [{k: r[k] for k in keep} for r in first.rows]
+
+    (tmp_path / "b" / "results.csv").unlink()
+    (tmp_path / "b" / "prepared" / "pvit-gates.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="pvit-gates.safetensors is unreadable.*delete it"):
+        run_prune_sweep(PruneSweepConfig(out=str(tmp_path / "b"), **cfg))

@@ -21,9 +21,9 @@ class Gates(nn.Module):
 
     def __init__(self, vit: ViT):
         super().__init__()
-        c = vit.config
-        self.attn = nn.ParameterList(nn.Parameter(torch.ones(d)) for d in c.head_dims)
-        self.mlp = nn.ParameterList(nn.Parameter(torch.ones(m)) for m in c.mlp_dims)
+        c, device = vit.config, next(vit.parameters()).device  # on the model's device (a GPU sweep)
+        self.attn = nn.ParameterList(nn.Parameter(torch.ones(d, device=device)) for d in c.head_dims)
+        self.mlp = nn.ParameterList(nn.Parameter(torch.ones(m, device=device)) for m in c.mlp_dims)
         self._handles: list = []
 
     def all(self) -> list[torch.Tensor]:

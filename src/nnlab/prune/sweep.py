@@ -8,9 +8,13 @@ and the settings that change the measured numbers; a rerun into ``DIR`` with ano
 or other settings is refused, so rows of two models never mix. ``DIR/apvit_thresholds.csv``:
 AP-ViT threshold -> ratio.
 ``DIR/models/METHOD-RATIO/``: each pruned model (:func:`nnlab.prune.io.save_pruned`).
+``DIR/prepared/NAME.safetensors``: what a method trains once per sweep (P-ViT's gated model, AP-ViT's
+agents, APT's jointly trained copy), written atomically as soon as it is trained, so a killed sweep
+resumes without training it again (:meth:`_Sweep.prepared`).
 """
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import math
@@ -18,22 +22,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nnlab.data import DatasetSplits, load_dataset
 from nnlab.engine.checkpoint import tensors_sha256
 from nnlab.engine.distributed import resolve_device
-from nnlab.engine.io import read_json, to_jsonable, write_json
+from nnlab.engine.io import atomic_write, read_json, to_jsonable, write_json
 from nnlab.engine.runs import folder_lock
 from nnlab.engine.trained import load_trained_run
 from nnlab.errors import CheckpointError, ConfigError
 from nnlab.models.vit import ViT
+from nnlab.prune import apvit
 from nnlab.prune import methods as M
-from nnlab.prune.common import (accuracy, calibration_batch, ensure_dir, eval_transform, throughput,
+from nnlab.prune.common import (accuracy, calibration_batch, ensure_dir, eval_transform, model_device, throughput,
                                 train_loader)
 from nnlab.prune.io import save_pruned
 from nnlab.prune.plots import write_plots, write_table
 from nnlab.prune.runners import TokenRunner
+from nnlab.prune.slim import attach_gates
 from nnlab.report import write_csv, write_records_csv
 
 METHODS = ("p-vit", "ap-vit", "cp-vit", "tome", "ap-vit-joint")
@@ -174,6 +182,28 @@ class _Sweep:
         return {"method": method, "ratio": ratio, "top1": acc.top1, "top5": acc.top5, "gflops": macs / 1e9,
                 "images_per_s": ips, "achieved_ratio": achieved, "heads_kept": runner.heads_kept()}
 
+    def prepared(self, name: str, train, blank) -> nn.Module:
+        """The module ``train()`` returns, trained once per sweep folder: its tensors go to
+        ``OUT/prepared/NAME.safetensors`` (atomically), and a resumed sweep loads them into ``blank()``
+        (the same structure, untrained) instead of training again. The folder's sweep.json already
+        ties them to this base model and these settings."""
+        if name in self._prepared:
+            return self._prepared[name]
+        path = self.out / "prepared" / f"{name}.safetensors"
+        if path.is_file():
+            module = blank()
+            try:
+                module.load_state_dict(load_file(path, device=str(self.device)))
+            except (SafetensorError, RuntimeError, OSError) as e:
+                raise CheckpointError(f"{path} is unreadable or does not fit ({str(e).splitlines()[0]}); delete "
+                                      "it and rerun the sweep to train it again") from None
+        else:
+            module = train()
+            state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+            atomic_write(path, lambda tmp: save_file(state, tmp))
+        self._prepared[name] = module.eval()
+        return module
+
     def build(self, method: str, ratio: float) -> TokenRunner:
         if method == "cp-vit":
             if "ranges" not in self._prepared:
@@ -182,36 +212,59 @@ class _Sweep:
         if method == "tome":
             return M.build_tome(self.vit, ratio)
         if method == "p-vit":
-            batches = train_loader(self.data, 64, self.vit.config.image_size, seed=self.c.seed,
-                                   limit=self.c.pvit.train_limit)
-            if "gates" not in self._prepared:
-                self._prepared["gates"] = M.train_gates(self.vit, batches, self.c.pvit)
-            gated, gates = self._prepared["gates"]
-            return M.build_pvit(gated, gates, ratio, batches, self.c.pvit)
+            return self._build_pvit(ratio)
         if method == "ap-vit-joint":
             return self._build_joint(ratio)
-        if "agents" not in self._prepared:
-            self._prepared["agents"] = M.train_agents(self.vit, self.calib_x, self.calib_y, self.c.apvit)
-            self._write_threshold_table(*self._prepared["agents"])
-        agents, positions = self._prepared["agents"]
-        return M.build_apvit(self.vit, agents, positions, ratio, self.calib_x[:256], self.c.apvit.fixed_count)
+        a = self.c.apvit
+        positions = apvit.agent_positions(self.vit.config.depth, a.agents)
+        agents = self.prepared("apvit-agents", lambda: M.train_agents(self.vit, self.calib_x, self.calib_y, a)[0],
+                               lambda: _blank_agents(self.vit, a, positions))
+        if not (self.out / "apvit_thresholds.csv").is_file():
+            self._write_threshold_table(agents, positions)
+        return M.build_apvit(self.vit, agents, positions, ratio, self.calib_x[:256], a.fixed_count)
+
+    def _build_pvit(self, ratio: float) -> TokenRunner:
+        """P-ViT: the gated model (gates trained once, :meth:`prepared`), slimmed at ``ratio``."""
+        batches = train_loader(self.data, 64, self.vit.config.image_size, seed=self.c.seed,
+                               limit=self.c.pvit.train_limit)
+
+        def blank() -> nn.ModuleDict:
+            model = copy.deepcopy(self.vit)
+            return nn.ModuleDict({"model": model, "gates": attach_gates(model)})
+
+        def train() -> nn.ModuleDict:
+            model, gates = M.train_gates(self.vit, batches, self.c.pvit)
+            return nn.ModuleDict({"model": model, "gates": gates})
+        gated = self.prepared("pvit-gates", train, blank)
+        return M.build_pvit(gated["model"], gated["gates"], ratio, batches, self.c.pvit)
 
     def _build_joint(self, ratio: float) -> TokenRunner:
         """AP-ViT with agents trained jointly with a backbone copy (:mod:`nnlab.prune.apt`), once."""
         from nnlab.prune.apt import train_jointly
 
         a = self.c.apvit
-        if "joint" not in self._prepared:
+        positions = apvit.agent_positions(self.vit.config.depth, a.agents)
+
+        def train() -> nn.ModuleDict:
             batches = train_loader(self.data, 64, self.vit.config.image_size, seed=self.c.seed,
                                    limit=a.joint_train_limit)
-            self._prepared["joint"] = train_jointly(self.vit, batches, a, a.joint_epochs, seed=self.c.seed)
-        model, agents, positions = self._prepared["joint"]
-        return M.build_apvit(model, agents, positions, ratio, self.calib_x[:256], a.fixed_count)
+            model, agents, _ = train_jointly(self.vit, batches, a, a.joint_epochs, seed=self.c.seed)
+            return nn.ModuleDict({"model": model, "agents": agents})
+
+        def blank() -> nn.ModuleDict:
+            return nn.ModuleDict({"model": copy.deepcopy(self.vit), "agents": _blank_agents(self.vit, a, positions)})
+        joint = self.prepared("apvit-joint", train, blank)
+        return M.build_apvit(joint["model"], joint["agents"], positions, ratio, self.calib_x[:256], a.fixed_count)
 
     def _write_threshold_table(self, agents: nn.ModuleList, positions: list[int]) -> None:
         table = M.threshold_table(self.vit, agents, positions, self.calib_x[:256], self.c.apvit.thresholds)
         write_csv(self.out / "apvit_thresholds.csv", ["threshold", "achieved_ratio"],
                   [(t, round(r, 4)) for t, r in table])
+
+
+def _blank_agents(vit: ViT, options: M.APViTOptions, positions: list[int]) -> nn.ModuleList:
+    """Untrained AP-ViT agents of the structure :func:`~nnlab.prune.methods.train_agents` makes."""
+    return nn.ModuleList(apvit.Agent(vit.config.dim, options.hidden) for _ in positions).to(model_device(vit))
 
 
 # settings that change the rows already in results.csv (the others: which rows to add, timing)
