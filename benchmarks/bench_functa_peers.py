@@ -15,7 +15,10 @@ Implementations (both include the Adam step on the shared weights):
 - ``peer``: :func:`nnlab.functa.reference.meta_loss_batched_autograd` (whole batch,
   ``torch.autograd.grad(create_graph=True)``, no per-image loop), then ``.backward()``;
 - ``nnlab``: the trainer's step (:func:`nnlab.functa.trainer.meta_step`: the hand-derived inner
-  gradient, chunks on worker threads).
+  gradient, chunks on worker threads);
+- ``nnlab-compiled``: the same step with ``compile=True`` (each chunk's meta-loss through
+  torch.compile, :class:`nnlab.functa.meta.CompiledMetaLoss`); its compile time is printed apart
+  and not counted in the step time.
 
 With ``--fit`` it also times fitting (functaset writing: 3 inner steps, no meta-gradient) on a
 batch of ``--fit-batch`` images: the peer's batched autograd
@@ -59,6 +62,9 @@ def _model_and_batch(name: str):
     return model, x
 
 
+IMPLS = ("peer", "nnlab", "nnlab-compiled")
+
+
 def fit_child(name: str, impl: str, repeat: int, batch: int) -> dict:
     """Run in a fresh process: images/s of fitting ``batch`` images with ``impl`` on config ``name``."""
     import torch
@@ -75,13 +81,15 @@ def fit_child(name: str, impl: str, repeat: int, batch: int) -> dict:
                 reference.fit_latents_batched_autograd(model, x, 3)
             else:
                 with torch.no_grad():
-                    fit_batch(model, x, 3, runner=runner)
+                    fit_batch(model, x, 3, runner=runner, compile=impl == "nnlab-compiled")
+        t = time.perf_counter()
         fit()
+        compile_s = time.perf_counter() - t
         t = time.perf_counter()
         for _ in range(repeat):
             fit()
         seconds = (time.perf_counter() - t) / repeat
-    return {"images_per_s": batch / seconds, "threads": torch.get_num_threads()}
+    return {"images_per_s": batch / seconds, "threads": torch.get_num_threads(), "first_s": compile_s}
 
 
 def child(name: str, impl: str, repeat: int) -> dict:
@@ -103,18 +111,20 @@ def child(name: str, impl: str, repeat: int) -> dict:
         from nnlab.functa.trainer import TrainState, meta_step
 
         state = TrainState(model, opt)
-        cfg = MetaTrainConfig(batch_size=len(x), inner_steps=3)
+        cfg = MetaTrainConfig(batch_size=len(x), inner_steps=3, compile=impl == "nnlab-compiled")
         runner_cm = chunk_runner(0)
         runner = runner_cm.__enter__()
 
         def step():
             meta_step(state, x, cfg, runner)
-    step()
+    t = time.perf_counter()
+    step()  # compiles (nnlab-compiled)
+    first_s = time.perf_counter() - t
     step()
     t = time.perf_counter()
     for _ in range(repeat):
         step()
-    return {"ms": 1000 * (time.perf_counter() - t) / repeat, "threads": torch.get_num_threads()}
+    return {"ms": 1000 * (time.perf_counter() - t) / repeat, "threads": torch.get_num_threads(), "first_s": first_s}
 
 
 def _matmul_counter():
@@ -176,6 +186,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--policy", choices=["default", "passive", "both"], default="default")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--impls", default=",".join(IMPLS), help=f"which of {', '.join(IMPLS)} to time")
     ap.add_argument("--json", help="also write the figures here")
     ap.add_argument("--_child", nargs=3, metavar=("CONFIG", "IMPL", "REPEAT"), help=argparse.SUPPRESS)
     ap.add_argument("--_flops", metavar="CONFIG", help=argparse.SUPPRESS)
@@ -198,19 +209,7 @@ def main() -> None:
     for name in args.configs.split(","):
         fp = _spawn(["--_flops", name], None)
         for policy in policies:
-            ms = {"peer": [], "nnlab": []}
-            for _ in range(args.rounds):
-                for impl in ("peer", "nnlab"):
-                    ms[impl].append(_spawn(["--_child", name, impl, str(args.repeat)], policy)["ms"])
-            med = {k: statistics.median(v) for k, v in ms.items()}
-            ratio = med["peer"] / med["nnlab"]
-            frac = {k: fp["gflop"] / (v / 1000) / fp["peak_gflops"] for k, v in med.items()}
-            tag = policy or "unset"
-            report[f"{name}/{tag}"] = {"ms": ms, "median_ms": med, "ratio": ratio, **fp, "peak_fraction": frac}
-            print(f"{name:13s} OMP_WAIT_POLICY={tag:7s} peer {' / '.join(f'{v:.0f}' for v in ms['peer'])} ms, "
-                  f"nnlab {' / '.join(f'{v:.0f}' for v in ms['nnlab'])} ms -> {ratio:.2f}x (target >= 3x); "
-                  f"{fp['gflop']:.2f} GFLOP per step, matmul peak {fp['peak_gflops']:.0f} GFLOP/s: peer "
-                  f"{100 * frac['peer']:.0f}%, nnlab {100 * frac['nnlab']:.0f}% of peak")
+            report[f"{name}/{policy or 'unset'}"] = _step_rounds(name, policy, fp, args)
         if args.fit:
             report[f"{name}/fit"] = _fit_rounds(name, args)
     if args.json:
@@ -218,19 +217,41 @@ def main() -> None:
             json.dump(report, f, indent=1)
 
 
+def _step_rounds(name: str, policy: str | None, fp: dict, args) -> dict:
+    """Interleaved meta-step rounds (peer, nnlab, nnlab-compiled, ...), each in a fresh process."""
+    impls = args.impls.split(",")
+    ms, first = {k: [] for k in impls}, {k: [] for k in impls}
+    for _ in range(args.rounds):
+        for impl in impls:
+            r = _spawn(["--_child", name, impl, str(args.repeat)], policy)
+            ms[impl].append(r["ms"])
+            first[impl].append(r["first_s"])
+    med = {k: statistics.median(v) for k, v in ms.items()}
+    frac = {k: fp["gflop"] / (v / 1000) / fp["peak_gflops"] for k, v in med.items()}
+    ratios = {k: med["peer"] / v for k, v in med.items() if k != "peer" and "peer" in med}
+    print(f"{name:13s} OMP_WAIT_POLICY={policy or 'unset':7s} {fp['gflop']:.2f} GFLOP per step, matmul peak "
+          f"{fp['peak_gflops']:.0f} GFLOP/s")
+    for k in impls:
+        extra = f" -> {ratios[k]:.2f}x the peer (target >= 3x)" if k in ratios else ""
+        print(f"  {k:15s} {' / '.join(f'{v:.0f}' for v in ms[k])} ms ({100 * frac[k]:.0f}% of peak; first step "
+              f"{' / '.join(f'{v:.1f}' for v in first[k])} s){extra}")
+    return {"ms": ms, "median_ms": med, "ratio": ratios, **fp, "peak_fraction": frac, "first_step_s": first}
+
+
 def _fit_rounds(name: str, args) -> dict:
     """Interleaved fitting rounds (peer, nnlab, ...), each in a fresh process, OMP policy unset."""
-    ips = {"peer": [], "nnlab": []}
+    ips = {k: [] for k in args.impls.split(",")}
     for _ in range(args.rounds):
         for impl in ips:
             ips[impl].append(_spawn(["--_fit_child", name, impl, str(args.repeat), str(args.fit_batch)],
                                     None)["images_per_s"])
     med = {k: statistics.median(v) for k, v in ips.items()}
-    print(f"{name:13s} fitting, {args.fit_batch} images, 3 steps: peer "
-          f"{' / '.join(f'{v:.0f}' for v in ips['peer'])} images/s, nnlab "
-          f"{' / '.join(f'{v:.0f}' for v in ips['nnlab'])} images/s -> {med['nnlab'] / med['peer']:.2f}x "
-          "(target: nnlab >= 1500 images/s on mnist-cpu)")
-    return {"images_per_s": ips, "median": med, "ratio": med["nnlab"] / med["peer"]}
+    ratios = {k: v / med["peer"] for k, v in med.items() if k != "peer" and "peer" in med}
+    print(f"{name:13s} fitting, {args.fit_batch} images, 3 steps (target: nnlab >= 1500 images/s on mnist-cpu):")
+    for k, v in ips.items():
+        extra = f" -> {ratios[k]:.2f}x the peer" if k in ratios else ""
+        print(f"  {k:15s} {' / '.join(f'{x:.0f}' for x in v)} images/s{extra}")
+    return {"images_per_s": ips, "median": med, "ratio": ratios}
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 
 from nnlab.cli import main
 from nnlab.engine.checkpoint import load_checkpoint
-from nnlab.errors import DivergenceError
+from nnlab.errors import ConfigError, DivergenceError
 from nnlab.functa.functaset import fit_batch, fit_functaset, fit_images, load_functaset
 from nnlab.functa.presets import get_preset
 from nnlab.functa import trainer
@@ -227,3 +227,37 @@ def test_functa_resume_refuses_a_changed_configuration(tmp_path, capsys):
         assert main([*base, "--resume", *extra]) == 2
         assert fragment in capsys.readouterr().err
     assert main([*base[:6], "--steps", "6", *base[8:], "--resume"]) == 0
+
+
+def test_a_compile_failure_falls_back_to_the_eager_step_with_one_warning(monkeypatch):
+    """--compile where torch.compile cannot build (no C++ compiler, ...): the first step reruns
+    eagerly, with one warning, and gives exactly the eager step; later steps stay eager."""
+    import dataclasses
+
+    from nnlab.functa import meta
+
+    calls = []
+
+    class Broken:
+        def __init__(self, *a):
+            pass
+
+        def __call__(self, model, images):  # the first chunk works (its gradient lands), the second fails
+            calls.append(len(images))
+            if len(calls) == 1:
+                return meta.meta_loss(model, images, 3)
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+    monkeypatch.setattr(meta, "CompiledMetaLoss", Broken)
+    preset = get_preset("tiny")
+    cfg = dataclasses.replace(preset.train, compile=True, chunk=2)
+    x = torch.rand(4, 1, 8, 8)
+    eager, compiled = build_state(preset, torch.device("cpu")), build_state(preset, torch.device("cpu"))
+    meta_step(eager, x, dataclasses.replace(cfg, compile=False))
+    with pytest.warns(RuntimeWarning, match="--compile unavailable.*InvalidCxxCompiler.*runs eagerly"):
+        meta_step(compiled, x, cfg)
+    for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
+        assert torch.equal(a, b)  # the failed attempt left no gradient behind
+    meta_step(compiled, x, cfg)  # no second attempt, no second warning
+    assert calls == [2, 2] and compiled.compiled is None
+    with pytest.raises(ConfigError, match="--compile must be off with --checkpointing"):
+        dataclasses.replace(cfg, use_checkpoint=True).validate()

@@ -294,3 +294,33 @@ def meta_loss(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3,
     res = inner_loop(model, images, steps, first_order=first_order, use_checkpoint=use_checkpoint,
                      create_graph=True)
     return MetaStepResult(res.mse.mean(), psnr(res.mse.detach()), res.inner_mse)
+
+
+class CompiledMetaLoss:
+    """:func:`meta_loss` through ``torch.compile`` (inductor), for a fixed ``steps`` / ``first_order``.
+
+    Eager, one second-order meta-step is about 500 separate elementwise passes (sines, cosines,
+    products, sums) over (B, P, W) activations around the matrix products; compiled, the inner loop
+    and the outer backward become a few fused C++ loops around the same products. The maths is
+    :func:`meta_loss`'s (the test compares meta-gradients to float32 rounding, and to 1e-10 in
+    float64). The first call compiles: seconds with torch's on-disk cache warm, minutes cold.
+    Each chunk shape compiles once (``dynamic=False``): keep one chunk size.
+
+    Measured on 2 CPU cores (BENCHMARKS.md, issue 17), it is **not faster** than the eager trainer
+    step there (COIN++ config 119-181 against 142-168 ms, ``mnist-cpu`` 236-306 against 240-254 ms):
+    the matrix products, which compiling leaves as they are, dominate. On one thread a prototype
+    ran about 1.2x faster than eager. It is opt-in (``--compile``) for those cases and for GPUs,
+    where an eager step is hundreds of small kernel launches (not measured here).
+    """
+
+    def __init__(self, steps: int = 3, first_order: bool = False):
+        self.steps, self.first_order = steps, first_order
+        self._fn = torch.compile(self._loss, dynamic=False)
+
+    def _loss(self, model: LatentModulatedSiren, images: torch.Tensor):
+        res = inner_loop(model, images, self.steps, first_order=self.first_order, create_graph=True)
+        return res.mse.mean(), psnr(res.mse.detach()), res.inner_mse
+
+    def __call__(self, model: LatentModulatedSiren, images: torch.Tensor) -> MetaStepResult:
+        """images (B, C, *size) -> the outer loss as :func:`meta_loss` returns it."""
+        return MetaStepResult(*self._fn(model, images))

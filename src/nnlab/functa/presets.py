@@ -27,6 +27,7 @@ class MetaTrainConfig:
     workers: int = 0                   # threads running chunks, 1 torch thread each (0 = torch's count)
     first_order: bool = False
     use_checkpoint: bool = False
+    compile: bool = False              # torch.compile each chunk's meta-loss (fused loops; falls back to eager)
     time_limit_min: float = 0.0        # stop meta-training after this many minutes (0 = no limit)
     log_every: int = 20
     val_every: int = 200
@@ -55,7 +56,8 @@ class MetaTrainConfig:
                   ("val_images", self.val_images >= 1, ">= 1"), ("ckpt_every", self.ckpt_every >= 1, ">= 1"),
                   ("eval_batch", self.eval_batch >= 1, ">= 1"), ("collapse_db", finite(self.collapse_db)
                                                                   and self.collapse_db >= 0, ">= 0 (0 = off)"),
-                  ("max_rollbacks", self.max_rollbacks >= 0, ">= 0")]
+                  ("max_rollbacks", self.max_rollbacks >= 0, ">= 0"),
+                  ("compile", not (self.compile and self.use_checkpoint), "off with --checkpointing (pick one)")]
         for name, ok, want in checks:
             if not ok:
                 flag = "--" + name.replace("_", "-")

@@ -15,7 +15,7 @@ import copy
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +41,8 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     step: int = 0
     elapsed: float = 0.0        # seconds of meta-training so far (over resumes)
+    compiled: dict | None = field(default_factory=dict)  # the CompiledMetaLoss in use; None: compile failed
+    compile_checked: bool = False  # the first compiled step ran (on one thread)
 
 
 def check_data(model_cfg: FunctaConfig, shape: tuple[int, ...], name: str) -> None:
@@ -86,19 +88,26 @@ def meta_step(state: TrainState, x: torch.Tensor, cfg: MetaTrainConfig,
 
     The batch runs in chunks of ``cfg.chunk`` images (on ``runner``'s threads); each chunk's
     backward adds its share of the batch-mean meta-gradient, so the result equals one big batch.
+    With ``cfg.compile`` the chunks run :class:`meta.CompiledMetaLoss`; its first step runs on this
+    thread (compiling once), and a compile failure falls back to eager steps with one warning.
     """
     state.optimizer.zero_grad(set_to_none=True)
+    loss_fn = _loss_fn(state, cfg)
 
     def chunk(xc: torch.Tensor) -> meta.MetaStepResult:
-        res = meta.meta_loss(state.model, xc, cfg.inner_steps, first_order=cfg.first_order,
-                             use_checkpoint=cfg.use_checkpoint)
+        res = loss_fn(state.model, xc)
         if not torch.isfinite(res.loss):
             raise DivergenceError(f"meta-training diverged at step {state.step + 1} (loss {res.loss.item()}); "
                                   "lower --outer-lr or resume from the last checkpoint")
         (res.loss * (len(xc) / len(x))).backward()
         return res
 
-    parts = (runner or ChunkRunner(1)).map(chunk, x.split(max(cfg.chunk, 1)))
+    chunks, parts = x.split(max(cfg.chunk, 1)), None
+    if cfg.compile and not state.compile_checked:
+        parts = _first_compiled_step(state, chunk, chunks)  # None: it could not compile
+        loss_fn = _loss_fn(state, cfg)  # ``chunk`` reads it: eager after a failure
+    if parts is None:
+        parts = (runner or ChunkRunner(1)).map(chunk, chunks)
     for p in state.model.parameters():
         if p.grad is not None:
             dist.all_reduce_mean(p.grad)
@@ -108,6 +117,37 @@ def meta_step(state: TrainState, x: torch.Tensor, cfg: MetaTrainConfig,
     state.step += 1
     loss = sum(r.loss.detach() * len(r.psnr) for r in parts) / len(x)
     return meta.MetaStepResult(loss, torch.cat([r.psnr for r in parts]), torch.cat([r.inner_mse for r in parts]))
+
+
+def _loss_fn(state: TrainState, cfg: MetaTrainConfig):
+    """(model, images) -> MetaStepResult: the compiled meta-loss, or :func:`meta.meta_loss`."""
+    if cfg.compile and state.compiled is not None:
+        key = (cfg.inner_steps, cfg.first_order)
+        if state.compiled.get("key") != key:
+            state.compiled.clear()
+            state.compiled.update(key=key, fn=meta.CompiledMetaLoss(*key))
+        return state.compiled["fn"]
+    return lambda model, xc: meta.meta_loss(model, xc, cfg.inner_steps, first_order=cfg.first_order,
+                                            use_checkpoint=cfg.use_checkpoint)
+
+
+def _first_compiled_step(state, chunk, chunks) -> list[meta.MetaStepResult] | None:
+    """The chunks of the first compiled step, in order on this thread (two threads must not compile
+    at once); None after a compile failure (no C++ compiler, an unsupported op), with one warning
+    and the gradients cleared, so that the caller reruns the step eagerly."""
+    import warnings
+
+    state.compile_checked = True
+    try:
+        return [chunk(xc) for xc in chunks]
+    except DivergenceError:
+        raise
+    except Exception as err:  # torch.compile's failures have many types (BackendCompilerFailed, ...)
+        warnings.warn(f"functa --compile unavailable ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                      "meta-training runs eagerly", RuntimeWarning, stacklevel=3)
+        state.compiled = None
+        state.optimizer.zero_grad(set_to_none=True)
+        return None
 
 
 def evaluate_psnr(model: LatentModulatedSiren, images: torch.Tensor, steps: int, batch: int,
@@ -175,7 +215,7 @@ def _train_functa(preset: Preset, data: str, splits, run: RunDir, info, resume: 
 
 
 # meta-training options a resumed run may change: its length and its bookkeeping
-RESUMABLE = ("steps", "time_limit_min", "log_every", "val_every", "ckpt_every", "eval_batch", "workers")
+RESUMABLE = ("steps", "time_limit_min", "log_every", "val_every", "ckpt_every", "eval_batch", "workers", "compile")
 
 
 def check_resume_config(run: RunDir, preset: Preset, data: str) -> None:
