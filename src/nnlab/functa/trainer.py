@@ -15,7 +15,7 @@ import copy
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -41,8 +41,8 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     step: int = 0
     elapsed: float = 0.0        # seconds of meta-training so far (over resumes)
-    compiled: dict | None = field(default_factory=dict)  # the CompiledMetaLoss in use; None: compile failed
-    compile_checked: bool = False  # the first compiled step ran (on one thread)
+    compiled: meta.CompiledMetaLoss | None = None  # with --compile: made by the first step
+    compile_failed: bool = False  # --compile could not build: the steps run eagerly
 
 
 def check_data(model_cfg: FunctaConfig, shape: tuple[int, ...], name: str) -> None:
@@ -92,10 +92,13 @@ def meta_step(state: TrainState, x: torch.Tensor, cfg: MetaTrainConfig,
     thread (compiling once), and a compile failure falls back to eager steps with one warning.
     """
     state.optimizer.zero_grad(set_to_none=True)
-    loss_fn = _loss_fn(state, cfg)
 
     def chunk(xc: torch.Tensor) -> meta.MetaStepResult:
-        res = loss_fn(state.model, xc)
+        if cfg.compile and state.compiled is not None:
+            res = state.compiled(state.model, xc)
+        else:
+            res = meta.meta_loss(state.model, xc, cfg.inner_steps, first_order=cfg.first_order,
+                                 use_checkpoint=cfg.use_checkpoint)
         if not torch.isfinite(res.loss):
             raise DivergenceError(f"meta-training diverged at step {state.step + 1} (loss {res.loss.item()}); "
                                   "lower --outer-lr or resume from the last checkpoint")
@@ -103,9 +106,8 @@ def meta_step(state: TrainState, x: torch.Tensor, cfg: MetaTrainConfig,
         return res
 
     chunks, parts = x.split(max(cfg.chunk, 1)), None
-    if cfg.compile and not state.compile_checked:
-        parts = _first_compiled_step(state, chunk, chunks)  # None: it could not compile
-        loss_fn = _loss_fn(state, cfg)  # ``chunk`` reads it: eager after a failure
+    if cfg.compile and state.compiled is None and not state.compile_failed:
+        parts = _first_compiled_step(state, cfg, chunk, chunks)  # None: it could not compile
     if parts is None:
         parts = (runner or ChunkRunner(1)).map(chunk, chunks)
     for p in state.model.parameters():
@@ -119,25 +121,13 @@ def meta_step(state: TrainState, x: torch.Tensor, cfg: MetaTrainConfig,
     return meta.MetaStepResult(loss, torch.cat([r.psnr for r in parts]), torch.cat([r.inner_mse for r in parts]))
 
 
-def _loss_fn(state: TrainState, cfg: MetaTrainConfig):
-    """(model, images) -> MetaStepResult: the compiled meta-loss, or :func:`meta.meta_loss`."""
-    if cfg.compile and state.compiled is not None:
-        key = (cfg.inner_steps, cfg.first_order)
-        if state.compiled.get("key") != key:
-            state.compiled.clear()
-            state.compiled.update(key=key, fn=meta.CompiledMetaLoss(*key))
-        return state.compiled["fn"]
-    return lambda model, xc: meta.meta_loss(model, xc, cfg.inner_steps, first_order=cfg.first_order,
-                                            use_checkpoint=cfg.use_checkpoint)
-
-
-def _first_compiled_step(state, chunk, chunks) -> list[meta.MetaStepResult] | None:
+def _first_compiled_step(state, cfg, chunk, chunks) -> list[meta.MetaStepResult] | None:
     """The chunks of the first compiled step, in order on this thread (two threads must not compile
     at once); None after a compile failure (no C++ compiler, an unsupported op), with one warning
     and the gradients cleared, so that the caller reruns the step eagerly."""
     import warnings
 
-    state.compile_checked = True
+    state.compiled = meta.CompiledMetaLoss(cfg.inner_steps, cfg.first_order)
     try:
         return [chunk(xc) for xc in chunks]
     except DivergenceError:
@@ -145,7 +135,7 @@ def _first_compiled_step(state, chunk, chunks) -> list[meta.MetaStepResult] | No
     except Exception as err:  # torch.compile's failures have many types (BackendCompilerFailed, ...)
         warnings.warn(f"functa --compile unavailable ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
                       "meta-training runs eagerly", RuntimeWarning, stacklevel=3)
-        state.compiled = None
+        state.compiled, state.compile_failed = None, True
         state.optimizer.zero_grad(set_to_none=True)
         return None
 

@@ -108,7 +108,7 @@ def train_jointly(vit: ViT, batches, options, epochs: int, seed: int = 0
     model = copy.deepcopy(vit)
     device = model_device(model)
     positions = apvit.agent_positions(model.config.depth, options.agents)
-    agents = nn.ModuleList(apvit.Agent(model.config.dim, options.hidden) for _ in positions).to(device)
+    agents = apvit.new_agents(model.config.dim, options.hidden, len(positions), device)
     opt = torch.optim.AdamW([{"params": model.parameters(), "lr": options.joint_lr},
                              {"params": agents.parameters(), "lr": options.lr}])
     g = torch.Generator().manual_seed(seed)

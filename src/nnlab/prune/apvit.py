@@ -61,6 +61,11 @@ class Agent(nn.Module):
         return tokens * (d * hidden + hidden) + images * d * hidden
 
 
+def new_agents(dim: int, hidden: int, count: int, device: torch.device | str = "cpu") -> nn.ModuleList:
+    """``count`` freshly initialised agents for tokens of width ``dim``, on ``device``."""
+    return nn.ModuleList(Agent(dim, hidden) for _ in range(count)).to(device)
+
+
 def agent_positions(depth: int, count: int = 3) -> list[int]:
     """Blocks the agents sit in front of: ``count`` spread from block 1 to the last block."""
     if depth < 2:

@@ -218,7 +218,8 @@ class _Sweep:
         a = self.c.apvit
         positions = apvit.agent_positions(self.vit.config.depth, a.agents)
         agents = self.prepared("apvit-agents", lambda: M.train_agents(self.vit, self.calib_x, self.calib_y, a)[0],
-                               lambda: _blank_agents(self.vit, a, positions))
+                               lambda: apvit.new_agents(self.vit.config.dim, a.hidden, len(positions),
+                                                        model_device(self.vit)))
         if not (self.out / "apvit_thresholds.csv").is_file():
             self._write_threshold_table(agents, positions)
         return M.build_apvit(self.vit, agents, positions, ratio, self.calib_x[:256], a.fixed_count)
@@ -252,7 +253,8 @@ class _Sweep:
             return nn.ModuleDict({"model": model, "agents": agents})
 
         def blank() -> nn.ModuleDict:
-            return nn.ModuleDict({"model": copy.deepcopy(self.vit), "agents": _blank_agents(self.vit, a, positions)})
+            agents = apvit.new_agents(self.vit.config.dim, a.hidden, len(positions), model_device(self.vit))
+            return nn.ModuleDict({"model": copy.deepcopy(self.vit), "agents": agents})
         joint = self.prepared("apvit-joint", train, blank)
         return M.build_apvit(joint["model"], joint["agents"], positions, ratio, self.calib_x[:256], a.fixed_count)
 
@@ -260,11 +262,6 @@ class _Sweep:
         table = M.threshold_table(self.vit, agents, positions, self.calib_x[:256], self.c.apvit.thresholds)
         write_csv(self.out / "apvit_thresholds.csv", ["threshold", "achieved_ratio"],
                   [(t, round(r, 4)) for t, r in table])
-
-
-def _blank_agents(vit: ViT, options: M.APViTOptions, positions: list[int]) -> nn.ModuleList:
-    """Untrained AP-ViT agents of the structure :func:`~nnlab.prune.methods.train_agents` makes."""
-    return nn.ModuleList(apvit.Agent(vit.config.dim, options.hidden) for _ in positions).to(model_device(vit))
 
 
 # settings that change the rows already in results.csv (the others: which rows to add, timing)
