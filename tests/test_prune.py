@@ -325,6 +325,24 @@ def test_accuracy_at_equal_gflops_interpolates_and_drops_capped_repeats(tmp_path
     assert "at equal compute" in text
 
 
+def test_seed_table_puts_the_seed_beside_ours_with_drops_from_each_base(tmp_path):
+    """Issue 13: the seed's Table 1 beside the sweep's top-1 at the same nominal ratios; each drop is
+    from its own base model (the seed's 98.00, ours the sweep's base row)."""
+    from nnlab.prune.plots import write_table
+    from nnlab.prune.sweep import _seed_numbers
+
+    assert _seed_numbers("mnist") is None
+    seed = _seed_numbers("cifar10")
+    base = {"method": "base", "ratio": 0.0, "top1": 0.85, "top5": 0.99, "gflops": 1.0, "images_per_s": 10.0,
+            "achieved_ratio": 0.0}
+    rows = [base] + [dict(base, method=m, ratio=0.5, top1=t, gflops=0.5, achieved_ratio=0.5)
+                     for m, t in (("p-vit", 0.70), ("ap-vit", 0.80), ("cp-vit", 0.84))]
+    text = write_table(rows, tmp_path / "results.md", seed=seed).read_text()
+    assert "| 0 (base) | 98.00 | 85.00 |" in text
+    assert "| 0.5 | 89.44 (-8.56) | 70.00 (-15.00) | 92.89 (-5.11) | 80.00 (-5.00) | 94.47 (-3.53) | 84.00 (-1.00) |" in text
+    assert "| 0.9 | 28.66 (-69.34) | - |" in text  # not run at 0.9: a dash, not a made-up number
+
+
 def test_a_method_with_its_own_unpruned_row_starts_its_curve_there():
     """P-ViT's gated model (ratio 0) is what gets pruned: its curve and its equal-compute figures
     start from it, not from the base model, and the table labels that row as trained."""

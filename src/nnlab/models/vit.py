@@ -130,9 +130,15 @@ class Attention(nn.Module):
 
     def forward_with_keys(self, x: torch.Tensor, bias: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, T, dim) -> (out (B, T, dim), keys averaged over heads (B, T, head_dim))."""
+        """x: (B, T, dim) -> (out (B, T, dim), keys summed over heads (B, T, head_dim)): ToMe's
+        similarity metric, whose cosine is that of the heads' mean. Summed slice by slice: ``k.mean(1)``
+        over the heads' strided layout took 1.5 ms per block of a 64-image batch on 1 thread, the
+        slices 0.4 ms."""
         q, k, v = self.split_heads(x)
-        return self.merge_heads(attention_fast(q, k, v, self.scale, bias)), k.mean(1)
+        keys = k[:, 0]
+        for h in range(1, k.shape[1]):
+            keys = keys + k[:, h]
+        return self.merge_heads(attention_fast(q, k, v, self.scale, bias)), keys
 
     def forward_with_probs(self, x: torch.Tensor, bias: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:

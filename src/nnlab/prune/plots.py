@@ -123,9 +123,37 @@ def equal_compute_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(rows: list[dict], path: str | Path) -> Path:
-    extra = equal_compute_table(rows)
-    return atomic_write_text(path, markdown_table(rows) + ("\n" + extra if extra else ""))
+SEED_METHODS = ("p-vit", "ap-vit", "cp-vit")  # the methods of the seed's Table 1
+
+
+def seed_table(rows: list[dict], seed: dict) -> str:
+    """Markdown: the seed report's Table 1 (``seed``: ``prune`` of ``seed_numbers.yaml``) beside this
+    sweep's top-1 at the same nominal ratios, each with its drop from its own base model in
+    brackets (the seed pruned a 98% ViT-B/16, so the drops are what compares)."""
+    base = next((r for r in rows if r["method"] == "base"), None)
+    get = {(r["method"], round(r["ratio"], 4)): r for r in rows}
+    seed_base = seed["base_top1"]["value"]
+    head = " | ".join(f"{NAMES[m]} seed | {NAMES[m]} nnlab" for m in SEED_METHODS)
+    lines = ["## Beside the seed report (top-1 %, drop from the base model in brackets)", "",
+             seed["table1"]["source"] + ".", "", f"| ratio | {head} |", "|" + " --- |" * (1 + 2 * len(SEED_METHODS))]
+    ours_base = 100 * base["top1"] if base else None
+    lines.append("| 0 (base) | " + " | ".join(f"{seed_base:.2f} | " + ("-" if ours_base is None else f"{ours_base:.2f}")
+                                               for _ in SEED_METHODS) + " |")
+    for seed_row in seed["table1"]["rows"]:
+        cells = []
+        for m in SEED_METHODS:
+            r = get.get((m, round(seed_row["ratio"], 4)))
+            ours = "-" if r is None or ours_base is None else f"{100 * r['top1']:.2f} ({100 * r['top1'] - ours_base:+.2f})"
+            cells.append(f"{seed_row[m]:.2f} ({seed_row[m] - seed_base:+.2f}) | {ours}")
+        lines.append(f"| {seed_row['ratio']:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: list[dict], path: str | Path, seed: dict | None = None) -> Path:
+    """results.md: :func:`markdown_table`, :func:`equal_compute_table`, and with ``seed`` (the
+    ``prune`` numbers of the seed report) :func:`seed_table`."""
+    parts = [markdown_table(rows), equal_compute_table(rows), seed_table(rows, seed) if seed else ""]
+    return atomic_write_text(path, "\n".join(p for p in parts if p))
 
 
 def write_plots(rows: list[dict], out: str | Path) -> list[Path]:

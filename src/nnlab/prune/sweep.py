@@ -291,6 +291,14 @@ def check_same_base(s: "_Sweep") -> None:
     write_json(path, ident)
 
 
+def _seed_numbers(data: str) -> dict | None:
+    """The seed report's pruning numbers when the sweep's data set is theirs (CIFAR-10), else None."""
+    if data != "cifar10":
+        return None
+    from nnlab.reproduce.pipeline import seed_numbers  # the table's source of truth, with sources
+    return seed_numbers()["prune"]
+
+
 def run_prune_sweep(config: PruneSweepConfig) -> PruneSweepResult:
     """Run (or finish) the sweep described by ``config``; returns all rows of results.csv. The
     output folder is locked while it runs and keyed to the base model (:func:`check_same_base`)."""
@@ -317,6 +325,6 @@ def _run_locked(s: "_Sweep", config: PruneSweepConfig) -> PruneSweepResult:
         if config.save_models and method != "base":
             save_pruned(runner, s.out / "models" / f"{method}-{ratio:g}", ratio=ratio, top1=row["top1"])
     rows = read_rows(s.csv)
-    write_table(rows, s.out / "results.md")
+    write_table(rows, s.out / "results.md", seed=_seed_numbers(s.data.name))
     write_plots(rows, s.out)
     return PruneSweepResult(rows=rows, out=s.out)
