@@ -94,6 +94,26 @@ def test_cli_unknown_command_is_one_line():
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
 
 
+def test_a_kernel_that_cannot_build_warns_once_and_gives_none(monkeypatch, tmp_path):
+    """No C++ compiler: build_once warns once, naming the fallback, and returns None (every caller
+    then runs its torch code); it does not raise, and it does not try again in the same process."""
+    import warnings
+
+    from nnlab.engine import cpp
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setattr(cpp, "_BUILT", {})
+    source = "#include <torch/library.h>\nTORCH_LIBRARY(nnlab_never_built, m) {}\n"
+    one_line = r"nnlab_never_built: C\+\+ kernel unavailable \(RuntimeError: [^\n]*not found\); falling back to the torch code$"
+    with pytest.warns(RuntimeWarning, match=one_line):
+        assert cpp.build_once("nnlab_never_built", source, "the torch code") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpp.build_once("nnlab_never_built", source, "the torch code") is None
+    assert (tmp_path / "ext" / "nnlab-sources").is_dir()  # the source went under the extension root
+
+
 def test_importing_nnlab_changes_no_process_setting():
     """Only the command line sets OMP_WAIT_POLICY; a library import must leave the user's process alone."""
     import os

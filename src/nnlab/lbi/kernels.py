@@ -19,8 +19,8 @@ needs more passes.
 plain momentum step for uncoupled params, in one loop each, so that a step makes no Python-level
 op per tensor beyond one call.
 
-The kernel is C++ built on first use with :func:`torch.utils.cpp_extension.load_inline` (needs a
-C++ compiler and ninja, as ``torch.compile`` on CPU does); :func:`sgd_kernels` returns
+The kernel is C++ built on first use (:mod:`nnlab.engine.cpp`; needs a C++ compiler and ninja, as
+``torch.compile`` on CPU does); :func:`sgd_kernels` returns
 ``None`` where it cannot be built or run, and the optimiser then falls back to ``torch.compile``.
 """
 from __future__ import annotations
@@ -30,8 +30,11 @@ import torch
 from nnlab.engine.cpp import build_once
 
 _SOURCE = r"""
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <algorithm>
+#include <vector>
 #include <cmath>
 #include <cstdint>
 #ifdef __AVX512F__
@@ -73,8 +76,8 @@ static inline void write_gamma(float* __restrict__ g, const float* __restrict__ 
 // All tensors float32, contiguous; w, g, b, v, gam: (rows, K); sc: (rows,).
 // s: [momentum, 1 - dampening, lr*kappa, mu, gamma_lr, lam, kappa, weight_decay]
 // write_g: also write Gamma = sc * V (else Gamma is left stale, for the caller to rebuild on demand).
-void slbi_group_sgd(torch::Tensor w, torch::Tensor g, torch::Tensor b, torch::Tensor v,
-                    torch::Tensor gam, torch::Tensor sc, std::vector<double> s, bool use_momentum,
+void slbi_group_sgd(const at::Tensor& w, const at::Tensor& g, const at::Tensor& b, const at::Tensor& v,
+                    const at::Tensor& gam, const at::Tensor& sc, std::vector<double> s, bool use_momentum,
                     bool write_g) {
   const int64_t rows = sc.numel(), K = w.numel() / rows;
   const float m = s[0], keep = s[1], lrk = s[2], mu = s[3], glr = s[4], lam = s[5], kappa = s[6], wd = s[7];
@@ -100,8 +103,8 @@ void slbi_group_sgd(torch::Tensor w, torch::Tensor g, torch::Tensor b, torch::Te
 
 // Linear weights (element-wise shrinkage: no reduction) and uncoupled params (plain momentum SGD),
 // in blocks of 4096 elements. coupled: with V and Gamma (then v, gam are used, else ignored).
-void slbi_flat_sgd(torch::Tensor w, torch::Tensor g, torch::Tensor b, torch::Tensor v,
-                   torch::Tensor gam, std::vector<double> s, bool use_momentum, bool coupled) {
+void slbi_flat_sgd(const at::Tensor& w, const at::Tensor& g, const at::Tensor& b, const at::Tensor& v,
+                   const at::Tensor& gam, std::vector<double> s, bool use_momentum, bool coupled) {
   const int64_t n = w.numel();
   const float m = s[0], keep = s[1], lrk = s[2], mu = s[3], glr = s[4], lam = s[5], kappa = s[6], wd = s[7];
   const float c = glr / mu, inv_mu = 1.f / mu;
@@ -125,12 +128,20 @@ void slbi_flat_sgd(torch::Tensor w, torch::Tensor g, torch::Tensor b, torch::Ten
     }
   });
 }
+
+// In-place on their first tensors (the schemas say so, for anything that traces them).
+TORCH_LIBRARY(nnlab_slbi, m) {
+  m.def("slbi_group_sgd(Tensor(a!) w, Tensor g, Tensor(b!) b, Tensor(c!) v, Tensor(d!) gam, Tensor(e!) sc, "
+        "float[] s, bool use_momentum, bool write_g) -> ()", &slbi_group_sgd);
+  m.def("slbi_flat_sgd(Tensor(a!) w, Tensor g, Tensor(b!) b, Tensor(c!) v, Tensor(d!) gam, float[] s, "
+        "bool use_momentum, bool coupled) -> ()", &slbi_flat_sgd);
+}
 """
 
 def sgd_kernels():
-    """The built module (``slbi_group_sgd``, ``slbi_flat_sgd``), or ``None`` (with one warning) if it
-    cannot be built."""
-    return build_once("nnlab_slbi_kernels", _SOURCE, ["slbi_group_sgd", "slbi_flat_sgd"], "torch.compile")
+    """The built operators (``torch.ops.nnlab_slbi``: ``slbi_group_sgd``, ``slbi_flat_sgd``), or ``None``
+    (with one warning) if they cannot be built."""
+    return build_once("nnlab_slbi", _SOURCE, "torch.compile")
 
 
 def kernel_applies(p: torch.Tensor) -> bool:

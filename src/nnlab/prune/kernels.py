@@ -17,19 +17,21 @@ from nnlab.engine.cpp import build_once
 from nnlab.prune import tome
 
 _SOURCE = r"""
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
 #include <cstring>
 #include <vector>
 
 // x (B, T, C) f32, size (B, T) f32; src, dst (B, r), unm (B, nu) int64 positions in A / B
 // (A token j = x token 2j, B token j = x token 2j+1). Returns merged (B, nu + Tb, C), sizes (B, nu + Tb).
-std::vector<torch::Tensor> tome_merge_weighted(torch::Tensor x, torch::Tensor size, torch::Tensor src,
-                                               torch::Tensor dst, torch::Tensor unm) {
+std::vector<at::Tensor> tome_merge_weighted(const at::Tensor& x, const at::Tensor& size, const at::Tensor& src,
+                                            const at::Tensor& dst, const at::Tensor& unm) {
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), Tb = T / 2;
   const int64_t r = src.size(1), nu = unm.size(1), To = nu + Tb;
-  auto out = torch::empty({B, To, C}, x.options());
-  auto sizes = torch::empty({B, To}, x.options());
+  auto out = at::empty({B, To, C}, x.options());
+  auto sizes = at::empty({B, To}, x.options());
   const float* X = x.data_ptr<float>();
   const float* S = size.data_ptr<float>();
   const int64_t* SRC = src.data_ptr<int64_t>();
@@ -73,12 +75,17 @@ std::vector<torch::Tensor> tome_merge_weighted(torch::Tensor x, torch::Tensor si
   });
   return {out, sizes};
 }
+
+TORCH_LIBRARY(nnlab_tome, m) {
+  m.def("tome_merge_weighted(Tensor x, Tensor size, Tensor src, Tensor dst, Tensor unm) -> Tensor[]", &tome_merge_weighted);
+}
 """
 
 
 def merge_kernel():
-    """The built module (``tome_merge_weighted``), or ``None`` (with one warning) if it cannot be built."""
-    return build_once("nnlab_tome_kernels", _SOURCE, ["tome_merge_weighted"], "the torch ToMe merge")
+    """The built operators (``torch.ops.nnlab_tome``: ``tome_merge_weighted``), or ``None`` (with one
+    warning) if they cannot be built."""
+    return build_once("nnlab_tome", _SOURCE, "the torch ToMe merge")
 
 
 def kernel_applies(x: torch.Tensor) -> bool:
