@@ -61,7 +61,7 @@ def _source_file(name: str, source: str) -> Path:
     path = Path(root) / "nnlab-sources" / f"{name}.cpp"
     if not path.is_file() or path.read_text() != source:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes starting together each write their own
         tmp.write_text(source)
         tmp.replace(path)
     return path
