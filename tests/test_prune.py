@@ -320,9 +320,18 @@ def test_accuracy_at_equal_gflops_interpolates_and_drops_capped_repeats(tmp_path
     assert table["cp-vit"][0.6] == pytest.approx(0.82) and table["cp-vit"][0.9] == pytest.approx(0.88)
     assert table["cp-vit"][0.3] is None  # never that cheap
     assert table["p-vit"][0.8] == pytest.approx(0.85 + (0.90 - 0.85) * (0.8 - 0.7) / 0.3)
-    assert "| 0.6 x base | - | 82.00 |" in equal_compute_table(rows)  # columns P-ViT, CP-ViT (the seed's order)
+    assert "| 0.6 x base | - | 82.00 | CP-ViT |" in equal_compute_table(rows)  # columns P-ViT, CP-ViT (the seed's order)
+    assert "| 0.8 x base | 86.67 | 86.00 | P-ViT > CP-ViT |" in equal_compute_table(rows)
     text = write_table(rows, tmp_path / "results.md").read_text()
     assert "at equal compute" in text
+
+
+def test_ranking_orders_by_top1_with_ties_and_gaps():
+    from nnlab.prune.plots import ranking
+
+    assert ranking({"p-vit": 0.80, "cp-vit": 0.85, "ap-vit": 0.8003, "tome": None}) == "CP-ViT > AP-ViT = P-ViT"
+    assert ranking({"p-vit": 0.70, "cp-vit": 0.60}) == "P-ViT > CP-ViT"  # best first, whatever the seed says
+    assert ranking({"tome": None}) == "-"
 
 
 def test_seed_table_puts_the_seed_beside_ours_with_drops_from_each_base(tmp_path):

@@ -116,11 +116,24 @@ def equal_compute_table(rows: list[dict]) -> str:
     table = at_equal_gflops(rows)
     methods = list(table)
     lines = ["## Top-1 (%) at equal compute (fraction of the base model's measured GFLOPs, interpolated)", "",
-             "| GFLOPs | " + " | ".join(NAMES.get(m, m) for m in methods) + " |", "|" + " --- |" * (1 + len(methods))]
+             "| GFLOPs | " + " | ".join(NAMES.get(m, m) for m in methods) + " | order (best first) |",
+             "|" + " --- |" * (2 + len(methods))]
     for f in FRACTIONS:
         cells = ["-" if table[m][f] is None else f"{100 * table[m][f]:.2f}" for m in methods]
-        lines.append(f"| {f:g} x base | " + " | ".join(cells) + " |")
+        lines.append(f"| {f:g} x base | " + " | ".join(cells) + f" | {ranking({m: table[m][f] for m in methods})} |")
     return "\n".join(lines) + "\n"
+
+
+def ranking(top1: dict[str, float | None], tie: float = 0.0005) -> str:
+    """Methods by top-1, best first: "CP-ViT > ToMe = AP-ViT" (``=`` within ``tie``, i.e. 0.05 points);
+    methods without a value are left out, "-" when none has one."""
+    ranked = sorted(((v, m) for m, v in top1.items() if v is not None), reverse=True)
+    if not ranked:
+        return "-"
+    text = NAMES.get(ranked[0][1], ranked[0][1])
+    for (prev, _), (value, m) in zip(ranked, ranked[1:]):
+        text += (" = " if prev - value < tie else " > ") + NAMES.get(m, m)
+    return text
 
 
 SEED_METHODS = ("p-vit", "ap-vit", "cp-vit")  # the methods of the seed's Table 1
