@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm import tqdm
 
 from nnlab.data import DatasetSplits, load_dataset
 from nnlab.engine.checkpoint import tensors_sha256
@@ -315,9 +316,10 @@ def _run_locked(s: "_Sweep", config: PruneSweepConfig) -> PruneSweepResult:
     for method in ("p-vit", "ap-vit-joint"):  # the gated / jointly fine-tuned model unpruned: training
         if method in config.methods and 0.0 not in config.ratios:  # and pruning are not confounded
             todo.insert(1, (method, 0.0))
-    for method, ratio in todo:
-        if (method, round(ratio, 4)) in done:
-            continue
+    todo = [(m, r) for m, r in todo if (m, round(r, 4)) not in done]
+    bar = tqdm(todo, desc="prune sweep", unit="row", disable=None)  # rows land in results.csv as they finish
+    for method, ratio in bar:
+        bar.set_postfix_str(f"{method} @ {ratio:g}")
         runner = TokenRunner(s.vit) if method == "base" else s.build(method, ratio)
         with torch.no_grad():
             row = s.measure(runner, method, ratio)
