@@ -21,6 +21,7 @@ plain torch code that computes the same thing.
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from pathlib import Path
 
@@ -53,8 +54,6 @@ def build_tag(source: str) -> str:
 def _source_file(name: str, source: str) -> Path:
     """``source`` at a stable path under the extension root, written only when it differs (ninja
     rebuilds when a source's time stamp changes)."""
-    import os
-
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # where torch builds
