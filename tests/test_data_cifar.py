@@ -131,6 +131,32 @@ def test_image_folder_form_and_cache(tmp_path):
     assert torch.equal(again.train.images, d.train.images) and again.mean == pytest.approx(d.mean)
 
 
+def test_device_data_keeps_the_first_images_of_each_class_in_a_loadable_archive(tmp_path):
+    """benchmarks/device_data.py (the GPU check's data): N train and M test images per class from a
+    CIFAR-10 archive, byte for byte, in a tar.gz that nnlab's cifar10 loader reads as it is."""
+    import importlib.util
+    from pathlib import Path
+
+    make_folder(tmp_path / "cifar", per_class=3)
+    full = tmp_path / "full.tar.gz"
+    with tarfile.open(full, "w:gz") as tar:
+        tar.add(tmp_path / "cifar" / "train", "train")
+        tar.add(tmp_path / "cifar" / "test", "test")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "device_data.py"
+    spec = importlib.util.spec_from_file_location("device_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    small = tmp_path / "small.tar.gz"
+    assert module.main([str(full), str(small), "--train", "2", "--test", "1"]) == 0
+    d = load_dataset("cifar10", small)
+    assert d.train.images.shape == (20, 3, 32, 32) and d.test.images.shape == (10, 3, 32, 32)
+    assert sorted(d.test.labels.tolist()) == list(range(10))
+    with tarfile.open(small) as tar:
+        names = [n for n in tar.getnames() if n.startswith("test/cat/")]
+        assert len(names) == 1 and tar.extractfile(names[0]).read() == (tmp_path / "cifar" / names[0]).read_bytes()
+    assert module.main([str(tmp_path / "missing.tar.gz"), str(small)]) == 2
+
+
 def test_image_folder_wrong_class_count_or_size(tmp_path):
     make_folder(tmp_path / "a", classes=["cat", "dog"], per_class=1)
     with pytest.raises(DataError, match="needs 10 class folders in train/, found 2"):
