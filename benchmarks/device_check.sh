@@ -49,9 +49,9 @@ check prune-sweep 180 $PY -m nnlab prune sweep --checkpoint "$CHECKPOINT" --data
   --methods p-vit,ap-vit,ap-vit-joint,cp-vit,tome --ratios 0.5 --calib-size 256 --pvit-train-limit 1000 \
   --apvit-joint-train-limit 1000 --apvit-epochs 2 --no-save-models --out "$OUT/sweep"
 cp "$OUT/sweep/results.csv" "$OUT/sweep-results.csv" 2>/dev/null
-for mode in eager compile; do
-  flag=$([ "$mode" = compile ] && echo --compile)
-  check "functa-$mode" "$([ "$mode" = compile ] && echo 120 || echo 80)" $PY -m nnlab functa train --preset celeba64-cpu --data cifar10 --data-dir "$DATA" \
+for spec in eager:80: compile:120:--compile; do  # mode:time limit:flag
+  IFS=: read -r mode limit flag <<< "$spec"
+  check "functa-$mode" "$limit" $PY -m nnlab functa train --preset celeba64-cpu --data cifar10 --data-dir "$DATA" \
     --steps 40 --val-every 1000 --device "$DEVICE" --no-progress $flag --out "$OUT/functa-$mode"
   cp "$OUT/functa-$mode/metrics.jsonl" "$OUT/functa-$mode-metrics.jsonl" 2>/dev/null
 done

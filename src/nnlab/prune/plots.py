@@ -16,6 +16,16 @@ ORDER = ["p-vit", "ap-vit", "ap-vit-joint", "cp-vit", "tome"]
 NAMES = {"p-vit": "P-ViT", "ap-vit": "AP-ViT", "ap-vit-joint": "AP-ViT (joint, APT)", "cp-vit": "CP-ViT", "tome": "ToMe"}
 
 
+def _base(rows: list[dict]) -> dict | None:
+    """The sweep's row of the unpruned base model, or None."""
+    return next((r for r in rows if r["method"] == "base"), None)
+
+
+def _by_key(rows: list[dict]) -> dict[tuple[str, float], dict]:
+    """Rows keyed by (method, ratio rounded to 4 places)."""
+    return {(r["method"], round(r["ratio"], 4)): r for r in rows}
+
+
 def _methods(rows: list[dict]) -> list[str]:
     present = {r["method"] for r in rows} - {"base"}
     return [m for m in ORDER if m in present] + sorted(present - set(ORDER))
@@ -24,9 +34,9 @@ def _methods(rows: list[dict]) -> list[str]:
 def markdown_table(rows: list[dict]) -> str:
     """Table 1 of the seed: one row per ratio, top-1 / top-5 per method; then cost per method."""
     methods = _methods(rows)
-    base = next((r for r in rows if r["method"] == "base"), None)
+    base = _base(rows)
     ratios = sorted({r["ratio"] for r in rows if r["method"] != "base"})
-    get = {(r["method"], round(r["ratio"], 4)): r for r in rows}
+    get = _by_key(rows)
     head = "| ratio | " + " | ".join(f"{NAMES.get(m, m)} top-1 | {NAMES.get(m, m)} top-5" for m in methods) + " |"
     lines = ["## Accuracy (%)", "", head, "|" + " --- |" * (1 + 2 * len(methods))]
     if base:
@@ -111,7 +121,7 @@ def at_equal_gflops(rows: list[dict], fractions=FRACTIONS) -> dict[str, dict[flo
 
 def equal_compute_table(rows: list[dict]) -> str:
     """Markdown: top-1 of each method at equal fractions of the base model's GFLOPs."""
-    if not any(r["method"] == "base" for r in rows):
+    if _base(rows) is None:
         return ""
     table = at_equal_gflops(rows)
     methods = list(table)
@@ -143,8 +153,8 @@ def seed_table(rows: list[dict], seed: dict) -> str:
     """Markdown: the seed report's Table 1 (``seed``: ``prune`` of ``seed_numbers.yaml``) beside this
     sweep's top-1 at the same nominal ratios, each with its drop from its own base model in
     brackets (the seed pruned a 98% ViT-B/16, so the drops are what compares)."""
-    base = next((r for r in rows if r["method"] == "base"), None)
-    get = {(r["method"], round(r["ratio"], 4)): r for r in rows}
+    base = _base(rows)
+    get = _by_key(rows)
     seed_base = seed["base_top1"]["value"]
     head = " | ".join(f"{NAMES[m]} seed | {NAMES[m]} nnlab" for m in SEED_METHODS)
     lines = ["## Beside the seed report (top-1 %, drop from the base model in brackets)", "",
@@ -176,7 +186,7 @@ def write_plots(rows: list[dict], out: str | Path) -> list[Path]:
     from nnlab.report.figures import plt, save_figure
 
     out = Path(out)
-    base = next((r for r in rows if r["method"] == "base"), None)
+    base = _base(rows)
     paths = []
     for x_key, name, label in (("achieved_ratio", "accuracy_vs_ratio.png", "pruning ratio (achieved)"),
                                ("gflops", "accuracy_vs_gflops.png", "GFLOPs per image (measured)"),
