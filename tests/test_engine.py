@@ -290,6 +290,33 @@ def test_threads_are_applied_and_recorded(tmp_path, digits):
         torch.set_num_threads(before)
 
 
+class FirstWeights(Callback):
+    def __init__(self):
+        self.first = None
+
+    def on_step_start(self, ctx):
+        if ctx.step == 0:
+            self.first = weights(ctx.model)
+
+
+def test_init_from_starts_from_another_runs_weights(tmp_path, digits):
+    """init_from: the first step starts from the source run's final weights (its folder or its
+    model.safetensors), not from a fresh initialisation; a source that does not fit is refused."""
+    src = train(tiny(epochs=1), tmp_path / "src", data=digits)
+    fresh = FirstWeights()
+    train(tiny(epochs=1, max_steps=1), tmp_path / "fresh", callbacks=[fresh], data=digits)
+    assert not torch.equal(fresh.first["conv1.weight"], weights(src.model)["conv1.weight"])
+    for i, source in enumerate([tmp_path / "src", tmp_path / "src" / "model.safetensors"]):
+        seen = FirstWeights()
+        train(tiny(epochs=1, max_steps=1, init_from=str(source)), tmp_path / f"dst{i}", callbacks=[seen], data=digits)
+        for k, v in weights(src.model).items():
+            assert torch.equal(seen.first[k], v), k
+    with pytest.raises(CheckpointError, match="do not fit this run's model"):
+        train(tiny(model="mlp", init_from=str(tmp_path / "src")), tmp_path / "bad", data=digits)
+    with pytest.raises(CheckpointError, match="neither a run folder nor a .safetensors"):
+        train(tiny(init_from=str(tmp_path / "nowhere")), tmp_path / "bad2", data=digits)
+
+
 def test_custom_model_and_three_classes(tmp_path):
     g = torch.Generator().manual_seed(0)
     imgs = torch.randint(0, 256, (60, 1, 8, 8), dtype=torch.uint8, generator=g)

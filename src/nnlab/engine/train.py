@@ -51,7 +51,7 @@ from nnlab.engine.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_sch
 from nnlab.engine.callbacks import Callback, TrainContext
 from nnlab.engine.evaluate import EvalResult, evaluate, topk_correct, topk_correct_reference
 from nnlab.engine.runs import RunDir, check_out
-from nnlab.engine.trained import build_model, run_data, save_final_weights
+from nnlab.engine.trained import build_model, load_init_weights, run_data, save_final_weights
 from nnlab.errors import CheckpointError, ConfigError, DivergenceError
 
 # The callback contract and evaluation live in their own modules; importable from here as before.
@@ -76,7 +76,9 @@ class TrainConfig:
     bit-identically, and ``summary.json`` says ``"complete": false``). threads sets torch's CPU
     thread count (unset: torch's default); ``config.yaml`` records the count used, since CPU results
     are bit-identical only at the same count. train_limit / test_limit keep a seeded random subset.
-    deterministic asks torch for deterministic kernels (GPU runs bit-identical across resumes, slower);
+    init_from starts the model from another run's weights (its folder: the latest checkpoint, else
+    ``model.safetensors``; or a ``.safetensors`` file of the same model) with a fresh optimiser and
+    schedule: fine-tuning, or a second cosine cycle. deterministic asks torch for deterministic kernels (GPU runs bit-identical across resumes, slower);
     CPU runs are deterministic without it.
     schedule_options go to the schedule (``min_factor`` for cosine, ``milestones`` as fractions
     of training and ``gamma`` for step). grad_clip 0 means no clipping. crop_padding is the
@@ -116,6 +118,7 @@ class TrainConfig:
     train_limit: int | None = None         # train on N random train images (seeded)
     test_limit: int | None = None          # test on N random test images (seeded)
     progress: bool = True                  # progress bars and epoch lines
+    init_from: str | None = None           # start from these weights (run folder or .safetensors); fresh optimiser
 
     def validate(self) -> "TrainConfig":
         """Raise a ConfigError naming the first bad value and its valid range; return self."""
@@ -242,6 +245,8 @@ class _Trainer:
         _seed_everything(config.seed, config.deterministic)
         self.data = run_data(config, data)
         self.model = (model if model is not None else build_model(config, self.data)).to(self.dist.device)
+        if config.init_from and not self.resuming:  # on resume the checkpoint holds the weights
+            load_init_weights(self.model, config.init_from)
         self.net = self._wrap(self.model)
         self.optimizer = build_optimizer(config.optimizer, self.model, lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay, **config.optimizer_options)

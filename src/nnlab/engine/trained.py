@@ -76,6 +76,29 @@ def load_weights(run: RunDir) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{final} is unreadable ({exc}); copy it again from the trained run") from None
 
 
+def load_init_weights(model: nn.Module, source: str | Path) -> None:
+    """Copy into ``model`` the weights of ``source``: a run folder (:func:`load_weights`) or a
+    ``.safetensors`` file. A CheckpointError names a missing source or weights that do not fit."""
+    from safetensors.torch import load_file
+
+    path = Path(source)
+    if path.is_dir():
+        tensors = load_weights(RunDir(path, create=False))
+    elif path.is_file() and path.suffix == ".safetensors":
+        try:
+            tensors = load_file(path)
+        except Exception as exc:  # safetensors raises several types for a corrupt file
+            raise CheckpointError(f"init_from {path} is unreadable ({exc}); copy it again") from None
+    else:
+        raise CheckpointError(f"init_from {source} is neither a run folder nor a .safetensors file; give "
+                              "the folder of an 'nnlab train' run or its model.safetensors")
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the weights in {source} do not fit this run's model "
+                              f"({str(exc).splitlines()[0]}); init_from needs the same model and options") from None
+
+
 @dataclass
 class TrainedRun:
     """A run folder rebuilt: its config, data (see :func:`run_data`) and model (eval mode)."""
