@@ -88,3 +88,27 @@ def test_the_cpu_preset_prunes_the_published_cifar_model_when_it_is_present(tmp_
     save_file({"w": torch.ones(2)}, base / "model.safetensors")  # another published model: another key
     assert study_prune.stages("cpu")[0].key() != key
     assert study_prune.stages("quick")[0].fn.__name__ == "_train_base"  # quick never uses it
+
+
+def test_the_cpu_preset_sweeps_the_cifar_model_with_the_published_sweeps_settings():
+    """CIFAR_SWEEP = configs/prune-cifar.yaml as `nnlab prune sweep --config` reads it, in every
+    setting that keys a sweep folder (sweep.IDENTITY) and in the ratios: so the published sweep's
+    rows serve the cpu preset's stage, and the two cannot drift apart."""
+    import dataclasses
+    from pathlib import Path
+
+    from nnlab.cli import build_parser
+    from nnlab.cli.prune import sweep_config_from_args
+    from nnlab.config import apply_config_defaults
+    from nnlab.prune.sweep import IDENTITY
+    from nnlab.reproduce import study_prune
+
+    yaml_file = Path(__file__).resolve().parents[1] / "configs" / "prune-cifar.yaml"
+    argv = ["prune", "sweep", "--config", str(yaml_file), "--checkpoint", "base", "--out", "out"]
+    parser = build_parser()
+    apply_config_defaults(parser.parse_args(argv)._parser, str(yaml_file))
+    cli = sweep_config_from_args(parser.parse_args(argv))
+    ours = study_prune.sweep_config(study_prune.CIFAR_SWEEP, "base", "out", None)
+    pick = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k in (*IDENTITY, "ratios")}
+    assert pick(ours) == pick(cli)
+    assert set(ours.methods) <= set(cli.methods)  # the published sweep has every method of the report

@@ -56,15 +56,21 @@ def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
     add_dataclass_options(c, CPViTOptions, prefix="cpvit")
 
 
-def run_prune_sweep(args: argparse.Namespace) -> int:
+def sweep_config_from_args(args: argparse.Namespace):
+    """The PruneSweepConfig of parsed ``nnlab prune sweep`` options (prefixed option dataclasses nested)."""
     from nnlab.config import dataclass_from_args
     from nnlab.prune import methods, sweep
 
-    config = dataclass_from_args(sweep.PruneSweepConfig, args,
-                                 pvit=dataclass_from_args(methods.PViTOptions, args, prefix="pvit"),
-                                 apvit=dataclass_from_args(methods.APViTOptions, args, prefix="apvit"),
-                                 cpvit=dataclass_from_args(methods.CPViTOptions, args, prefix="cpvit"))
-    result = sweep.run_prune_sweep(config)
+    return dataclass_from_args(sweep.PruneSweepConfig, args,
+                               pvit=dataclass_from_args(methods.PViTOptions, args, prefix="pvit"),
+                               apvit=dataclass_from_args(methods.APViTOptions, args, prefix="apvit"),
+                               cpvit=dataclass_from_args(methods.CPViTOptions, args, prefix="cpvit"))
+
+
+def run_prune_sweep(args: argparse.Namespace) -> int:
+    from nnlab.prune import sweep
+
+    result = sweep.run_prune_sweep(sweep_config_from_args(args))
     print(f"{len(result.rows)} rows in {result.out}/results.csv; table in results.md; "
           "plots accuracy_vs_ratio.png, accuracy_vs_gflops.png, accuracy_vs_throughput.png")
     return 0

@@ -51,8 +51,10 @@ BASE: dict[str, dict[str, Any]] = {
 }
 RATIOS = [round(0.1 * i, 1) for i in range(1, 10)]
 PUBLISHED_BASE = Path("docs/results/vit-cifar/base")  # the CIFAR-10 base model, as `nnlab publish` left it
-# the sweep on the published CIFAR-10 model (configs/prune-cifar.yaml, the four methods of the table)
-CIFAR_SWEEP: dict[str, Any] = dict(ratios=RATIOS, pvit=dict(gate_epochs=1, train_limit=10_000, finetune_epochs=1))
+# the sweep on the published CIFAR-10 model: the settings of configs/prune-cifar.yaml (a test checks it),
+# so that the published sweep's folder (docs/results/vit-cifar/sweep) also serves this stage, row for row
+CIFAR_SWEEP: dict[str, Any] = dict(ratios=RATIOS, pvit=dict(gate_epochs=1, train_limit=10_000, finetune_epochs=1),
+                                   apvit=dict(joint_epochs=1, joint_train_limit=10_000))
 # Sweep settings (nnlab.prune.sweep.PruneSweepConfig fields; pvit/apvit: their option dataclasses).
 SWEEP: dict[str, dict[str, Any]] = {
     "quick": dict(ratios=[0.3, 0.5, 0.7, 0.9], test_limit=500, calib_size=256, timing_repeats=5,
@@ -103,17 +105,22 @@ def _train_base(ctx: StageContext) -> StageResult:
     return StageResult(metrics={"base_train_test_top1": s["test_top1"]})
 
 
-def _sweep_config(ctx: StageContext):
+def sweep_config(settings: dict[str, Any], checkpoint: str | Path, out: str | Path, data_dir: str | None):
+    """A :class:`~nnlab.prune.sweep.PruneSweepConfig` of the report's methods from a preset's
+    ``settings`` (SWEEP / CIFAR_SWEEP: sweep fields, with pvit / apvit / cpvit option dicts)."""
     from nnlab.prune.methods import APViTOptions, CPViTOptions, PViTOptions
     from nnlab.prune.sweep import PruneSweepConfig
 
-    c = dict(ctx.config["sweep"])
+    c = dict(settings)
     pvit, apvit = PViTOptions(**c.pop("pvit", {})), APViTOptions(**c.pop("apvit", {}))
     cpvit = CPViTOptions(**c.pop("cpvit", {}))
+    return PruneSweepConfig(checkpoint=str(checkpoint), out=str(out), methods=list(METHODS), pvit=pvit, apvit=apvit,
+                            cpvit=cpvit, data_dir=data_dir, **c)
+
+
+def _sweep_config(ctx: StageContext):
     run = ctx.config.get("checkpoint") or ctx.results["prune-base"].dir / "run"
-    out = work_dir(ctx, "sweep")
-    return PruneSweepConfig(checkpoint=str(run), out=str(out), methods=list(METHODS), pvit=pvit, apvit=apvit,
-                            cpvit=cpvit, data_dir=data_dir_for(ctx, ctx.config["data"]), **c)
+    return sweep_config(ctx.config["sweep"], run, work_dir(ctx, "sweep"), data_dir_for(ctx, ctx.config["data"]))
 
 
 def _sweep(ctx: StageContext, notes: tuple[str, ...] = ()) -> StageResult:
