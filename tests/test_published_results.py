@@ -71,3 +71,32 @@ def test_published_generators_beat_the_gaussian_baseline():
 def test_published_generative_readme_figures_resolve():
     refs = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", (GEN / "README.md").read_text())
     assert refs and not [r for r in refs if not (GEN / r).is_file()]
+
+
+VIT_BASE = RESULTS / "vit-cifar" / "base"
+
+
+@pytest.mark.skipif(not (VIT_BASE / "model.safetensors").is_file(), reason="no published CIFAR-10 base ViT")
+def test_published_base_vit_is_the_files_its_manifest_lists():
+    """Issue 13: every file of docs/results/vit-cifar/base has the SHA-256 that PUBLISHED.json lists."""
+    from nnlab.engine.checkpoint import sha256
+
+    manifest = json.loads((VIT_BASE / "PUBLISHED.json").read_text())["files"]
+    assert "model.safetensors" in manifest and "config.yaml" in manifest
+    changed = [name for name, entry in manifest.items() if sha256(VIT_BASE / name) != entry["sha256"]]
+    assert not changed, f"published files differ from their manifest: {changed}"
+
+
+@pytest.mark.skipif(not (VIT_BASE / "model.safetensors").is_file(), reason="no published CIFAR-10 base ViT")
+def test_published_base_vit_scores_what_its_summary_says(shared_data, one_thread):
+    """The published weights, loaded from the folder as it is, classify 2,000 seeded CIFAR-10 test images
+    within 2.5 points of the full-test-set top-1 in summary.json (2,000 images: about 0.9 points of
+    sampling noise), so the folder holds the model its numbers describe."""
+    from nnlab.engine.trained import load_trained_run
+    from nnlab.prune.common import accuracy, eval_transform
+
+    run = load_trained_run(VIT_BASE, data_dir=str(shared_data / "cifar10"))
+    test = run.data.test.random_subset(2000, 0)
+    measured = accuracy(run.model, test, eval_transform(run.data, run.model.config.image_size)).top1
+    claimed = json.loads((VIT_BASE / "summary.json").read_text())["test_top1"]
+    assert abs(measured - claimed) <= 0.025, (measured, claimed)
