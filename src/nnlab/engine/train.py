@@ -78,8 +78,8 @@ class TrainConfig:
     are bit-identical only at the same count. train_limit / test_limit keep a seeded random subset.
     init_from starts the model from another run's weights (its folder: the latest checkpoint, else
     ``model.safetensors``; or a ``.safetensors`` file of the same model) with a fresh optimiser and
-    schedule: fine-tuning, or a second cosine cycle. deterministic asks torch for deterministic kernels (GPU runs bit-identical across resumes, slower);
-    CPU runs are deterministic without it.
+    schedule: fine-tuning, or a second cosine cycle. deterministic asks torch for deterministic
+    kernels (GPU runs bit-identical across resumes, slower); CPU runs are deterministic without it.
     schedule_options go to the schedule (``min_factor`` for cosine, ``milestones`` as fractions
     of training and ``gamma`` for step). grad_clip 0 means no clipping. crop_padding is the
     random crop's padding with augment (unset: 4 pixels for images of 28 pixels or more, else 2).

@@ -32,8 +32,7 @@ def run_label(run: str | Path) -> str:
 
 def plot_curves(runs: list[str | Path], out: Path) -> Path:
     """Train loss, test top-1 (dense W, and DessiLBI's W* dashed) and train top-1 (dotted) against
-    epoch, one colour per run;
-    any ``nnlab train`` run folder works (W* only where logged)."""
+    epoch, one colour per run; any ``nnlab train`` run folder works (W* only where logged)."""
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
     any_star = False
     for run in runs:
