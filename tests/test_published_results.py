@@ -74,9 +74,11 @@ def test_published_generative_readme_figures_resolve():
 
 
 VIT_BASE = RESULTS / "vit-cifar" / "base"
+needs_vit_base = pytest.mark.skipif(not (VIT_BASE / "model.safetensors").is_file(),
+                                    reason="no published CIFAR-10 base ViT")
 
 
-@pytest.mark.skipif(not (VIT_BASE / "model.safetensors").is_file(), reason="no published CIFAR-10 base ViT")
+@needs_vit_base
 def test_published_base_vit_is_the_files_its_manifest_lists():
     """Issue 13: every file of docs/results/vit-cifar/base has the SHA-256 that PUBLISHED.json lists."""
     from nnlab.engine.checkpoint import sha256
@@ -87,7 +89,7 @@ def test_published_base_vit_is_the_files_its_manifest_lists():
     assert not changed, f"published files differ from their manifest: {changed}"
 
 
-@pytest.mark.skipif(not (VIT_BASE / "model.safetensors").is_file(), reason="no published CIFAR-10 base ViT")
+@needs_vit_base
 def test_published_base_vit_scores_what_its_summary_says(shared_data, one_thread):
     """The published weights, loaded from the folder as it is, classify 2,000 seeded CIFAR-10 test images
     within 2.5 points of the full-test-set top-1 in summary.json (2,000 images: about 0.9 points of

@@ -65,30 +65,30 @@ def save_final_weights(model: nn.Module, run: RunDir) -> Path:
 
 def load_weights(run: RunDir) -> dict[str, torch.Tensor]:
     """The latest checkpoint's weights, else ``model.safetensors``; a CheckpointError when neither."""
-    from safetensors.torch import load_file
-
     final = run.path / FINAL_WEIGHTS
     if has_checkpoint(run.checkpoint_dir) or not final.is_file():
         return load_checkpoint(run.checkpoint_dir).tensors
+    return read_weights_file(final)
+
+
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors file ``path``; a CheckpointError when it is corrupt."""
+    from safetensors.torch import load_file
+
     try:
-        return load_file(final)
+        return load_file(path)
     except Exception as exc:  # safetensors raises several types for a corrupt file
-        raise CheckpointError(f"{final} is unreadable ({exc}); copy it again from the trained run") from None
+        raise CheckpointError(f"{path} is unreadable ({exc}); copy it again from the trained run") from None
 
 
 def load_init_weights(model: nn.Module, source: str | Path) -> None:
     """Copy into ``model`` the weights of ``source``: a run folder (:func:`load_weights`) or a
     ``.safetensors`` file. A CheckpointError names a missing source or weights that do not fit."""
-    from safetensors.torch import load_file
-
     path = Path(source)
     if path.is_dir():
         tensors = load_weights(RunDir(path, create=False))
     elif path.is_file() and path.suffix == ".safetensors":
-        try:
-            tensors = load_file(path)
-        except Exception as exc:  # safetensors raises several types for a corrupt file
-            raise CheckpointError(f"init_from {path} is unreadable ({exc}); copy it again") from None
+        tensors = read_weights_file(path)
     else:
         raise CheckpointError(f"init_from {source} is neither a run folder nor a .safetensors file; give "
                               "the folder of an 'nnlab train' run or its model.safetensors")
