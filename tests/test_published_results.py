@@ -113,19 +113,22 @@ def test_published_sweep_is_of_the_published_base_and_its_tables_come_from_its_c
     """Issue 13: sweep.json names the published base model's weights (SHA-256 of its tensors), the
     base row is the base's own test top-1, every method has all nine ratios, and results.md is what
     the sweep's table writer builds from results.csv (no hand-edited numbers)."""
+    import yaml
     from safetensors.torch import load_file
 
     from nnlab.engine.checkpoint import tensors_sha256
     from nnlab.prune.plots import write_table
-    from nnlab.prune.sweep import _seed_numbers, read_rows
+    from nnlab.prune.sweep import read_rows
+    from nnlab.reproduce.pipeline import seed_numbers
 
     ident = json.loads((VIT_SWEEP / "sweep.json").read_text())
     assert ident["base_sha256"] == tensors_sha256(load_file(VIT_BASE / "model.safetensors"))
     rows = read_rows(VIT_SWEEP / "results.csv")
     base = next(r for r in rows if r["method"] == "base")
     assert base["top1"] == pytest.approx(json.loads((VIT_BASE / "summary.json").read_text())["test_top1"], abs=1e-4)
-    for method in ("p-vit", "ap-vit", "ap-vit-joint", "cp-vit", "tome"):
-        ratios = sorted(round(r["ratio"], 1) for r in rows if r["method"] == method and r["ratio"] > 0)
-        assert ratios == [round(0.1 * i, 1) for i in range(1, 10)], method
-    rebuilt = write_table(rows, tmp_path / "results.md", seed=_seed_numbers("cifar10")).read_text()
+    config = yaml.safe_load((REPO / "configs" / "prune-cifar.yaml").read_text())  # the sweep's own settings
+    for method in config["methods"]:
+        ratios = sorted(round(r["ratio"], 4) for r in rows if r["method"] == method and r["ratio"] > 0)
+        assert ratios == [round(r, 4) for r in config["ratios"]] and len(ratios) == 9, method
+    rebuilt = write_table(rows, tmp_path / "results.md", seed=seed_numbers()["prune"]).read_text()
     assert rebuilt == (VIT_SWEEP / "results.md").read_text()
