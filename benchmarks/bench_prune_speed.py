@@ -13,9 +13,10 @@ many. The reference is the unpruned model (fused attention) measured in
 the same process on the same batch; the variants are timed in interleaved rounds (base, cp-vit, tome,
 ..., base, cp-vit, ...), each round keeping the best of ``--inner`` passes per variant. images/s is
 the median over rounds, and a speed-up is the median over rounds of the round's own ratio to the
-base, so load from other processes that drifts between rounds cancels. GFLOPs (1e9 MACs per image, :mod:`nnlab.prune.flops`) and
-the FLOP ratio (the ideal speed-up) are printed beside the measured ones. Timing does not depend on
-the weights (only which tokens go does), so random weights are fine without ``--checkpoint``.
+base, so load from other processes that drifts between rounds cancels. GFLOPs (1e9 MACs per image,
+:mod:`nnlab.prune.flops`) and the FLOP ratio (the ideal speed-up) are printed beside the measured
+ones. Timing does not depend on the weights (only which tokens go does), so random weights are fine
+without ``--checkpoint``.
 """
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def build(args):
 def time_interleaved(runners: dict, x: torch.Tensor, repeats: int, inner: int) -> dict[str, list[float]]:
     """Images per second per runner in each of ``repeats`` rounds (the best of ``inner`` passes)."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # GPU kernels run asynchronously
-    for r in runners.values():  # warm-up (and the attention kernels' first-call measurement)
+    for r in runners.values():  # warm-up
         r(x)
     samples: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(repeats):
@@ -146,7 +147,8 @@ def main(argv=None) -> int:
         target = TARGETS.get(name)
         passed = target is None or (speed >= target and (name not in FLOP_CHECKED or speed >= FLOP_SHARE * flop))
         ok &= passed
-        report["methods"][name] = {"images_per_s": ips[name], "images_per_s_rounds": samples[name], "speedup": speed, "gflops": gflops[name],
+        report["methods"][name] = {"images_per_s": ips[name], "images_per_s_rounds": samples[name],
+                                   "speedup": speed, "gflops": gflops[name],
                                    "flop_ratio": flop, "achieved_ratio": achieved[name],
                                    "heads_kept": r.heads_kept(), "target": target, "meets_target": passed}
         verdict = "" if target is None else ("  ok" if passed else f"  below {target}x or {FLOP_SHARE:.0%} of FLOPs")
