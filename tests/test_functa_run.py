@@ -159,6 +159,30 @@ def test_chunked_threaded_meta_step_equals_one_batch():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
+def test_small_batch_is_split_over_the_workers(monkeypatch):
+    """A batch of 8 at chunk 8 on 2 workers runs as two chunks of 4 (both cores busy, as for
+    celeba64-cpu), and its meta-gradient is still the one-batch one."""
+    from dataclasses import replace
+
+    from nnlab.functa import meta
+    from nnlab.functa.parallel import chunk_runner
+    from nnlab.functa.trainer import chunk_size
+
+    assert [chunk_size(b, 8, w) for b, w in ((8, 2), (8, 1), (32, 2), (7, 2), (1, 4), (16, 3))] == [4, 8, 8, 4, 1, 6]
+    preset = get_preset("tiny")
+    x, seen, grads = torch.rand(8, 1, 8, 8), [], []
+    real = meta.meta_loss
+    monkeypatch.setattr(meta, "meta_loss", lambda model, xc, *a, **k: seen.append(len(xc)) or real(model, xc, *a, **k))
+    for workers in (1, 2):
+        state = build_state(preset, torch.device("cpu"))
+        with chunk_runner(workers) as runner:
+            meta_step(state, x, replace(preset.train, chunk=8), runner)
+        grads.append([p.grad.clone() for p in state.model.parameters()])
+    assert seen == [8, 4, 4]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_threaded_fit_equals_sequential():
     model = LatentModulatedSiren(FunctaConfig(width=16, depth=3, latent_dim=8)).eval()
     images = torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8)

@@ -23,7 +23,8 @@ class MetaTrainConfig:
     meta_lr_mult: float = 1.0          # outer learning-rate multiplier for the Meta-SGD rates
     grad_clip: float = 0.0             # clip the meta-gradient's global norm (0 = off)
     schedule: str = "constant"         # or "cosine": decay to 0 over time_limit_min (else over steps)
-    chunk: int = 8                     # images per forward/backward (cache-sized; grads accumulate)
+    chunk: int = 8                     # max images per forward/backward (cache-sized; grads accumulate);
+                                       # a smaller batch is split evenly over the workers
     workers: int = 0                   # threads running chunks, 1 torch thread each (0 = torch's count)
     first_order: bool = False
     use_checkpoint: bool = False

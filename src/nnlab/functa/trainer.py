@@ -86,8 +86,10 @@ def meta_step(state: TrainState, x: torch.Tensor, cfg: MetaTrainConfig,
               runner: ChunkRunner | None = None) -> meta.MetaStepResult:
     """One outer Adam step on a batch x (B, C, H, W) in [0, 1]; DivergenceError on NaN/inf.
 
-    The batch runs in chunks of ``cfg.chunk`` images (on ``runner``'s threads); each chunk's
-    backward adds its share of the batch-mean meta-gradient, so the result equals one big batch.
+    The batch runs in chunks of at most ``cfg.chunk`` images (on ``runner``'s threads), and in at
+    least as many chunks as the runner has workers, so that a small batch (celeba64-cpu's 8) keeps
+    every core busy; each chunk's backward adds its share of the batch-mean meta-gradient, so the
+    result equals one big batch.
     With ``cfg.compile`` the chunks run :class:`meta.CompiledMetaLoss`; its first step runs on this
     thread (compiling once), and a compile failure falls back to eager steps with one warning.
     """
@@ -105,7 +107,7 @@ def meta_step(state: TrainState, x: torch.Tensor, cfg: MetaTrainConfig,
         (res.loss * (len(xc) / len(x))).backward()
         return res
 
-    chunks, parts = x.split(max(cfg.chunk, 1)), None
+    chunks, parts = x.split(chunk_size(len(x), cfg.chunk, runner.workers if runner else 1)), None
     if cfg.compile and state.compiled is None and not state.compile_failed:
         parts = _first_compiled_step(state, cfg, chunk, chunks)  # None: it could not compile
     if parts is None:
@@ -119,6 +121,12 @@ def meta_step(state: TrainState, x: torch.Tensor, cfg: MetaTrainConfig,
     state.step += 1
     loss = sum(r.loss.detach() * len(r.psnr) for r in parts) / len(x)
     return meta.MetaStepResult(loss, torch.cat([r.psnr for r in parts]), torch.cat([r.inner_mse for r in parts]))
+
+
+def chunk_size(batch: int, chunk: int, workers: int) -> int:
+    """Images per chunk: at most ``chunk``, and small enough for ``batch`` to give every one of
+    ``workers`` threads a chunk (8 images on 2 workers: chunks of 4, not one chunk of 8)."""
+    return max(1, min(chunk, -(-batch // max(workers, 1))))
 
 
 def _first_compiled_step(state, cfg, chunk, chunks) -> list[meta.MetaStepResult] | None:
