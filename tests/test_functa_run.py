@@ -75,6 +75,24 @@ def test_collapse_guard_rolls_back_then_gives_up():
         guard.check(state, 3.0)
 
 
+def test_hidden_lr_mult_moves_the_hidden_weights_at_their_own_rate():
+    """Adam's first step moves every weight by about its group's lr (sign of the gradient), so the
+    hidden sine layers' weights move hidden_lr_mult times less than the other weights."""
+    preset = get_preset("tiny", hidden_lr_mult=0.25, grad_clip=0.0)
+    assert len(build_state(get_preset("tiny"), torch.device("cpu")).optimizer.param_groups) == 2  # default: as before
+    state = build_state(preset, torch.device("cpu"))
+    model, lr = state.model, preset.train.outer_lr
+    owned = [id(p) for g in state.optimizer.param_groups for p in g["params"]]
+    assert sorted(owned) == sorted(id(p) for p in model.parameters())       # every parameter once
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    meta_step(state, torch.rand(4, 1, 8, 8), preset.train)
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    for n, d in moved.items():
+        want = lr * 0.25 if n.startswith("hidden.") and n.endswith(".weight") else lr
+        if n != "meta_lr":
+            assert d == pytest.approx(want, rel=1e-3), n
+
+
 def test_collapsed_run_rolls_back_and_finishes(tmp_path, monkeypatch):
     real, vals = trainer.evaluate_psnr, iter([20.0, 21.0, 4.0, 21.5, 22.0, 22.5, 23.0])
 
@@ -231,8 +249,11 @@ def test_functa_train_takes_architecture_flags_over_the_preset(tmp_path):
     out = tmp_path / "coin"
     assert main(["functa", "train", "--preset", "mnist-cpu", "--width", "64", "--depth", "5", "--latent-dim", "64",
                  "--no-meta-sgd", "--inner-lr", "1e-2", "--batch-size", "16", "--outer-lr", "1e-5",
-                 "--data", "mnist-5k", "--steps", "2", "--val-every", "2", "--out", str(out)]) == 0
-    model = yaml.safe_load((out / "config.yaml").read_text())["model"]
+                 "--hidden-lr-mult", "0.5", "--data", "mnist-5k", "--steps", "2", "--val-every", "2",
+                 "--out", str(out)]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    model = config["model"]
+    assert config["train"]["hidden_lr_mult"] == 0.5
     assert (model["width"], model["depth"], model["latent_dim"], model["meta_sgd"], model["inner_lr"]) == \
         (64, 5, 64, False, 0.01)
     assert (out / "model.safetensors").is_file()  # the final weights, for publishing without checkpoints

@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     t.add_argument("--latent-dim", type=int, help="latent size (default: the preset's)")
     t.add_argument("--batch-size", type=int)
     t.add_argument("--outer-lr", type=float)
+    t.add_argument("--hidden-lr-mult", type=float,
+                   help="outer-lr multiplier for the hidden sine layers' weights (default: the preset's)")
     t.add_argument("--inner-steps", type=int)
     t.add_argument("--time-limit", type=float, dest="time_limit_min", help="stop meta-training after MIN minutes")
     t.add_argument("--schedule", choices=["constant", "cosine"],
@@ -160,7 +162,8 @@ def run_train(args) -> int:
     from nnlab.functa.trainer import train_functa
 
     preset = get_preset(args.preset, latent_dim=args.latent_dim, steps=args.steps, batch_size=args.batch_size,
-                        outer_lr=args.outer_lr, inner_steps=args.inner_steps, time_limit_min=args.time_limit_min,
+                        outer_lr=args.outer_lr, hidden_lr_mult=args.hidden_lr_mult, inner_steps=args.inner_steps,
+                        time_limit_min=args.time_limit_min,
                         first_order=args.first_order, use_checkpoint=args.use_checkpoint, compile=args.compile,
                         val_every=args.val_every, schedule=args.schedule, model_overrides={f: getattr(args, f, None) for f in FunctaConfig.__dataclass_fields__})
     summary = train_functa(preset, args.data, args.out, data_dir=args.data_dir, resume=args.resume, device=args.device,

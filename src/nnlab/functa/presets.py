@@ -21,6 +21,8 @@ class MetaTrainConfig:
     outer_lr: float = 1e-3
     weight_decay: float = 0.0
     meta_lr_mult: float = 1.0          # outer learning-rate multiplier for the Meta-SGD rates
+    hidden_lr_mult: float = 1.0        # outer learning-rate multiplier for the hidden sine layers' weights
+                                       # (< 1 keeps them from growing into a collapse; see trainer)
     grad_clip: float = 0.0             # clip the meta-gradient's global norm (0 = off)
     schedule: str = "constant"         # or "cosine": decay to 0 over time_limit_min (else over steps)
     chunk: int = 8                     # max images per forward/backward (cache-sized; grads accumulate);
@@ -49,6 +51,8 @@ class MetaTrainConfig:
                   ("outer_lr", finite(self.outer_lr) and self.outer_lr > 0, "a positive finite number"),
                   ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
                   ("meta_lr_mult", finite(self.meta_lr_mult) and self.meta_lr_mult > 0, "a positive finite number"),
+                  ("hidden_lr_mult", finite(self.hidden_lr_mult) and self.hidden_lr_mult > 0,
+                   "a positive finite number"),
                   ("grad_clip", finite(self.grad_clip) and self.grad_clip >= 0, ">= 0 (0 = off)"),
                   ("schedule", self.schedule in ("constant", "cosine"), "constant or cosine"),
                   ("chunk", self.chunk >= 1, ">= 1"), ("workers", self.workers >= 0, ">= 0"),
