@@ -28,13 +28,18 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_two_cpu_processes_end_with_identical_weights(tmp_path):
+def _torchrun(tmp_path, script_text: str, timeout: int) -> subprocess.CompletedProcess:
+    """Run ``script_text`` as 2 single-threaded CPU processes under torchrun, with tmp_path as argv[1]."""
     script = tmp_path / "job.py"
-    script.write_text(SCRIPT)
+    script.write_text(script_text)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), str(tmp_path)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_two_cpu_processes_end_with_identical_weights(tmp_path):
+    out = _torchrun(tmp_path, SCRIPT, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
@@ -96,3 +101,48 @@ def test_two_process_run_resumes_bit_identically(tmp_path):
                 for rec in read_jsonl(path)]
 
     assert strip(tmp_path / "ref" / "metrics.jsonl") == strip(tmp_path / "cut" / "metrics.jsonl")
+
+
+FUNCTA_SCRIPT = textwrap.dedent("""
+    import json, sys, time, torch
+    from nnlab.engine import distributed as D
+    from nnlab.functa import trainer
+    from nnlab.functa.presets import get_preset
+
+    out = sys.argv[1]
+    D.init_from_env("cpu")
+    r = D.rank()
+    # the flat all-reduce: each tensor gets its own mean over ranks
+    parts = [torch.full((3,), float(r + 1)), torch.full((2, 2), 10.0 * (r + 1)), torch.tensor([r * 4.0])]
+    D.all_reduce_mean_flat(parts)
+    checks = {"flat": [p.tolist() for p in parts], "max": D.agree_max(float(r))}
+    real, seen = trainer.meta_step, {}
+    def slow_on_rank1(state, x, cfg, runner=None):  # rank 1's clock runs ahead of rank 0's
+        seen["state"] = state
+        if r == 1:
+            time.sleep(0.01)
+        return real(state, x, cfg, runner)
+    trainer.meta_step = slow_on_rank1
+    preset = get_preset("tiny", steps=10_000, time_limit_min=0.05, schedule="cosine", val_every=10_000,
+                        ckpt_every=10_000, log_every=5)
+    s = trainer.train_functa(preset, "mnist-5k", out + "/run", device="cpu", progress=False)
+    torch.save(seen["state"].model.state_dict(), out + f"/rank{r}.pt")
+    json.dump({"checks": checks, "steps": s["steps"]}, open(out + f"/rank{r}.json", "w"))
+    D.shutdown()
+""")
+
+
+def test_functa_time_limited_run_on_two_processes_stays_in_step(tmp_path):
+    """Under torchrun a time-limited, cosine-scheduled functa run must use one clock on every rank:
+    with each rank's own clock the slower rank stops first (the job ends in a gloo error when the
+    other's all-reduce loses its peer) and the ranks' learning rates, hence weights, drift apart."""
+    out = _torchrun(tmp_path, FUNCTA_SCRIPT, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for i in info:
+        assert i["checks"] == {"flat": [[1.5] * 3, [[15.0, 15.0], [15.0, 15.0]], [2.0]], "max": 1.0}
+    assert info[0]["steps"] == info[1]["steps"] > 5
+    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == info[0]["steps"] and summary["world_size"] == 2

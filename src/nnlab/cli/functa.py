@@ -27,7 +27,8 @@ def register(subparsers) -> None:
     t.add_argument("--data-dir", help="folder or .tar.gz of the data set")
     t.add_argument("--steps", type=int, help="outer steps (default: the preset's)")
     t.add_argument("--latent-dim", type=int, help="latent size (default: the preset's)")
-    t.add_argument("--batch-size", type=int)
+    t.add_argument("--batch-size", type=int, help="images per meta-step and process (under torchrun the step's "
+                   "batch is this times the processes)")
     t.add_argument("--outer-lr", type=float)
     t.add_argument("--hidden-lr-mult", type=float,
                    help="outer-lr multiplier for the hidden sine layers' weights (default: the preset's)")

@@ -87,6 +87,28 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_mean_flat(tensors: list[torch.Tensor]) -> None:
+    """Mean of each tensor over ranks, in place, through one flat buffer (one collective call
+    instead of one per tensor: gloo's latency per call is about that of a small tensor's transfer)."""
+    if not tensors or not (is_initialized() and world_size() > 1):
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+
+
+def agree_max(value: float) -> float:
+    """The largest of every rank's ``value`` (e.g. seconds elapsed), so that decisions made from it
+    (a time limit, a time-based learning-rate schedule) are the same on every rank."""
+    if not (is_initialized() and world_size() > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def barrier() -> None:
     if is_initialized() and world_size() > 1:
         dist.barrier()

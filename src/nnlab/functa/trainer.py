@@ -14,6 +14,14 @@ to 1.7-2 as the training PSNR falls from 19 to 10 dB. Adam moves each weight by 
 rate a step, and a hidden weight starts below sqrt(6 / width) / w0 (0.01 at width 64, against 0.5
 in the first layer), so a step of 1e-3 is a tenth of it; ``hidden_lr_mult`` < 1 gives the hidden
 layers' weights a smaller rate of their own.
+
+Under ``torchrun`` (``OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m nnlab functa train ...``)
+each process meta-trains on its own batch of ``batch_size`` images (so the batch of a step is
+``batch_size`` times the processes), the meta-gradients are averaged in one all-reduce, and the
+ranks share one clock (the slowest rank's elapsed time), so a ``--time-limit`` run stops at the same
+step on every rank and the time-based cosine schedule gives every rank the same learning rate. On 2
+cores it is no faster than one process with two worker threads (10 minutes at batch 16: 4,170
+meta-steps as 2 x 8 against 4,505; BENCHMARKS.md, issue 17).
 """
 from __future__ import annotations
 
@@ -124,9 +132,7 @@ def meta_step(state: TrainState, x: torch.Tensor, cfg: MetaTrainConfig,
         parts = _first_compiled_step(state, cfg, chunk, chunks)  # None: it could not compile
     if parts is None:
         parts = (runner or ChunkRunner(1)).map(chunk, chunks)
-    for p in state.model.parameters():
-        if p.grad is not None:
-            dist.all_reduce_mean(p.grad)
+    dist.all_reduce_mean_flat([p.grad for p in state.model.parameters() if p.grad is not None])
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
     state.optimizer.step()
@@ -215,7 +221,8 @@ def _train_functa(preset: Preset, data: str, splits, run: RunDir, info, resume: 
     test = evaluate_psnr(state.model, splits.test.images, cfg.inner_steps, cfg.eval_batch, cfg.workers)
     summary = {"test_psnr": test["psnr"], "test_psnr_std": test["psnr_std"], "test_mse": test["mse"],
                "test_images": len(splits.test), "steps": state.step, "train_minutes": state.elapsed / 60,
-               "data": data, "latent_dim": preset.model.latent_dim, "inner_steps": cfg.inner_steps}
+               "data": data, "latent_dim": preset.model.latent_dim, "inner_steps": cfg.inner_steps,
+               "world_size": dist.world_size()}
     if log is not None:
         log.log({"step": state.step, "test_psnr": test["psnr"]})
         log.close()
@@ -345,7 +352,8 @@ def _meta_train(state, cfg, loader, val, log, run, runner, progress) -> None:
         state.model.train()
         _set_lr(state, cfg)
         res = meta_step(state, next(batches).to(device), cfg, runner)
-        state.elapsed += time.perf_counter() - t0
+        # under torchrun every rank takes the slowest rank's clock: the same lr and the same last step
+        state.elapsed = dist.agree_max(state.elapsed + time.perf_counter() - t0)
         window.append(res.psnr)
         bar.update(1)
         if state.step % cfg.log_every == 0 and log is not None:
