@@ -92,9 +92,7 @@ def all_reduce_mean_flat(tensors: list[torch.Tensor]) -> None:
     instead of one per tensor: gloo's latency per call is about that of a small tensor's transfer)."""
     if not tensors or not (is_initialized() and world_size() > 1):
         return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world_size()
+    flat = all_reduce_mean(torch.cat([t.reshape(-1) for t in tensors]))
     for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
         t.copy_(part.view_as(t))
 
