@@ -112,3 +112,148 @@ def test_the_cpu_preset_sweeps_the_cifar_model_with_the_published_sweeps_setting
     pick = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k in (*IDENTITY, "ratios")}
     assert pick(ours) == pick(cli)
     assert set(ours.methods) <= set(cli.methods)  # the published sweep has every method of the report
+
+
+def _publish_stages(out, dest):
+    """What `nnlab publish OUT DEST` keeps of a reproduce run: everything but checkpoints."""
+    import shutil
+    shutil.copytree(out, dest, ignore=shutil.ignore_patterns("checkpoint"))
+
+
+def test_reuse_copies_the_finished_stages_of_a_published_run_whose_config_is_unchanged(tmp_path):
+    """`nnlab reproduce --reuse DIR`: a report rebuilt over several sittings. Stages finished in a
+    published run are reused as they are; a changed one is not copied and runs here."""
+    from nnlab.engine.io import read_json
+    from nnlab.reproduce.stages import seed_stages
+
+    log = []
+    run_stages(_make_stages(log), tmp_path / "first")
+    _publish_stages(tmp_path / "first", tmp_path / "published")
+    stages = _make_stages(log)
+    stages[2].config["n"] = "changed"
+    out = tmp_path / "second"
+    assert seed_stages(stages, out, tmp_path / "published") == ["a", "b"]
+    assert read_json(out / "stages/a/done.json")["seeded_from"] == str(tmp_path / "published")
+    log.clear()
+    outcomes = run_stages(stages, out)
+    assert [o.status for o in outcomes] == ["reused", "reused", "done"] and log == [("c", False)]
+    assert outcomes[0].seeded_from and not outcomes[2].seeded_from
+    assert (out / "stages/a/fig.png").is_file()  # a copied stage's figures come with it
+    assert seed_stages(stages, out, tmp_path / "published") == []  # finished here already: left alone
+
+
+def test_reuse_replaces_an_interrupted_attempt_and_rejects_a_folder_that_is_not_a_run(tmp_path):
+    from nnlab.errors import ConfigError
+    from nnlab.reproduce.stages import seed_stages
+
+    run_stages(_make_stages([]), tmp_path / "first")
+    _publish_stages(tmp_path / "first", tmp_path / "published")
+    out = tmp_path / "second"
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(_make_stages([], kill_at="a"), out)  # a killed attempt: started.json, no done.json
+    assert seed_stages(_make_stages([]), out, tmp_path / "published") == ["a", "b", "c"]
+    assert [o.status for o in run_stages(_make_stages([]), out)] == ["reused"] * 3
+    with pytest.raises(ConfigError, match="not a published reproduce folder"):
+        seed_stages(_make_stages([]), out, tmp_path / "first" / "stages")
+
+
+def test_a_stage_that_needs_a_copied_stages_checkpoints_fails_with_a_hint(tmp_path):
+    from nnlab.reproduce.stages import seed_stages
+
+    def train(ctx):
+        (ctx.dir / "checkpoint").mkdir()
+        (ctx.dir / "checkpoint" / "w.bin").write_bytes(b"w")
+        return StageResult()
+
+    def use(ctx):
+        (ctx.results["train"].dir / "checkpoint" / "w.bin").read_bytes()
+        return StageResult()
+
+    def make(n):
+        return [Stage("train", "lbi", "train", train, {}), Stage("use", "lbi", "use", use, {"n": n}, needs=("train",))]
+
+    run_stages(make(1), tmp_path / "first")
+    _publish_stages(tmp_path / "first", tmp_path / "published")
+    seed_stages(make(2), tmp_path / "second", tmp_path / "published")
+    outcomes = run_stages(make(2), tmp_path / "second")
+    assert outcomes[1].status == "failed"
+    assert "FileNotFoundError" in outcomes[1].error and "delete OUT/stages/train and rerun" in outcomes[1].error
+
+
+def test_only_takes_stage_names_and_adds_the_stages_they_need():
+    from nnlab.errors import ConfigError
+    from nnlab.reproduce.pipeline import select_stages
+
+    noop = lambda ctx: StageResult()  # noqa: E731
+    stages = [Stage("fit", "functa", "", noop), Stage("clf", "functa", "", noop, needs=("fit",)),
+              Stage("fig", "functa", "", noop, needs=("clf",)), Stage("pix", "functa", "", noop),
+              Stage("sgd", "lbi", "", noop)]
+    assert [s.name for s in select_stages(stages, ["fig"])] == ["fit", "clf", "fig"]  # transitively, in run order
+    assert [s.name for s in select_stages(stages, ["pix", "lbi"])] == ["pix", "sgd"]
+    assert [s.name for s in select_stages(stages, ["functa"])] == ["fit", "clf", "fig", "pix"]
+    with pytest.raises(ConfigError, match="unknown study or stage.*nope.*choose studies from"):
+        select_stages(stages, ["nope"])
+
+
+def test_the_prune_sweep_stage_starts_from_the_published_rows_and_falls_back_when_they_differ(tmp_path, monkeypatch):
+    """A fresh prune-sweep stage copies the published sweep's rows in before sweeping (the sweep keeps
+    rows it finds); rows the sweep refuses (another base model) are dropped and the sweep starts afresh."""
+    from pathlib import Path
+
+    import nnlab.prune.sweep as sweep
+    from nnlab.errors import ConfigError
+    from nnlab.reproduce import study_prune
+    from nnlab.reproduce.stages import StageContext
+
+    published = tmp_path / "published"
+    published.mkdir()
+    for name in study_prune.SWEEP_ROWS:
+        (published / name).write_text(name)
+    seen = []
+
+    def fake_sweep(config, refuse=False):
+        files = sorted(p.name for p in Path(config.out).glob("*")) if Path(config.out).exists() else []
+        seen.append(files)
+        if refuse and files:
+            raise ConfigError("another base model")
+        return sweep.PruneSweepResult(rows=[], out=Path(config.out))
+
+    def ctx(resume, folder):
+        config = {"sweep": study_prune.CIFAR_SWEEP, "data": "cifar10", "checkpoint": "base",
+                  "published_sweep": str(published)}
+        (tmp_path / folder).mkdir(exist_ok=True)
+        return StageContext("prune-sweep", tmp_path / folder, config, resume, None, {})
+
+    monkeypatch.setattr(sweep, "run_prune_sweep", fake_sweep)
+    study_prune._run_sweep(ctx(False, "fresh"))
+    assert seen[-1] == sorted(study_prune.SWEEP_ROWS)  # the published rows were there when it started
+    study_prune._run_sweep(ctx(True, "resumed"))
+    assert seen[-1] == []  # a resumed stage keeps its own rows and takes none
+    monkeypatch.setattr(sweep, "run_prune_sweep", lambda c: fake_sweep(c, refuse=True))
+    study_prune._run_sweep(ctx(False, "refused"))
+    assert seen[-2:] == [sorted(study_prune.SWEEP_ROWS), []]  # refused, then swept from an empty folder
+
+
+def test_the_cpu_preset_shows_the_published_60_minute_faces_when_they_match(tmp_path, monkeypatch):
+    """Issue 17: the main faces stage uses the published CelebA run only if its config is the stage's."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    from nnlab.reproduce import study_functa
+
+    monkeypatch.chdir(tmp_path)
+    faces = lambda: {s.name: s for s in study_functa.stages("cpu") if s.name.startswith("functa-faces-")}  # noqa: E731
+    assert faces()["functa-faces-256"].fn.__name__ == "_faces"  # nothing published: train for 60 minutes
+    assert faces()["functa-faces-256"].config["train"]["time_limit_min"] == 60.0
+    src = Path(__file__).resolve().parents[1] / study_functa.PUBLISHED_FACES
+    dest = tmp_path / study_functa.PUBLISHED_FACES
+    shutil.copytree(src, dest)
+    used = faces()["functa-faces-256"]
+    assert used.fn.__name__ == "_faces_published" and used.config["published"] == study_functa.PUBLISHED_FACES
+    assert faces()["functa-faces-64"].fn.__name__ == "_faces"  # the other size trains as before
+    cfg = yaml.safe_load((dest / "config.yaml").read_text())
+    cfg["train"]["outer_lr"] = 2e-3  # another recipe: not the stage's run
+    (dest / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert faces()["functa-faces-256"].fn.__name__ == "_faces"

@@ -17,8 +17,12 @@ def register(subparsers) -> None:
                         "cpu: real data from --data-dir, hours; paper: the seed's settings, for a GPU")
     p.add_argument("--data-dir", help="folder holding mnist/, cifar10/, celeba/ (as ../shared/data)")
     p.add_argument("--out", default="runs/reproduce", help="report folder (default: runs/reproduce)")
-    p.add_argument("--only", type=str_list, help=f"comma-separated subset of: {','.join(STUDIES)} (vit and bn: the old "
-                   "names of prune and landscape)")
+    p.add_argument("--only", type=str_list, help=f"comma-separated studies ({','.join(STUDIES)}; vit and bn: the old "
+                   "names of prune and landscape) or stage names (e.g. functa-pixels), with the stages they need")
+    p.add_argument("--reuse", metavar="DIR",
+                   help="a published run of this preset (e.g. docs/results/cpu, as 'nnlab publish' wrote it): its "
+                        "finished stages with an unchanged config are copied into --out and reused, so a long "
+                        "preset can be rebuilt over several sittings")
     p.add_argument("--resume", action="store_true",
                    help="accepted for symmetry: a rerun always reuses finished stages and resumes a killed one")
     p.set_defaults(func=run, _parser=p)
@@ -27,7 +31,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from nnlab.reproduce.pipeline import reproduce
 
-    result = reproduce(args.preset, args.out, data_dir=args.data_dir, only=args.only)
+    result = reproduce(args.preset, args.out, data_dir=args.data_dir, only=args.only, reuse=args.reuse)
     print(f"\nreport: {result.report.html}\n        {result.report.markdown}", file=sys.stderr)
     for o in result.failed:
         print(f"stage {o.name} {o.status}: {o.error}", file=sys.stderr)

@@ -12,7 +12,7 @@ import yaml
 from nnlab.errors import ConfigError
 from nnlab.registry import Registry
 from nnlab.report import ReportFiles, Section, build_report
-from nnlab.reproduce.stages import Stage, StageOutcome, run_stages
+from nnlab.reproduce.stages import Stage, StageOutcome, run_stages, seed_stages
 
 # preset name -> builder() -> list of stages, in run order
 PRESETS: Registry = Registry("reproduce preset")
@@ -50,23 +50,43 @@ def _announce(stages: Sequence[Stage]) -> Callable[[int, Stage], None]:
 
 
 def reproduce(preset: str, out: str | Path, *, data_dir: str | Path | None = None,
-              only: Sequence[str] | None = None) -> ReproduceResult:
+              only: Sequence[str] | None = None, reuse: str | Path | None = None) -> ReproduceResult:
     """Run preset ``preset`` (``quick``, ``cpu``, ``paper``, ``cpu-full``) into ``out``; studies in ``only``
-    if given (the study names of :data:`STUDIES`; the old ``vit`` and ``bn`` are accepted)."""
-    only = [STUDY_ALIASES.get(name, name) for name in only] if only else only
-    unknown = sorted(set(only or ()) - set(STUDIES))
-    if unknown:
-        raise ConfigError(f"unknown stud{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} "
-                          f"for --only; choose from {', '.join(STUDIES)}")
+    or stages named in ``only`` if given (:func:`select_stages`). ``reuse``: a
+    published run of the same preset (e.g. ``docs/results/cpu``) whose finished stages, where their config
+    is unchanged, are copied in first and reused (:func:`~nnlab.reproduce.stages.seed_stages`)."""
     stages = PRESETS.get(preset)()
     out = Path(out)
-    selected = [s for s in stages if not only or s.study in only]
+    selected = select_stages(stages, only) if only else stages
+    if reuse is not None:
+        seeded = seed_stages(selected, out, Path(reuse))
+        print(f"nnlab reproduce: {len(seeded)} finished stage(s) copied from {reuse}"
+              + (f": {', '.join(seeded)}" if seeded else ""), file=sys.stderr)
     outcomes = run_stages(selected, out, data_dir=Path(data_dir) if data_dir else None,
                           on_stage=_announce(selected))
     sections = [SECTIONS[s] for s in STUDIES if s in SECTIONS]
     report = build_report(outcomes, out, sections, seed_numbers(),
                           title=f"nnlab reproduce: preset {preset}", preamble=_preamble(preset, data_dir, outcomes))
     return ReproduceResult(outcomes, report)
+
+
+def select_stages(stages: Sequence[Stage], only: Sequence[str]) -> list[Stage]:
+    """The stages of the studies or stage names in ``only``, with the stages they need (transitively), in
+    run order; the old study names ``vit`` and ``bn`` are accepted."""
+    only = {STUDY_ALIASES.get(name, name) for name in only}
+    by_name = {s.name: s for s in stages}
+    unknown = sorted(only - set(STUDIES) - set(by_name))
+    if unknown:
+        raise ConfigError(f"unknown stud{'y' if len(unknown) == 1 else 'ies'} or stage(s) {', '.join(unknown)} for "
+                          f"--only; choose studies from {', '.join(STUDIES)} or stages from {', '.join(by_name)}")
+    chosen = {s.name for s in stages if s.study in only or s.name in only}
+    todo = list(chosen)
+    while todo:
+        for name in by_name[todo.pop()].needs:
+            if name in by_name and name not in chosen:
+                chosen.add(name)
+                todo.append(name)
+    return [s for s in stages if s.name in chosen]
 
 
 def _preamble(preset: str, data_dir, outcomes: Sequence[StageOutcome]) -> list[str]:
@@ -77,10 +97,13 @@ def _preamble(preset: str, data_dir, outcomes: Sequence[StageOutcome]) -> list[s
 
     ran = sum(o.seconds for o in outcomes if o.status == "done")
     total = sum(o.seconds for o in outcomes)
+    sources = sorted({o.seeded_from for o in outcomes if o.seeded_from})
+    copied = [f"{sum(o.seeded_from == src for o in outcomes)} stage(s) were run earlier and published in {src}, "
+              "then reused here (`--reuse`); their seconds are those of that run." for src in sources]
     return [f"Preset {preset!r}; data: {data_dir or 'embedded mnist-5k only'}.",
             f"Machine: {platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}"
             f"{', CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else ', no GPU'}. "
             f"Stage time: {total / 60:.1f} min in all, counting each stage's last attempt only "
             f"({ran / 60:.1f} min run now, the rest reused).",
             "Numbers in the 'seed report' columns come from nnlab/reproduce/seed_numbers.yaml, with their "
-            "sources; every difference from the seed's set-up is listed at the top of each section."]
+            "sources; every difference from the seed's set-up is listed at the top of each section.", *copied]

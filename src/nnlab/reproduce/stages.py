@@ -6,12 +6,15 @@ folder ``OUT/stages/<name>/`` and is keyed by a hash of its config:
 - a stage whose ``done.json`` carries the same key is reused, not re-run;
 - a stage killed mid-way is re-run with ``resume=True``; stage functions pass that to the
   resumable trainers underneath, so finished epochs/steps are not redone;
-- a stage that raises is recorded as failed (message and traceback kept), and the others still run.
+- a stage that raises is recorded as failed (message and traceback kept), and the others still run;
+- :func:`seed_stages` copies in the finished stages of a published run (``nnlab reproduce --reuse``),
+  so that a report too long for one sitting can be rebuilt over several, stage by stage.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -68,12 +71,50 @@ class StageOutcome:
     dir: Path
     result: StageResult
     error: str = ""
+    seeded_from: str = ""  # the published run this finished stage was copied from, if any
 
 
 def _outcome_from_done(stage: Stage, folder: Path, status: str) -> StageOutcome:
     done = read_json(folder / "done.json")
     return StageOutcome(stage.name, stage.study, stage.title, status, done["seconds"], folder,
-                        StageResult(**done["result"]))
+                        StageResult(**done["result"]), seeded_from=done.get("seeded_from", ""))
+
+
+def _finished_key(folder: Path) -> str | None:
+    path = folder / "done.json"
+    return read_json(path).get("key") if path.is_file() else None
+
+
+def seed_stages(stages: Sequence[Stage], out: Path, source: Path) -> list[str]:
+    """Copy into ``out/stages/`` each stage that ``source`` (a published run folder: its
+    ``stages/<name>/done.json`` and files, checkpoints left out) finished with the config key of
+    ``stages``, unless ``out`` finished it already. Returns the names copied. A copied stage is
+    then reused; a stage that must still run and needs a copied one's checkpoints fails with a hint."""
+    from nnlab.errors import ConfigError
+
+    if not (source / "stages").is_dir():
+        raise ConfigError(f"{source} is not a published reproduce folder (no stages/ in it); pass the folder "
+                          "that 'nnlab publish OUT DEST' wrote from a reproduce run, e.g. docs/results/cpu")
+    seeded = []
+    for stage in stages:
+        src, dst = source / "stages" / stage.name, out / "stages" / stage.name
+        if _finished_key(src) != stage.key() or _finished_key(dst) == stage.key():
+            continue
+        if dst.exists():
+            shutil.rmtree(dst)  # an interrupted or outdated attempt: the finished copy replaces it
+        shutil.copytree(src, dst)
+        done = read_json(dst / "done.json")
+        write_json(dst / "done.json", {**done, "seeded_from": done.get("seeded_from") or str(source)})
+        seeded.append(stage.name)
+    return seeded
+
+
+def _seeded_hint(stage: Stage, results: dict[str, StageOutcome]) -> str:
+    copied = [n for n in stage.needs if n in results and results[n].seeded_from]
+    if not copied:
+        return ""
+    return (f" (stage(s) {', '.join(copied)} were reused from a published run without their checkpoints; "
+            f"delete OUT/stages/{copied[0]} and rerun to train it here)")
 
 
 def run_stage(stage: Stage, out: Path, data_dir: Path | None,
@@ -99,7 +140,8 @@ def run_stage(stage: Stage, out: Path, data_dir: Path | None,
     except Exception as exc:  # a failing stage must not stop the others
         (folder / "error.txt").write_text(traceback.format_exc())
         return StageOutcome(stage.name, stage.study, stage.title, "failed", time.perf_counter() - t0,
-                            folder, StageResult(), error=f"{type(exc).__name__}: {exc}")
+                            folder, StageResult(),
+                            error=f"{type(exc).__name__}: {exc}{_seeded_hint(stage, results)}")
     seconds = time.perf_counter() - t0
     write_json(done_path, {"key": key, "seconds": seconds, "result": result.__dict__})
     return StageOutcome(stage.name, stage.study, stage.title, "done", seconds, folder, result)

@@ -44,6 +44,10 @@ GENERATE_CPU = dict(mnist=[dict(model="diffusion", time_limit_min=20.0, steps=1_
                            dict(model="flow", time_limit_min=15.0, steps=1_000_000)],
                     faces=[dict(model="diffusion", time_limit_min=20.0, steps=1_000_000, samples=5000)])
 
+# The 60-minute CelebA run of issue 17 (22.08 dB), as `nnlab publish` left it: the cpu preset's main faces
+# stage uses it as it is when it is there (relative to the working directory, as the published ViT)
+PUBLISHED_FACES = "docs/results/functa-celeba/l256-60min-s14"
+
 # Per preset: data set, functa preset, main latent size, latent sweep, meta-training overrides,
 # functaset chunk size, classifier settings, pixel-baseline epochs, reconstruction sizes.
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -56,7 +60,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "cpu": dict(data="mnist", preset="mnist-cpu", main=256, latents=[64, 128, 256, 512, 1024],
                 train=dict(time_limit_min=30.0), sweep_train=dict(time_limit_min=10.0), chunk=1000,
                 classify=dict(), pixel_epochs=1, pixel_options=dict(), sizes=[28, 64, 128],
-                faces=dict(preset="celeba64-cpu", latents=[64, 256], main=256, train=dict(time_limit_min=15.0)),
+                faces=dict(preset="celeba64-cpu", latents=[64, 256], main=256, train=dict(time_limit_min=15.0),
+                           main_train=dict(time_limit_min=60.0, schedule="cosine"), published=PUBLISHED_FACES),
                 generate=GENERATE_CPU),
     "paper": dict(data="mnist", preset="mnist-seed", main=512, latents=[64, 128, 256, 512, 1024],
                   train=dict(), chunk=1000, classify=dict(), pixel_epochs=30, pixel_options=dict(),
@@ -247,12 +252,80 @@ def stages(preset: str) -> list[Stage]:
 
 
 def _face_stages(f: dict[str, Any] | None) -> list[Stage]:
-    """One CelebA stage per latent size (``functa-faces-<D>``); none when the preset has no faces."""
+    """One CelebA stage per latent size (``functa-faces-<D>``); none when the preset has no faces. The main
+    one trains for ``main_train`` if given, and uses the ``published`` run instead when it matches."""
+    from nnlab.engine.checkpoint import sha256
+
     if not f:
         return []
-    return [Stage(f"functa-faces-{d}", "functa", f"faces: CelebA (aligned, 64x64), {f['preset']}, latent {d}",
-                  _faces, {"data": "celeba64", "preset": f["preset"], "latent": d, "main": d == f["main"],
-                           "train": f["train"]}) for d in f["latents"]]
+    out = []
+    for d in f["latents"]:
+        main = d == f["main"]
+        train = f.get("main_train", f["train"]) if main else f["train"]
+        config = {"data": "celeba64", "preset": f["preset"], "latent": d, "main": main, "train": train}
+        published = published_faces(f.get("published"), f["preset"], d, train) if main else None
+        if published is not None:
+            config = {**config, "published": published, "sha256": sha256(Path(published) / "model.safetensors")}
+        out.append(Stage(f"functa-faces-{d}", "functa", f"faces: CelebA (aligned, 64x64), {f['preset']}, latent {d}"
+                         + (" (the published run)" if published else ""),
+                         _faces_published if published else _faces, config))
+    return out
+
+
+def published_faces(path: str | None, preset: str, latent: int, train: dict[str, Any]) -> str | None:
+    """``path`` when it holds a published CelebA run of ``preset`` at ``latent`` trained with ``train``'s
+    settings (config.yaml, summary.json and model.safetensors); else None (the stage then trains)."""
+    import yaml
+
+    from nnlab.functa.presets import get_preset
+
+    folder = Path(path) if path else None
+    if folder is None or not all((folder / n).is_file() for n in ("config.yaml", "summary.json", "model.safetensors")):
+        return None
+    cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    want = get_preset(preset, latent_dim=latent, **train)
+    same = cfg.get("data") == "celeba64" and _same(cfg.get("model", {}), want.model) and _same(
+        cfg.get("train", {}), want.train, ignore=("log_every", "val_every", "val_images", "ckpt_every", "eval_batch"))
+    return str(folder) if same else None
+
+
+def _same(saved: dict[str, Any], want, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether a saved config section (YAML: lists for tuples; fields added since default) is ``want``."""
+    import dataclasses
+    import json
+
+    for f in dataclasses.fields(want):
+        default = f.default if f.default is not dataclasses.MISSING else getattr(want, f.name)
+        value = json.loads(json.dumps(getattr(want, f.name)))
+        if f.name not in ignore and saved.get(f.name, json.loads(json.dumps(default))) != value:
+            return False
+    return True
+
+
+def _faces_published(ctx: StageContext) -> StageResult:
+    """The published CelebA run: its weights and config are copied to the stage's ``run/`` (the generative
+    stages read them there) and its test faces reconstructed here; the test PSNR is its summary's."""
+    import shutil
+
+    from nnlab.engine.io import read_json
+    from nnlab.functa.reconstruct import reconstruct_run
+
+    c, run = ctx.config, work_dir(ctx, "run")
+    run.mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", "summary.json", "metrics.jsonl", "model.safetensors"):
+        if (Path(c["published"]) / name).is_file():
+            shutil.copy2(Path(c["published"]) / name, run / name)
+    s = read_json(run / "summary.json")
+    paths = reconstruct_run(run, "celeba64", ctx.dir / "figures", data_dir=data_dir_for(ctx, "celeba64"), count=8,
+                            sizes=[64, 128])
+    minutes = c["train"].get("time_limit_min")
+    metrics = {f"celeba64_psnr_latent_{c['latent']}": s["test_psnr"], "celeba64_test_psnr": s["test_psnr"]}
+    return StageResult(metrics=metrics,
+                       figures=[Path(p).relative_to(ctx.dir).as_posix() for p in paths],
+                       notes=["Faces: CelebA (aligned, 64x64; the first 10,000 images, centre-cropped) stand in "
+                              "for CelebA-HQ.",
+                              f"Faces, latent {c['latent']}: the published {minutes:g}-minute run in {c['published']} "
+                              f"({s['steps']:,} meta-steps on this project's CPU; not retrained here)."])
 
 
 def _faces(ctx: StageContext) -> StageResult:

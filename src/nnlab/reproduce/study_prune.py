@@ -6,8 +6,9 @@ every method at every ratio and measures top-1/top-5, GFLOPs and images/s
 
 In the ``cpu`` preset, when the published CIFAR-10 base model is present (``docs/results/vit-cifar/base``
 under the working directory, with ``config.yaml`` and ``model.safetensors``), ``prune-base`` uses it
-as it is (no training) and the sweep runs on CIFAR-10 at the nine ratios; otherwise the MNIST
-stand-in is trained as in the ``quick`` preset.
+as it is (no training) and the sweep runs on CIFAR-10 at the nine ratios, starting from the rows of the
+published sweep (``docs/results/vit-cifar/sweep``) when they are of the same model and settings, so that
+only missing rows are computed; otherwise the MNIST stand-in is trained as in the ``quick`` preset.
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ BASE: dict[str, dict[str, Any]] = {
 }
 RATIOS = [round(0.1 * i, 1) for i in range(1, 10)]
 PUBLISHED_BASE = Path("docs/results/vit-cifar/base")  # the CIFAR-10 base model, as `nnlab publish` left it
+PUBLISHED_SWEEP = Path("docs/results/vit-cifar/sweep")  # its sweep (configs/prune-cifar.yaml)
+SWEEP_ROWS = ("sweep.json", "results.csv", "apvit_thresholds.csv")  # what a sweep folder's finished rows are
 # the sweep on the published CIFAR-10 model: the settings of configs/prune-cifar.yaml (a test checks it),
 # so that the published sweep's folder (docs/results/vit-cifar/sweep) also serves this stage, row for row
 CIFAR_SWEEP: dict[str, Any] = dict(ratios=RATIOS, pvit=dict(gate_epochs=1, train_limit=10_000, finetune_epochs=1),
@@ -123,10 +126,31 @@ def _sweep_config(ctx: StageContext):
     return sweep_config(ctx.config["sweep"], run, work_dir(ctx, "sweep"), data_dir_for(ctx, ctx.config["data"]))
 
 
-def _sweep(ctx: StageContext, notes: tuple[str, ...] = ()) -> StageResult:
+def _run_sweep(ctx: StageContext):
+    """The sweep's rows; a fresh stage of the published model first takes the published sweep's rows,
+    which :func:`~nnlab.prune.sweep.run_prune_sweep` accepts only if of the same base and settings."""
+    import shutil
+
+    from nnlab.errors import ConfigError
     from nnlab.prune.sweep import run_prune_sweep
 
-    rows = run_prune_sweep(_sweep_config(ctx)).rows  # finished rows of an interrupted sweep are kept
+    config = _sweep_config(ctx)  # finished rows of an interrupted sweep are kept
+    published = Path(ctx.config.get("published_sweep") or "")
+    if ctx.resume or not ctx.config.get("published_sweep") or not (published / "sweep.json").is_file():
+        return run_prune_sweep(config).rows
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    for name in SWEEP_ROWS:
+        if (published / name).is_file():
+            shutil.copy2(published / name, Path(config.out) / name)
+    try:
+        return run_prune_sweep(config).rows
+    except ConfigError:  # rows of another base model or other settings: sweep from scratch
+        shutil.rmtree(config.out)
+        return run_prune_sweep(config).rows
+
+
+def _sweep(ctx: StageContext, notes: tuple[str, ...] = ()) -> StageResult:
+    rows = _run_sweep(ctx)
     metrics = sweep_metrics(rows)
     ratios = sorted({r["ratio"] for r in rows if r["method"] != "base"})
     get = {(r["method"], round(r["ratio"], 4)): r for r in rows}
@@ -160,7 +184,7 @@ def sweep_metrics(rows: list[dict]) -> dict[str, Any]:
 def published_base(root: Path | None = None) -> Path | None:
     """The published CIFAR-10 base model's folder under ``root`` (default: the working directory),
     or None when it is not there."""
-    path = (root or Path.cwd()) / PUBLISHED_BASE
+    path = root / PUBLISHED_BASE if root else PUBLISHED_BASE  # relative: a stage's key must not hold the clone's place
     return path if (path / "config.yaml").is_file() and (path / "model.safetensors").is_file() else None
 
 
@@ -183,9 +207,11 @@ def _published_stages(path: Path) -> list[Stage]:
     base = {"model": cfg["model"], "data": cfg["data"], "epochs": cfg.get("epochs")}
     use = Stage("prune-base", "prune", f"base ViT (the published {cfg['model']} on {cfg['data']})", _use_published,
                 {"checkpoint": str(path), "model": cfg["model"], "sha256": sha256(path / "model.safetensors")})
+    published = path.parent / PUBLISHED_SWEEP.name
     prune = Stage("prune-sweep", "prune", "pruning sweep: methods x ratios (Table 1) and throughput",
                   partial(_sweep, notes=tuple(notes_for(base, CIFAR_SWEEP))),
-                  {"base": use.key(), "sweep": CIFAR_SWEEP, "data": cfg["data"], "checkpoint": str(path)},
+                  {"base": use.key(), "sweep": CIFAR_SWEEP, "data": cfg["data"], "checkpoint": str(path),
+                   "published_sweep": str(published) if (published / "sweep.json").is_file() else None},
                   needs=("prune-base",))
     return [use, prune]
 
