@@ -120,6 +120,26 @@ def test_the_sweep_runs_ap_vit_joint_with_its_unpruned_row(tiny_run, tmp_path):
     assert "AP-ViT (joint, APT)" in (out / "results.md").read_text()
 
 
+def test_a_base_trained_with_patch_dropout_is_pruned_with_every_token(tmp_path):
+    """Patch dropout is the base's training regulariser only: load_base turns it off, so AP-ViT's joint
+    training (the model in training mode under the agents' masks) sees all tokens and runs."""
+    from nnlab.engine.train import TrainConfig, train
+    from nnlab.prune.sweep import load_base
+
+    run = tmp_path / "run"
+    train(TrainConfig(model="vit-test", model_options={"patch_dropout": 0.5}, data="mnist-5k", epochs=1,
+                      max_steps=2, train_limit=64, test_limit=32, optimizer="adamw", progress=False), run)
+    vit, _ = load_base(run)
+    assert vit.config.patch_dropout == 0.0
+    x = torch.randn(2, 1, 28, 28)
+    assert vit.train().embed(x).shape[1] == 1 + vit.config.num_patches
+    out = tmp_path / "joint"
+    args = ["prune", "sweep", "--checkpoint", str(run), "--methods", "ap-vit-joint", "--ratios", "0.3",
+            "--out", str(out), "--test-limit", "16", "--calib-size", "8", "--timing-repeats", "1",
+            "--batch-size", "8", "--apvit-joint-train-limit", "32", "--apvit-hidden", "8", "--no-save-models"]
+    assert main(args) == 0
+
+
 def _states_equal(a, b) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -5,7 +5,8 @@ import torch
 
 from nnlab.errors import CheckpointError, ConfigError
 from nnlab.models import MODELS, create_model
-from nnlab.models.vit import ViT, ViTConfig, attention_fast, attention_reference, resize_pos_embed
+from nnlab.models.vit import (ViT, ViTConfig, attention_fast, attention_reference, keep_random_patches,
+                              patch_dropout_reference, resize_pos_embed)
 from nnlab.models.vit_npz import (config_from_npz, export_vit_npz, load_vit_npz, vit_from_npz_dict,
                                   vit_to_npz_dict)
 
@@ -48,6 +49,40 @@ def test_blocks_run_on_fewer_tokens():
     assert m.blocks[0](x[:, :5]).shape == (2, 5, 16)
     # Without other tokens, a CLS-only forward equals the full model run on CLS alone
     assert m.classify(m.blocks[1](x[:, :1])).shape == (2, 5)
+
+
+def test_patch_dropout_matches_the_per_image_loop():
+    tokens = torch.randn(5, 1 + 16, 4)
+    state = torch.get_rng_state()
+    fast = keep_random_patches(tokens, 0.25)
+    torch.testing.assert_close(fast, patch_dropout_reference(tokens, 0.25, state), rtol=0, atol=0)
+    assert fast.shape == (5, 1 + 12, 4)
+    torch.testing.assert_close(fast[:, 0], tokens[:, 0], rtol=0, atol=0)           # CLS kept, first
+    kept = [{int(j) for j in (tokens[i, 1:, 0][:, None] == fast[i, 1:, 0]).nonzero()[:, 0]} for i in range(5)]
+    assert len({frozenset(k) for k in kept}) > 1                                    # a subset per image
+
+
+def test_patch_dropout_forward_runs_the_blocks_on_the_kept_tokens_only():
+    m = tiny(patch_dropout=0.5).train()
+    x = torch.randn(3, 3, 16, 16)
+    torch.manual_seed(7)
+    logits = m(x)
+    torch.manual_seed(7)
+    m.config.patch_dropout = 0.0
+    full = m.embed(x)                                                               # (3, 17, 16), no drop
+    kept = keep_random_patches(full, 0.5)                                           # the same draws
+    assert kept.shape == (3, 1 + 8, 16)
+    for block in m.blocks:
+        kept = block(kept)
+    torch.testing.assert_close(logits, m.classify(kept))
+    m.config.patch_dropout = 0.5
+    m.eval()                                                                        # evaluation keeps all
+    plain = tiny()
+    plain.load_state_dict(m.state_dict())
+    torch.testing.assert_close(m(x), plain(x), rtol=0, atol=0)
+    assert m.embed(x).shape == (3, 17, 16)
+    with pytest.raises(ConfigError, match="patch_dropout"):
+        tiny(patch_dropout=1.0)
 
 
 def test_per_block_widths():
@@ -193,7 +228,7 @@ def test_npz_errors(tmp_path):
         config_from_npz(dict(np.load(tmp_path / "other.npz")))
 
 
-@pytest.mark.parametrize("name", ["vit-cifar", "vit-mnist", "vit-b16-finetune"])
+@pytest.mark.parametrize("name", ["vit-cifar", "vit-cifar-cpu", "vit-cifar-cpu-pd", "vit-mnist", "vit-b16-finetune"])
 def test_training_configs_are_valid(name, tmp_path):
     from pathlib import Path
 

@@ -10,6 +10,12 @@ Pre-norm blocks: ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``. What pruning
 * **Attention probabilities**: :meth:`Attention.forward_with_probs` (plain softmax reference)
   returns them for CP-ViT; :meth:`Attention.forward` is the fast fused path
   (``F.scaled_dot_product_attention``); both take an additive bias (B, 1, 1, T) or None.
+* **Patch dropout** (optional, ``ViTConfig.patch_dropout``; Liu et al. 2023, "PatchDropout:
+  Economizing Vision Transformers Using Patch Dropout"): in training mode each image keeps a random
+  subset of round((1 - p) N) of its N patch tokens (CLS always kept) after the position embedding,
+  so a training step costs about (1 - p) of the transformer's work and the model learns to classify
+  from a subset of tokens, which is what token pruning later asks of it. Evaluation keeps every token.
+  Reference: :func:`patch_dropout_reference`.
 * **Position embeddings** resizable by bicubic interpolation (:func:`resize_pos_embed`).
 * **Convolutional stem** (optional, ``ViTConfig.stem``; Xiao et al. 2021, "Early convolutions help
   transformers see better"): log2(patch_size) 3x3 stride-2 convolutions with BatchNorm and ReLU,
@@ -48,6 +54,7 @@ class ViTConfig:
     mlp_dims: list[int] = field(default_factory=list)    # per block; [] -> int(dim * mlp_ratio)
     attn_scale_dim: int = 0                              # 0 -> dim // heads
     drop_path: float = 0.0                               # stochastic depth at the last block
+    patch_dropout: float = 0.0                           # training only: drop this fraction of patch tokens per image
     dropout: float = 0.0
     ln_eps: float = 1e-6
     input_size: int = 0                                  # >0: inputs of this size are resized to image_size
@@ -65,6 +72,9 @@ class ViTConfig:
         if len(self.head_dims) != self.depth or len(self.mlp_dims) != self.depth:
             raise ConfigError(f"head_dims and mlp_dims need {self.depth} entries (one per block)")
         self.stem = [int(c) for c in self.stem]
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ConfigError(f"ViT patch_dropout {self.patch_dropout} is not in [0, 1); it is the fraction "
+                              f"of patch tokens dropped per training image (e.g. 0.5)")
         if self.stem and 2 ** len(self.stem) != self.patch_size:
             raise ConfigError(f"a conv stem of {len(self.stem)} stride-2 convolutions makes patches of "
                               f"{2 ** len(self.stem)} pixels, not patch_size {self.patch_size}; give "
@@ -197,6 +207,36 @@ def conv_stem(in_chans: int, channels: list[int]) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def keep_random_patches(tokens: torch.Tensor, drop: float) -> torch.Tensor:
+    """Patch dropout: tokens (B, 1 + N, D), CLS first -> (B, 1 + K, D), K = max(1, round((1 - drop) N)).
+
+    Each image keeps its own uniformly random K patches, in their original order (a later method that
+    reads token positions sees them sorted), drawn from torch's global generator.
+    """
+    b, t, d = tokens.shape
+    n = t - 1
+    k = max(1, round((1.0 - drop) * n))
+    if k >= n:
+        return tokens
+    keep = torch.rand(b, n, device=tokens.device).argsort(dim=1)[:, :k].sort(dim=1).values + 1   # (B, K)
+    patches = tokens.gather(1, keep.unsqueeze(-1).expand(b, k, d))                             # (B, K, D)
+    return torch.cat([tokens[:, :1], patches], dim=1)
+
+
+def patch_dropout_reference(tokens: torch.Tensor, drop: float, generator_state: torch.Tensor) -> torch.Tensor:
+    """Plain per-image loop for :func:`keep_random_patches` (same draws from ``generator_state``,
+    a saved ``torch.get_rng_state()``): (B, 1 + N, D) -> (B, 1 + K, D)."""
+    torch.set_rng_state(generator_state)
+    b, t, _ = tokens.shape
+    k = max(1, round((1.0 - drop) * (t - 1)))
+    scores = torch.rand(b, t - 1)
+    rows = []
+    for i in range(b):
+        order = sorted(range(t - 1), key=lambda j: scores[i, j].item())[:k]
+        rows.append(torch.stack([tokens[i, 0]] + [tokens[i, 1 + j] for j in sorted(order)]))
+    return torch.stack(rows)
+
+
 def resize_pos_embed(pos: torch.Tensor, new_grid: int) -> torch.Tensor:
     """pos: (1, 1 + g*g, D) -> (1, 1 + new_grid**2, D), bicubic over the patch grid, CLS kept."""
     cls, grid = pos[:, :1], pos[:, 1:]
@@ -233,7 +273,8 @@ class ViT(nn.Module):
         self.apply(_init_weights)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> tokens (B, 1 + N, dim): [CLS, patches] + position embedding."""
+        """Images (B, C, H, W) -> tokens (B, 1 + N, dim): [CLS, patches] + position embedding; in training
+        mode with ``patch_dropout`` p, (B, 1 + K, dim) with K = round((1 - p) N) random patches per image."""
         c = self.config
         if c.input_size and c.input_size != c.image_size and x.shape[-1] == c.input_size:
             x = F.interpolate(x, size=(c.image_size, c.image_size), mode="bilinear", align_corners=False)
@@ -241,8 +282,10 @@ class ViT(nn.Module):
             raise ConfigError(f"this ViT takes ({c.in_chans}, {c.image_size}, {c.image_size}) images, "
                               f"got {tuple(x.shape[1:])}; resize the data or call set_image_size()")
         patches = self.patch_embed(self.stem(x)).flatten(2).transpose(1, 2)   # (B, N, dim)
-        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), patches], dim=1)
-        return self.pos_drop(tokens + self.pos_embed)
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), patches], dim=1) + self.pos_embed
+        if self.training and c.patch_dropout > 0:
+            tokens = keep_random_patches(tokens, c.patch_dropout)   # (B, 1 + K, dim)
+        return self.pos_drop(tokens)
 
     def classify(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, T, dim) with CLS first -> logits (B, num_classes)."""

@@ -109,7 +109,8 @@ def load_base(checkpoint: str | Path, data: str | None = None, data_dir: str | N
               arch: str | None = None) -> tuple[ViT, DatasetSplits]:
     """The trained ViT of run folder ``checkpoint`` (from ``nnlab train``, or a published copy with
     ``model.safetensors``; :func:`nnlab.engine.trained.load_trained_run`) and its whole data set; or
-    of a timm / DeiT / Hugging Face weights file (``arch`` gives its head count, ``data`` is required)."""
+    of a timm / DeiT / Hugging Face weights file (``arch`` gives its head count, ``data`` is required).
+    The model comes back with ``patch_dropout`` 0 (see :class:`nnlab.models.vit.ViTConfig`)."""
     if Path(checkpoint).is_file():
         return _load_weights_file(Path(checkpoint), data, data_dir, arch)
     if not Path(checkpoint).is_dir():
@@ -118,6 +119,10 @@ def load_base(checkpoint: str | Path, data: str | None = None, data_dir: str | N
     run = load_trained_run(checkpoint, data=data, data_dir=data_dir, subsets=False)  # pruning sees all images
     if not isinstance(run.model, ViT):
         raise ConfigError(f"run {checkpoint} trained {run.config.model!r}, not a ViT; prune a vit-* model")
+    # Patch dropout is a training-time regulariser of the base model. The methods choose the tokens
+    # themselves, and P-ViT's fine-tuning and APT's joint training run the model in training mode,
+    # where a random drop would change the token count under the agents' masks: off from here on.
+    run.model.config = dataclasses.replace(run.model.config, patch_dropout=0.0)
     return run.model, run.data
 
 
