@@ -13,7 +13,7 @@ import torch
 from nnlab.engine.metrics import read_jsonl
 
 SCRIPT = textwrap.dedent("""
-    import json, sys, torch
+    import gc, json, sys, torch
     from nnlab.engine import distributed as D
     from nnlab.engine.train import TrainConfig, train
 
@@ -23,8 +23,12 @@ SCRIPT = textwrap.dedent("""
     res = train(cfg, out + "/run")
     r = D.rank()
     torch.save(res.model.state_dict(), f"{out}/rank{r}.pt")
-    json.dump({"world_size": D.world_size(), "summary": res.summary}, open(f"{out}/rank{r}.json", "w"))
+    info = {"world_size": D.world_size(), "summary": res.summary}
+    del res
     D.shutdown()
+    # after shutdown no DDP wrapper (whose reducer holds the process group) may outlive the group
+    info["ddp_alive"] = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+    json.dump(info, open(f"{out}/rank{r}.json", "w"))
 """)
 
 
@@ -45,6 +49,7 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path):
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     info = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [i["world_size"] for i in info] == [2, 2]
+    assert [i["ddp_alive"] for i in info] == [0, 0]  # torn down while Python was alive (distributed.shutdown)
     # both ranks see the evaluation reduced over the whole test set, so they agree exactly
     assert info[0]["summary"]["test_top1"] == info[1]["summary"]["test_top1"]
     assert info[0]["summary"]["steps"] == 8  # 128 images / 16 per batch / 2 ranks = 4 steps per epoch

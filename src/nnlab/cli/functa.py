@@ -158,6 +158,7 @@ def run_sample(args) -> int:
 
 
 def run_train(args) -> int:
+    from nnlab.engine import distributed
     from nnlab.functa.model import FunctaConfig
     from nnlab.functa.presets import get_preset
     from nnlab.functa.trainer import train_functa
@@ -169,7 +170,9 @@ def run_train(args) -> int:
                         val_every=args.val_every, schedule=args.schedule, model_overrides={f: getattr(args, f, None) for f in FunctaConfig.__dataclass_fields__})
     summary = train_functa(preset, args.data, args.out, data_dir=args.data_dir, resume=args.resume, device=args.device,
                            progress=args.progress)
-    print(json.dumps(summary, indent=1))
+    if distributed.is_main():
+        print(json.dumps(summary, indent=1))
+    distributed.shutdown()  # under torchrun: tear the process group down while Python is alive
     return 0
 
 

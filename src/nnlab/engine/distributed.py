@@ -7,6 +7,7 @@ so library code can call these helpers unconditionally.
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -67,8 +68,17 @@ def init_from_env(device: str = "auto") -> DistInfo:
 
 
 def shutdown() -> None:
-    """Leave the process group (end of a torchrun job)."""
+    """Leave the process group (end of a torchrun job), so that it is torn down while Python is alive.
+
+    A finished ``DistributedDataParallel`` wrapper sits in a reference cycle (its hooks point back at
+    it), and its reducer keeps the process group alive after ``destroy_process_group``. Left to
+    interpreter shutdown, gloo's threads then die with "terminate called without an active
+    exception" (SIGABRT, seen on a loaded CI machine). So: wait for every rank, collect the cycles,
+    then destroy the group, whose last reference goes with it.
+    """
     if is_initialized():
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 
