@@ -185,6 +185,34 @@ def test_resume_after_kill_is_bit_identical(tmp_path, digits):
         assert res.summary[key] == ref.summary[key]
 
 
+class Slow(Callback):
+    """Each step takes at least ``seconds`` longer; can simulate a kill."""
+
+    def __init__(self, seconds: float, kill_at: int | None = None):
+        self.seconds, self.kill_at = seconds, kill_at
+
+    def on_step_end(self, ctx):
+        import time
+        time.sleep(self.seconds)
+        if ctx.step == self.kill_at:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_resume_keeps_the_training_time_spent_before_the_kill(tmp_path, digits):
+    """One epoch of 6 steps, each >= 0.15 s; killed after step 5, checkpoint at step 4. The resumed run's
+    train_time_s and epoch_time_s must count steps 1-4 of the first process as well as 5-6 of the second
+    (>= 0.9 s); a mid-epoch checkpoint that forgot the epoch's time so far gives about 0.3 s."""
+    cfg = tiny(epochs=1, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", callbacks=[Slow(0.15, kill_at=5)], data=digits)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint").step == 4
+    res = train(cfg, tmp_path / "run", resume=True, callbacks=[Slow(0.15)], data=digits)
+    assert res.summary["steps"] == 6 and res.summary["train_time_s"] >= 6 * 0.15
+    epoch = [r for r in read_jsonl(res.run.metrics_path) if "epoch_time_s" in r]
+    assert len(epoch) == 1 and epoch[0]["epoch_time_s"] >= 6 * 0.15
+    assert epoch[0]["images_per_s"] <= 192 / (6 * 0.15)  # all 192 images over the whole epoch's time
+
+
 def test_resume_guards(tmp_path, digits):
     train(tiny(epochs=1), tmp_path / "run", data=digits)
     with pytest.raises(CheckpointError, match="--resume.*new --out"):

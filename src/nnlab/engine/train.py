@@ -222,7 +222,8 @@ class _Progress:
     loss_sum: float = 0.0
     correct: float = 0.0
     count: float = 0.0
-    train_time: float = 0.0
+    train_time: float = 0.0   # seconds in training loops, over all epochs and resumes
+    epoch_time: float = 0.0   # of which in the current epoch (a mid-epoch checkpoint keeps it)
     history: list = field(default_factory=list)
 
 
@@ -416,7 +417,7 @@ class _Trainer:
         self.net.train()
         bar = tqdm(total=len(self.train_loader), initial=p.batch, desc=f"epoch {p.epoch + 1}/{c.epochs}",
                    disable=None if (self.main and c.progress) else True, leave=False, dynamic_ncols=True)
-        start, start_count = time.perf_counter(), p.count
+        self._clock = time.perf_counter()
         try:
             for x, y in self.train_loader.iter_from(p.batch):
                 loss = self._step(x, y)
@@ -427,14 +428,22 @@ class _Trainer:
                     break
                 mid_epoch = p.batch < len(self.train_loader)  # epoch ends save after evaluation
                 if c.checkpoint_every and p.step % c.checkpoint_every == 0 and mid_epoch:
+                    self._tick()  # the checkpoint keeps the time spent so far, so a resume does not lose it
                     self._save()
         finally:
             bar.close()
-            p.train_time += time.perf_counter() - start
+            self._tick()
         if p.batch < len(self.train_loader):  # max_steps stopped it mid-epoch
             return self._stop_mid_epoch()
-        self._end_epoch(time.perf_counter() - start, (p.count - start_count) * self.dist.world_size)
+        self._end_epoch(p.epoch_time, p.count * self.dist.world_size)  # the whole epoch, resumed or not
         return None
+
+    def _tick(self) -> None:
+        """Add the time since the last tick to the run's and the epoch's training time."""
+        now = time.perf_counter()
+        self.p.train_time += now - self._clock
+        self.p.epoch_time += now - self._clock
+        self._clock = now
 
     def _stop_mid_epoch(self) -> dict:
         """Checkpoint mid-epoch (a resume goes on from here), then evaluate for the summary; the
@@ -509,7 +518,8 @@ class _Trainer:
 
     def _end_epoch(self, seconds: float, images: float) -> None:
         """Evaluate, call callbacks, log the epoch record, checkpoint. seconds / images: this
-        process's time in the epoch's loop and the images all ranks trained on in it (for speed)."""
+        process's time in the epoch's loop (before a resume included) and the images all ranks
+        trained on in it (for speed)."""
         c, p = self.config, self.p
         record = {"step": p.step, "epoch": p.epoch + 1, **self._train_means(),
                   "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": seconds,
@@ -526,7 +536,7 @@ class _Trainer:
             shown = " ".join(f"{k}={record[k]:.4f}" for k in keys if k in record)
             tqdm.write(f"epoch {p.epoch + 1}/{c.epochs} step {p.step}: {shown}", file=sys.stderr)
         p.history.append(to_jsonable(record))
-        p.epoch, p.batch, p.loss_sum, p.correct, p.count = p.epoch + 1, 0, 0.0, 0.0, 0.0
+        p.epoch, p.batch, p.loss_sum, p.correct, p.count, p.epoch_time = p.epoch + 1, 0, 0.0, 0.0, 0.0, 0.0
         self._save()
 
     def _finish(self, stopped: dict | None = None) -> dict[str, Any]:
