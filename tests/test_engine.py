@@ -1,6 +1,7 @@
 """Training engine: evaluation, schedules, optimisers, run folders, resume, divergence, callbacks."""
 from __future__ import annotations
 
+import copy
 import math
 import sys
 
@@ -211,6 +212,72 @@ def test_resume_keeps_the_training_time_spent_before_the_kill(tmp_path, digits):
     epoch = [r for r in read_jsonl(res.run.metrics_path) if "epoch_time_s" in r]
     assert len(epoch) == 1 and epoch[0]["epoch_time_s"] >= 6 * 0.15
     assert epoch[0]["images_per_s"] <= 192 / (6 * 0.15)  # all 192 images over the whole epoch's time
+
+
+class FirstStep(Callback):
+    """Keeps the first step's unmixed batch, the weights before it and its loss (the weights scaled up
+    first, so that the logits depend on the input more than at initialisation)."""
+
+    def on_train_start(self, ctx):
+        with torch.no_grad():
+            for p in ctx.model.parameters():
+                p.mul_(3)
+
+    def on_step_start(self, ctx):
+        if ctx.step == 0:
+            self.x, self.y = ctx.x.clone(), ctx.y.clone()
+            self.model = copy.deepcopy(ctx.model)
+
+    def on_after_backward(self, ctx):
+        if ctx.step == 0:
+            self.loss = float(ctx.loss)
+
+
+@pytest.mark.parametrize("mixup,cutmix", [(0.8, 0.0), (0.0, 1.0)])
+def test_mixing_trains_on_the_soft_target_cross_entropy_of_the_mixed_batch(tmp_path, digits, mixup, cutmix):
+    """The first step's loss is the label-smoothed cross-entropy, written out here, of the weights before
+    the step on the batch mixed by the reference loop, against the mixed one-hot targets; so it fails if
+    the trainer trained on the unmixed images, on the hard labels, or dropped the smoothing."""
+    from nnlab.data.mix import mix_batch, mix_batch_reference
+    from nnlab.engine.train import mix_generator
+
+    rec = FirstStep()
+    train(tiny(epochs=1, max_steps=1, label_smoothing=0.1, mixup_alpha=mixup, cutmix_alpha=cutmix),
+          tmp_path / "r", callbacks=[rec], data=digits)
+    draw = mix_batch(rec.x, rec.y, 10, mixup, cutmix, mix_generator(0, 0, 0)).draw
+    ref = mix_batch_reference(rec.x, rec.y, 10, draw)
+    assert not torch.equal(ref.x, rec.x)
+    target = 0.9 * ref.target + 0.1 / 10
+    with torch.no_grad():
+        expected = -(target * torch.log_softmax(rec.model(ref.x), 1)).sum(1).mean().item()
+        unmixed = nn.functional.cross_entropy(rec.model(rec.x), rec.y, label_smoothing=0.1).item()
+    assert rec.loss == pytest.approx(expected, rel=1e-5) and abs(unmixed - expected) > 0.01
+
+
+def test_resume_with_mixing_is_bit_identical(tmp_path, digits):
+    cfg = tiny(epochs=2, checkpoint_every=4, mixup_alpha=0.8, cutmix_alpha=1.0)
+    ref = train(cfg, tmp_path / "ref", data=digits)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", callbacks=[Recorder(kill_at=6)], data=digits)
+    res = train(cfg, tmp_path / "run", resume=True, callbacks=[Recorder()], data=digits)
+    for k, v in weights(ref.model).items():
+        assert torch.equal(v, weights(res.model)[k]), k
+    with pytest.raises(ConfigError, match="mixup_alpha must be >= 0"):
+        train(tiny(mixup_alpha=float("nan")), tmp_path / "bad", data=digits)
+
+
+def test_a_run_saved_before_a_config_key_existed_resumes(tmp_path, digits):
+    """config.yaml of a run from before mixup_alpha / cutmix_alpha existed lacks them: the resume takes the
+    missing keys as their defaults instead of refusing a 'different config'."""
+    import yaml
+
+    train(tiny(epochs=1, max_steps=2), tmp_path / "run", data=digits)
+    path = tmp_path / "run" / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    del saved["mixup_alpha"], saved["cutmix_alpha"]
+    path.write_text(yaml.safe_dump(saved, sort_keys=False))
+    res = train(tiny(epochs=1), tmp_path / "run", resume=True, data=digits)
+    assert res.summary["complete"] is True
 
 
 def test_resume_guards(tmp_path, digits):

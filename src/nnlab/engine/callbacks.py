@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 @dataclass
 class TrainContext:
     """What callbacks see. ``model`` is the plain module (never the DDP wrapper); ``x`` (B, C, H, W),
-    ``y`` (B,) and ``loss`` (0-d tensor, with graph until the step ends) are the current batch;
+    ``y`` (B,) and ``loss`` (0-d tensor, with graph until the step ends) are the current batch (with
+    Mixup / CutMix, x and y as the loader gave them, before mixing; loss of the mixed batch);
     ``step`` counts optimiser steps done; ``epoch`` is 0-based; ``lr`` is the first group's lr;
     ``log(record)`` writes a metrics record (rank 0 only; ``step``/``epoch`` filled in);
     ``autocast``: the forward runs under bf16 autocast (probes must use the same precision)."""

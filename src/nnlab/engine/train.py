@@ -42,6 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nnlab.data import BatchLoader, DatasetSplits
+from nnlab.data.mix import mix_batch
 from nnlab.data.transforms import Normalize, train_transform
 from nnlab.engine import distributed as D
 from nnlab.engine.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -102,6 +103,8 @@ class TrainConfig:
     schedule_options: dict = field(default_factory=dict)
     warmup_steps: int = 0                  # linear lr warm-up
     label_smoothing: float = 0.0           # in [0, 1)
+    mixup_alpha: float = 0.0               # Mixup, lam ~ Beta(alpha, alpha) per batch (DeiT: 0.8); 0 = off
+    cutmix_alpha: float = 0.0              # CutMix, likewise (DeiT: 1.0); with Mixup each batch uses one of the two
     grad_clip: float = 0.0                 # max gradient norm; 0 = off
     augment: bool = False                  # random crop with padding (and --flip)
     crop_padding: int | None = None        # padding of the random crop (unset: 4 for 28+ pixel images, else 2)
@@ -131,6 +134,8 @@ class TrainConfig:
                   ("weight_decay", self.weight_decay >= 0, ">= 0"),
                   ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
                   ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+                  ("mixup_alpha", math.isfinite(self.mixup_alpha) and self.mixup_alpha >= 0, ">= 0 (0: off)"),
+                  ("cutmix_alpha", math.isfinite(self.cutmix_alpha) and self.cutmix_alpha >= 0, ">= 0 (0: off)"),
                   ("grad_clip", self.grad_clip >= 0, ">= 0 (0 disables clipping)"),
                   ("crop_padding", self.crop_padding is None or self.crop_padding >= 0, ">= 0 or unset"),
                   ("log_every", self.log_every >= 1, ">= 1"),
@@ -207,9 +212,18 @@ def _resolve_threads(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, threads=torch.get_num_threads())
 
 
+def mix_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
+    """The generator of the Mixup / CutMix draws of global batch ``batch`` of ``epoch``: a function of
+    (seed, epoch, batch) only, so that a resumed run mixes as an uninterrupted one, and seeded apart
+    from the same batch's augmentation (``BatchLoader``: the key without ``* 2 + 1``)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 100_003 + batch) * 2 + 1)
+
+
 def _config_diff(saved: dict, current: dict) -> list[str]:
+    """Keys whose values differ; a key that a run saved before it existed counts as its default."""
+    defaults = TrainConfig().to_dict()
     keys = (set(saved) | set(current)) - set(RESUME_MAY_DIFFER)
-    return sorted(k for k in keys if saved.get(k) != current.get(k))
+    return sorted(k for k in keys if saved.get(k, defaults.get(k)) != current.get(k))
 
 
 @dataclass
@@ -475,9 +489,10 @@ class _Trainer:
         ctx.lr = self.optimizer.param_groups[0]["lr"]
         for cb in self.callbacks:
             cb.on_step_start(ctx)
+        x, target = self._mixed(x, y)  # callbacks keep seeing the unmixed batch in ctx
         with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext():
             logits = self.net(x)
-            loss = self.loss_fn(logits.float(), y)
+            loss = self.loss_fn(logits.float(), target)
         ctx.loss = loss
         local = float(loss.detach())
         value = local if self.dist.world_size == 1 else float(D.all_reduce_mean(loss.detach().clone()))
@@ -501,6 +516,17 @@ class _Trainer:
             self._log({"loss": value, "lr": ctx.lr})
         ctx.x = ctx.y = ctx.loss = None
         return value
+
+    def _mixed(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch to train on and its target: x, y as they are, or with Mixup / CutMix the mixed
+        images and (B, K) class probabilities, drawn from (seed, epoch, batch, rank) so that a resumed
+        run mixes as an uninterrupted one. Train top-1 stays measured against the unmixed labels y."""
+        c, p = self.config, self.p
+        if c.mixup_alpha == 0 and c.cutmix_alpha == 0:
+            return x, y
+        g = mix_generator(c.seed, p.epoch, p.batch * self.dist.world_size + self.dist.rank)
+        mixed = mix_batch(x, y, self.data.num_classes, c.mixup_alpha, c.cutmix_alpha, g)
+        return mixed.x, mixed.target
 
     def _diverged(self, what: str, value: float, step: int) -> None:
         """Raise DivergenceError (``what`` happened) without writing a checkpoint."""
