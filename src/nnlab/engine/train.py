@@ -7,7 +7,8 @@ A run folder (:class:`nnlab.engine.runs.RunDir`) gets ``config.yaml`` at the sta
 (a record every ``log_every`` steps and one per epoch), a checkpoint every epoch and every
 ``checkpoint_every`` steps, and ``summary.json`` at the end. ``train(..., resume=True)`` continues from
 the latest checkpoint, mid-epoch included, and ends with bit-identical weights and the same metrics
-as an uninterrupted run: batch order and augmentation are functions of (seed, epoch, batch index),
+as an uninterrupted run: batch order, augmentation and Mixup / CutMix (``mixup_alpha``, ``cutmix_alpha``;
+:mod:`nnlab.data.mix`) are functions of (seed, epoch, batch index),
 and the checkpoint holds the optimiser, schedule, RNG states, counters, running epoch sums, history
 and the callbacks' states. At the end ``model.safetensors`` holds the final weights alone (what a
 published copy of the run ships; :func:`nnlab.engine.trained.load_trained_run` rebuilds the run
