@@ -238,13 +238,13 @@ def test_mixing_trains_on_the_soft_target_cross_entropy_of_the_mixed_batch(tmp_p
     """The first step's loss is the label-smoothed cross-entropy, written out here, of the weights before
     the step on the batch mixed by the reference loop, against the mixed one-hot targets; so it fails if
     the trainer trained on the unmixed images, on the hard labels, or dropped the smoothing."""
-    from nnlab.data.mix import mix_batch, mix_batch_reference
+    from nnlab.data.mix import draw_mix, mix_batch_reference
     from nnlab.engine.train import mix_generator
 
     rec = FirstStep()
     train(tiny(epochs=1, max_steps=1, label_smoothing=0.1, mixup_alpha=mixup, cutmix_alpha=cutmix),
           tmp_path / "r", callbacks=[rec], data=digits)
-    draw = mix_batch(rec.x, rec.y, 10, mixup, cutmix, mix_generator(0, 0, 0)).draw
+    draw = draw_mix(rec.x.shape[0], rec.x.shape[2], rec.x.shape[3], mixup, cutmix, mix_generator(0, 0, 0))
     ref = mix_batch_reference(rec.x, rec.y, 10, draw)
     assert not torch.equal(ref.x, rec.x)
     target = 0.9 * ref.target + 0.1 / 10

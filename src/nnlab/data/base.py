@@ -96,6 +96,17 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
 
 
+def epoch_key(seed: int, epoch: int) -> int:
+    """The seed of an epoch's batch order."""
+    return seed * 1_000_003 + epoch
+
+
+def batch_key(seed: int, epoch: int, batch: int) -> int:
+    """The seed of global batch ``batch`` of ``epoch``'s augmentation; other per-batch draws (Mixup /
+    CutMix in the trainer) derive theirs from it, so every draw is a function of (seed, epoch, batch)."""
+    return epoch_key(seed, epoch) * 100_003 + batch
+
+
 class BatchLoader:
     """Iterates ``(x, y)`` batches of an :class:`ImageSet`.
 
@@ -124,7 +135,7 @@ class BatchLoader:
         n = len(self.data)
         if not self.shuffle:
             return torch.arange(n)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(epoch_key(self.seed, self.epoch))
         return torch.randperm(n, generator=g)
 
     def __len__(self) -> int:
@@ -143,6 +154,6 @@ class BatchLoader:
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.data.images[idx].float().div_(255)
             if self.transform is not None:
-                g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + b)
+                g = torch.Generator().manual_seed(batch_key(self.seed, self.epoch, b))
                 x = self.transform(x, g)
             yield x, self.data.labels[idx]

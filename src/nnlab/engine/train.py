@@ -43,6 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nnlab.data import BatchLoader, DatasetSplits
+from nnlab.data.base import batch_key
 from nnlab.data.mix import mix_batch
 from nnlab.data.transforms import Normalize, train_transform
 from nnlab.engine import distributed as D
@@ -216,8 +217,8 @@ def _resolve_threads(config: TrainConfig) -> TrainConfig:
 def mix_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
     """The generator of the Mixup / CutMix draws of global batch ``batch`` of ``epoch``: a function of
     (seed, epoch, batch) only, so that a resumed run mixes as an uninterrupted one, and seeded apart
-    from the same batch's augmentation (``BatchLoader``: the key without ``* 2 + 1``)."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 100_003 + batch) * 2 + 1)
+    from the same batch's augmentation (whose seed is :func:`batch_key` itself)."""
+    return torch.Generator().manual_seed(batch_key(seed, epoch, batch) * 2 + 1)
 
 
 def _config_diff(saved: dict, current: dict) -> list[str]:
