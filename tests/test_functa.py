@@ -10,7 +10,8 @@ from nnlab.errors import ConfigError
 from nnlab.functa import meta, reference
 from nnlab.functa.model import FunctaConfig, LatentModulatedSiren, coordinate_grid
 
-VARIANTS = [dict(), dict(meta_sgd=True), dict(modulate_scale=True), dict(latent_hidden=[12], meta_sgd=True),
+VARIANTS = [dict(), dict(meta_sgd=True), dict(meta_sgd=True, meta_sgd_steps=2), dict(modulate_scale=True),
+            dict(latent_hidden=[12], meta_sgd=True),
             dict(modulate_scale=True, modulate_shift=False, out_channels=3)]
 
 
@@ -124,6 +125,28 @@ def test_meta_sgd_rates_are_clipped():
         model.meta_lr[:2] = torch.tensor([-1.0, 5.0], dtype=torch.float64)
     lr = model.inner_lr()
     assert lr[0] == 0 and lr[1] == 1 and ((lr >= 0) & (lr <= 1)).all()
+
+
+def test_per_step_meta_sgd_rates_are_used_step_by_step():
+    """With meta_sgd_steps, inner step k uses rates k and later steps the last set: rates [r, 0, 0] stop
+    the latent after step 1, at 3 steps and at 4 (rates shared by all steps, or reused from the first
+    set, would move it again)."""
+    model = tiny(meta_sgd=True, meta_sgd_steps=3)
+    x = torch.rand(2, 1, 5, 6, dtype=torch.float64)
+    assert model.meta_lr.shape == (3, 8)
+    with torch.no_grad():
+        model.meta_lr[1:] = 0.0
+        one, three, four = (meta.inner_loop(model, x, k).latents for k in (1, 3, 4))
+        ref = reference.fit_one_reference(model, x[0], 3, create_graph=False)
+    assert not torch.equal(one, torch.zeros_like(one))
+    torch.testing.assert_close(three, one, rtol=0, atol=0)
+    torch.testing.assert_close(four, one, rtol=0, atol=0)
+    torch.testing.assert_close(ref, one[0], rtol=1e-12, atol=1e-14)
+    assert torch.equal(model.inner_lr(7), model.inner_lr(2)) and not torch.equal(model.inner_lr(0), model.inner_lr(1))
+    with pytest.raises(ConfigError, match="meta_sgd_steps"):
+        FunctaConfig(meta_sgd_steps=-1)
+    with pytest.raises(ConfigError, match="--meta-sgd"):
+        FunctaConfig(meta_sgd_steps=2)
 
 
 def test_bad_config_raises_config_error():

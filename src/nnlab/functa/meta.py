@@ -112,11 +112,11 @@ def _layer_arg(model, shared, shift, scale, i, h):
         a = shared.pre1.unsqueeze(0)
     else:
         layer = model.hidden[i - 1]
-        a = torch.matmul(h, layer.weight.t()) + layer.bias
-    u = a * scale[:, None, i]
-    if shift is not None:
-        u = u + shift[:, None, i]
-    return a, w0 * u
+        a = torch.nn.functional.linear(h, layer.weight, layer.bias)                # GEMM with the bias fused
+    if shift is None:
+        return a, a * (w0 * scale[:, None, i])
+    # w0 (a scale + shift) in one pass over (B, P, W): the scaled shift and scale are (B, 1, W)
+    return a, torch.addcmul(w0 * shift[:, None, i], a, w0 * scale[:, None, i])
 
 
 def _layer_sin_cos(model, shared, shift, scale, i, h):
@@ -195,8 +195,10 @@ def _backprop(model, saved, scale, g_h):
         g_u = g_h * cos
         yield g_u, a
         if i > 0:
-            g = g_u if scale is None else g_u * scale[:, None, i]
-            g_h = torch.matmul(g, w0 * model.hidden[i - 1].weight)
+            weight = w0 * model.hidden[i - 1].weight                             # (W out, W in)
+            if scale is not None:  # the scale folded into per-image weights: no pass over (N, P, W)
+                weight = scale[:, i, :, None] * weight                           # (N, W, W)
+            g_h = torch.matmul(g_u, weight)
 
 
 def _stack_mods(c, g_shift, g_scale) -> torch.Tensor:
@@ -247,12 +249,11 @@ def inner_loop(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3
         create_graph = torch.is_grad_enabled()
     shared = shared if shared is not None else shared_terms(model, tuple(images.shape[2:]))
     target = images_to_targets(images)
-    lr = model.inner_lr()
     # Every latent starts at zero, so step 0's forward pass is one image's (B=1, broadcast).
     z = images.new_zeros(1, model.config.latent_dim)
     second = create_graph and not first_order
 
-    def step(z_in):
+    def step(z_in, lr):
         if second:
             g, mse = latent_grad(model, shared, z_in, target, create_graph=True)
         else:
@@ -261,11 +262,12 @@ def inner_loop(model: LatentModulatedSiren, images: torch.Tensor, steps: int = 3
         return z_in - lr * g, mse
 
     inner = []
-    for _ in range(steps):
+    for k in range(steps):
+        lr = model.inner_lr(k)
         if use_checkpoint and create_graph:
-            z, mse = grad_checkpoint(step, z, use_reentrant=False)
+            z, mse = grad_checkpoint(step, z, lr, use_reentrant=False)
         else:
-            z, mse = step(z)
+            z, mse = step(z, lr)
         inner.append(mse.detach())
     z = z.expand(images.shape[0], -1) if z.shape[0] != images.shape[0] else z
     out = predict(model, shared, z)

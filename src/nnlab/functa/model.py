@@ -37,6 +37,7 @@ class FunctaConfig:
     modulate_scale: bool = False
     meta_sgd: bool = False
     meta_sgd_init: tuple[float, float] = (0.005, 0.1)
+    meta_sgd_steps: int = 0             # Meta-SGD rates per inner step (MAML++'s per-step rates); 0 = one set for all
     inner_lr: float = 1e-2             # plain SGD inner rate (used when meta_sgd is False)
 
     def __post_init__(self):
@@ -45,6 +46,11 @@ class FunctaConfig:
         for name in ("width", "in_dims", "out_channels", "latent_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"functa {name} must be at least 1, got {getattr(self, name)}")
+        if self.meta_sgd_steps < 0:
+            raise ConfigError(f"functa meta_sgd_steps must be >= 0 (0 = one set of rates for every inner step), "
+                              f"got {self.meta_sgd_steps}")
+        if self.meta_sgd_steps and not self.meta_sgd:
+            raise ConfigError("functa meta_sgd_steps needs Meta-SGD rates: add --meta-sgd (meta_sgd=True) or drop it")
         if self.depth < 2:
             raise ConfigError(f"functa depth must be at least 2 (one sine layer + output), got {self.depth}")
         if not (self.modulate_shift or self.modulate_scale):
@@ -101,7 +107,8 @@ class LatentModulatedSiren(nn.Module):
         self.latent_map = LatentMap(c.latent_dim, c.modulation_dim, c.latent_hidden)
         if c.meta_sgd:
             lo, hi = c.meta_sgd_init
-            self.meta_lr = nn.Parameter(torch.empty(c.latent_dim).uniform_(lo, hi))
+            shape = (c.meta_sgd_steps, c.latent_dim) if c.meta_sgd_steps else (c.latent_dim,)
+            self.meta_lr = nn.Parameter(torch.empty(shape).uniform_(lo, hi))
         self._siren_init()
 
     @torch.no_grad()
@@ -113,10 +120,13 @@ class LatentModulatedSiren(nn.Module):
             layer.weight.uniform_(-bound, bound)
             layer.bias.uniform_(-bound, bound)
 
-    def inner_lr(self) -> torch.Tensor:
-        """Inner-loop learning rate: (latent_dim,) Meta-SGD rates clipped to [0, 1], or a scalar."""
+    def inner_lr(self, step: int = 0) -> torch.Tensor:
+        """Inner step ``step``'s learning rate (0 = the first step): (latent_dim,) Meta-SGD rates clipped
+        to [0, 1], or a scalar. With ``meta_sgd_steps`` = k each of the first k steps has its own rates
+        (MAML++'s per-step rates, Antoniou et al. 2019) and later steps reuse the last set."""
         if self.config.meta_sgd:
-            return self.meta_lr.clamp(0.0, 1.0)
+            rates = self.meta_lr if self.meta_lr.dim() == 1 else self.meta_lr[min(step, self.meta_lr.shape[0] - 1)]
+            return rates.clamp(0.0, 1.0)
         return torch.tensor(self.config.inner_lr, device=self.out.weight.device)
 
     def modulations(self, z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:

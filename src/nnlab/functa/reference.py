@@ -19,8 +19,8 @@ def fit_one_reference(model: LatentModulatedSiren, image: torch.Tensor, steps: i
     coords = coordinate_grid(tuple(image.shape[1:]), image.dim() - 1, device=image.device, dtype=image.dtype)
     target = image.flatten(1).t().unsqueeze(0)                       # (1, P, C)
     z = image.new_zeros(1, model.config.latent_dim, requires_grad=True)
-    lr = model.inner_lr()
-    for _ in range(steps):
+    for k in range(steps):
+        lr = model.inner_lr(k)
         with torch.enable_grad():
             zz = z if z.requires_grad else z.detach().requires_grad_(True)
             loss = (model(zz, coords) - target).pow(2).mean()
@@ -50,8 +50,8 @@ def fit_latents_batched_autograd(model: LatentModulatedSiren, images: torch.Tens
     coords = coordinate_grid(size, len(size), device=images.device, dtype=images.dtype)
     target = images.flatten(2).transpose(1, 2)                         # (B, P, C)
     z = images.new_zeros(images.shape[0], model.config.latent_dim)
-    lr = model.inner_lr().detach()
-    for _ in range(steps):
+    for k in range(steps):
+        lr = model.inner_lr(k).detach()
         z = z.requires_grad_()
         loss = (model(z, coords) - target).pow(2).mean(dim=(1, 2)).sum()  # each latent: its own image's MSE
         (g,) = torch.autograd.grad(loss, z)
@@ -68,8 +68,8 @@ def meta_loss_batched_autograd(model: LatentModulatedSiren, images: torch.Tensor
     coords = coordinate_grid(size, len(size), device=images.device, dtype=images.dtype)
     target = images.flatten(2).transpose(1, 2)                         # (B, P, C)
     z = images.new_zeros(images.shape[0], model.config.latent_dim, requires_grad=True)
-    lr = model.inner_lr()
-    for _ in range(steps):
+    for k in range(steps):
+        lr = model.inner_lr(k)
         # per-image MSE summed over images: each latent gets its own image's gradient
         loss = (model(z, coords) - target).pow(2).mean(dim=(1, 2)).sum()
         (g,) = torch.autograd.grad(loss, z, create_graph=not first_order)
