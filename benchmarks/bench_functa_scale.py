@@ -10,15 +10,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
+from pathlib import Path
 
 import torch
 
-from nnlab.functa import meta
-from nnlab.functa.model import FunctaConfig, LatentModulatedSiren
-from nnlab.functa.parallel import chunk_runner
-from nnlab.functa.presets import MetaTrainConfig
-from nnlab.functa.trainer import TrainState, meta_step
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_functa_sincos import interleaved_ms  # noqa: E402  (the interleaved A/B of trainer steps)
+
+from nnlab.functa import meta  # noqa: E402
+from nnlab.functa.model import FunctaConfig, LatentModulatedSiren  # noqa: E402
 
 
 def unfolded_layer_arg(model, shared, shift, scale, i, h):
@@ -48,27 +48,20 @@ FOLDED = (meta._layer_arg, meta._backprop)
 UNFOLDED = (unfolded_layer_arg, unfolded_backprop)
 
 
+def _use(fns) -> None:
+    meta._layer_arg, meta._backprop = fns
+
+
 def ab(latent_dim: int, rounds: int, repeat: int) -> dict[str, list[float]]:
     """ms per trainer step (depth 5, width 64, batch 16, 28 x 28) for each version, interleaved."""
     torch.manual_seed(0)
     model = LatentModulatedSiren(FunctaConfig(width=64, depth=5, latent_dim=latent_dim, meta_sgd=True,
                                               modulate_scale=True))
-    x = torch.rand(16, 1, 28, 28)
-    state = TrainState(model, torch.optim.Adam(model.parameters(), lr=1e-6))
-    cfg, out = MetaTrainConfig(batch_size=16, inner_steps=3), {"folded": [], "unfolded": []}
     try:
-        with chunk_runner(0) as runner:
-            for _ in range(rounds):
-                for key, fns in (("folded", FOLDED), ("unfolded", UNFOLDED)):
-                    meta._layer_arg, meta._backprop = fns
-                    meta_step(state, x, cfg, runner)  # warm-up after the switch
-                    t = time.perf_counter()
-                    for _ in range(repeat):
-                        meta_step(state, x, cfg, runner)
-                    out[key].append(1000 * (time.perf_counter() - t) / repeat)
+        return interleaved_ms(model, torch.rand(16, 1, 28, 28), {"folded": lambda: _use(FOLDED),
+                                                                "unfolded": lambda: _use(UNFOLDED)}, rounds, repeat)
     finally:
-        meta._layer_arg, meta._backprop = FOLDED
-    return out
+        _use(FOLDED)
 
 
 def main(argv=None) -> int:

@@ -27,25 +27,33 @@ def plain_sincos(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.sin(u), torch.cos(u)
 
 
+def interleaved_ms(model, x: torch.Tensor, variants: dict, rounds: int, repeat: int) -> dict[str, list[float]]:
+    """ms per trainer step (3 inner steps, batch x) under each variant, ``rounds`` interleaved rounds of
+    ``repeat`` steps. ``variants``: name -> a function that switches that variant on (called before each
+    of its rounds; the caller restores the code afterwards)."""
+    state = TrainState(model, torch.optim.Adam(model.parameters(), lr=1e-6))
+    cfg, out = MetaTrainConfig(batch_size=len(x), inner_steps=3), {k: [] for k in variants}
+    with chunk_runner(0) as runner:
+        for _ in range(rounds):
+            for key, switch_on in variants.items():
+                switch_on()
+                meta_step(state, x, cfg, runner)  # warm-up after the switch
+                t = time.perf_counter()
+                for _ in range(repeat):
+                    meta_step(state, x, cfg, runner)
+                out[key].append(1000 * (time.perf_counter() - t) / repeat)
+    return out
+
+
 def ab(name: str, rounds: int, repeat: int) -> dict[str, list[float]]:
     """ms per trainer step with each sincos, ``rounds`` interleaved rounds of ``repeat`` steps."""
     model, x = peers._model_and_batch(name)
-    state = TrainState(model, torch.optim.Adam(model.parameters(), lr=1e-6))
-    cfg = MetaTrainConfig(batch_size=len(x), inner_steps=3)
-    fused, out = meta.sincos, {"SinCos": [], "plain": []}
+    fused = meta.sincos
     try:
-        with chunk_runner(0) as runner:
-            for _ in range(rounds):
-                for key, fn in (("SinCos", fused), ("plain", plain_sincos)):
-                    meta.sincos = fn
-                    meta_step(state, x, cfg, runner)  # warm-up after the switch
-                    t = time.perf_counter()
-                    for _ in range(repeat):
-                        meta_step(state, x, cfg, runner)
-                    out[key].append(1000 * (time.perf_counter() - t) / repeat)
+        return interleaved_ms(model, x, {"SinCos": lambda: setattr(meta, "sincos", fused),
+                                         "plain": lambda: setattr(meta, "sincos", plain_sincos)}, rounds, repeat)
     finally:
         meta.sincos = fused
-    return out
 
 
 def main(argv=None) -> int:
