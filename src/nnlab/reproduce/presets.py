@@ -10,6 +10,7 @@ Each study module ``nnlab.reproduce.study_<name>`` provides ``SECTION`` (its rep
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from nnlab.reproduce.pipeline import PRESETS, SECTIONS, STUDIES
 from nnlab.reproduce.stages import Stage
