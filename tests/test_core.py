@@ -169,3 +169,12 @@ def test_records_csv_puts_the_named_columns_first_and_leaves_missing_cells_empty
                              ["a", "b"])
     assert read_csv(path) == (["a", "b", "c", "z"], [["x", "1", "", "2.5"], ["y", "", "3", ""]])
     assert not list(path.parent.glob("*.tmp*"))  # written through a temporary file, then renamed
+
+
+def test_every_subpackage_imports_on_its_own():
+    """A module that relies on another having imported something first (``importlib.util`` in
+    nnlab.reproduce.presets, found in session 22) fails only when imported alone."""
+    for mod in ("nnlab.reproduce.presets", "nnlab.functa.trainer", "nnlab.prune.sweep", "nnlab.lbi",
+                "nnlab.landscape"):
+        out = subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True, text=True)
+        assert out.returncode == 0, f"import {mod} alone failed: {out.stderr.strip().splitlines()[-1:]}"
