@@ -40,13 +40,15 @@ def adam_from(model, images: torch.Tensor, z0: torch.Tensor, checkpoints: list[i
     target = meta.images_to_targets(images)
     z = z0.detach().clone().requires_grad_(True)
     opt, out = torch.optim.Adam([z], lr=lr), {}
-    for it in range(1, max(checkpoints) + 1):
+    for done in range(max(checkpoints) + 1):  # done: Adam steps taken so far
         mse = (meta.predict(model, shared, z) - target).pow(2).mean(dim=(1, 2))
+        if done in checkpoints:
+            out[done] = meta.psnr(mse.detach()).mean().item()
+        if done == max(checkpoints):
+            break
         opt.zero_grad()
         mse.sum().backward()
         opt.step()
-        if it in checkpoints:
-            out[it] = meta.psnr(mse.detach()).mean().item()  # the PSNR before this step's update
     return out
 
 
