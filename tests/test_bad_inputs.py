@@ -4,6 +4,7 @@ on stderr (no traceback), and must create or change nothing outside what it was 
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -27,6 +28,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     lbi = root / "lbi" / "lbi.safetensors"
     lbi.write_bytes(lbi.read_bytes()[: lbi.stat().st_size // 2])
     (root / "file").write_text("not a folder\n")
+    shutil.copytree(root / "functa", root / "functa_badcfg")
+    (root / "functa_badcfg" / "config.yaml").write_text("model: [\n")  # an unclosed list
+    shutil.copytree(root / "clf", root / "clf_badckpt")
+    latest = root / "clf_badckpt" / "checkpoint" / "latest.json"
+    latest.write_text(latest.read_text()[:5])  # cut short
     idx = root / "idx"
     idx.mkdir()
     for name, magic, dims in (("train-images-idx3-ubyte", 0x803, (0, 28, 28)), ("train-labels-idx1-ubyte", 0x801, (0,)),
@@ -40,6 +46,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                                     ("t10k-labels-idx1-ubyte", 0x801, (1,), bytes(1))):
         (big / name).write_bytes(struct.pack(">I", magic) + struct.pack(f">{len(dims)}I", *dims) + body)
     return {"root": root, "clf": root / "clf", "functa": root / "functa", "lbi": root / "lbi",
+            "functa_badcfg": root / "functa_badcfg", "clf_badckpt": root / "clf_badckpt",
             "file": root / "file", "idx": idx, "idx_big": big}
 
 
@@ -111,12 +118,18 @@ CASES = [
      "apply to slbi or slbi-adam"),
     ("lbi-train-negative-kappa", ["lbi", "train", "--kappa", "-1", "--out", "{root}/l4"], "invalid kappa -1.0"),
     ("train-config-not-a-mapping", ["train", "--config", "{file}", "--out", "{root}/t5"], "must hold a mapping"),
+    ("functa-reconstruct-corrupt-config", ["functa", "reconstruct", "{functa_badcfg}", "--data", "mnist-5k", "--out",
+                                           "{root}/r2"], "config.yaml is not valid YAML"),
+    ("train-resume-corrupt-checkpoint-index", ["train", "--out", "{clf_badckpt}", "--resume", "--epochs", "1",
+                                               "--max-steps", "2", "--train-limit", "64", "--test-limit", "32"],
+     "latest.json is not valid JSON"),
     ("recheck-zero-steps", ["recheck", "{clf}", "--max-steps", "0", "--out", "{root}/rc2"], "expected a number >= 1"),
 ]
 
 
 def _snapshot(root: Path) -> dict[str, float]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+    """Every path's mtime, but for the folder locks' ``.lock`` files: taking the lock records the holder."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.name != ".lock"}
 
 
 @pytest.mark.parametrize("argv, fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

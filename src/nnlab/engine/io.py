@@ -50,4 +50,12 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """Parse JSON file ``path``; a corrupt or cut-off file raises a one-line CheckpointError naming it."""
+    from nnlab.errors import CheckpointError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); restore it or rerun the command "
+                              "that wrote it") from None

@@ -89,7 +89,15 @@ class RunDir:
         path = self.path / "config.yaml"
         if not path.is_file():
             raise CheckpointError(f"{self.path} is not an nnlab run folder (no config.yaml)")
-        return yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path} is not valid YAML ({' '.join(str(exc).split())}); restore it "
+                                  "or train the run again") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} must hold a mapping of option: value; restore it or train "
+                                  "the run again")
+        return data
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         return write_json(self.summary_path, summary)
