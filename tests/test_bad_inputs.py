@@ -123,6 +123,12 @@ CASES = [
     ("train-resume-corrupt-checkpoint-index", ["train", "--out", "{clf_badckpt}", "--resume", "--epochs", "1",
                                                "--max-steps", "2", "--train-limit", "64", "--test-limit", "32"],
      "latest.json is not valid JSON"),
+    ("functa-train-negative-w0", ["functa", "train", "--preset", "tiny", "--data", "mnist-5k", "--w0", "-1", "--out",
+                                  "{root}/f3"], "w0 (the SIREN frequency) must be a positive finite number"),
+    ("functa-train-zero-latent-hidden", ["functa", "train", "--preset", "tiny", "--data", "mnist-5k",
+                                         "--latent-hidden", "0", "--out", "{root}/f4"], "latent_hidden widths"),
+    ("functa-train-negative-inner-lr", ["functa", "train", "--preset", "tiny", "--data", "mnist-5k", "--no-meta-sgd",
+                                        "--inner-lr", "-1", "--out", "{root}/f5"], "inner_lr must be a positive"),
     ("recheck-zero-steps", ["recheck", "{clf}", "--max-steps", "0", "--out", "{root}/rc2"], "expected a number >= 1"),
 ]
 

@@ -46,15 +46,29 @@ class FunctaConfig:
         for name in ("width", "in_dims", "out_channels", "latent_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"functa {name} must be at least 1, got {getattr(self, name)}")
+        if any(h < 1 for h in self.latent_hidden):
+            raise ConfigError(f"functa latent_hidden widths must each be at least 1, got {self.latent_hidden}")
+        if self.depth < 2:
+            raise ConfigError(f"functa depth must be at least 2 (one sine layer + output), got {self.depth}")
+        if not (self.modulate_shift or self.modulate_scale):
+            raise ConfigError("functa needs shift and/or scale modulations; set modulate_shift=True")
+        self._check_rates()
+
+    def _check_rates(self) -> None:
+        """w0 and the inner-loop rates: positive finite numbers (a negative rate would ascend the loss)."""
+        positive = lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0  # noqa: E731
+        if not positive(self.w0):
+            raise ConfigError(f"functa w0 (the SIREN frequency) must be a positive finite number, got {self.w0}")
+        if not positive(self.inner_lr):
+            raise ConfigError(f"functa inner_lr must be a positive finite number, got {self.inner_lr}")
+        lo, hi = self.meta_sgd_init
+        if not (positive(lo) and positive(hi) and lo <= hi):
+            raise ConfigError(f"functa meta_sgd_init must be (low, high) with 0 < low <= high, got {self.meta_sgd_init}")
         if self.meta_sgd_steps < 0:
             raise ConfigError(f"functa meta_sgd_steps must be >= 0 (0 = one set of rates for every inner step), "
                               f"got {self.meta_sgd_steps}")
         if self.meta_sgd_steps and not self.meta_sgd:
             raise ConfigError("functa meta_sgd_steps needs Meta-SGD rates: add --meta-sgd (meta_sgd=True) or drop it")
-        if self.depth < 2:
-            raise ConfigError(f"functa depth must be at least 2 (one sine layer + output), got {self.depth}")
-        if not (self.modulate_shift or self.modulate_scale):
-            raise ConfigError("functa needs shift and/or scale modulations; set modulate_shift=True")
 
     @property
     def num_modulated(self) -> int:
