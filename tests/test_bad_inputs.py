@@ -129,6 +129,7 @@ CASES = [
                                          "--latent-hidden", "0", "--out", "{root}/f4"], "latent_hidden widths"),
     ("functa-train-negative-inner-lr", ["functa", "train", "--preset", "tiny", "--data", "mnist-5k", "--no-meta-sgd",
                                         "--inner-lr", "-1", "--out", "{root}/f5"], "inner_lr must be a positive"),
+    ("lbi-train-negative-sample", ["lbi", "train", "--sample", "-3", "--out", "{root}/l5"], "must be an integer >= 0"),
     ("recheck-zero-steps", ["recheck", "{clf}", "--max-steps", "0", "--out", "{root}/rc2"], "expected a number >= 1"),
 ]
 

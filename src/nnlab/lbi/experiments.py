@@ -47,8 +47,12 @@ class LBIOptions:
 class LBIRecordOptions:
     """What :class:`LBICallback` records besides sparsity."""
 
-    sample: int = 16         # Gamma entries (filters for conv) followed per layer
+    sample: int = 16         # Gamma entries (filters for conv) followed per layer (0: none)
     eval_wstar: bool = True  # evaluate the sparse model W * 1[Gamma != 0] every epoch
+
+    def __post_init__(self):
+        if not isinstance(self.sample, int) or self.sample < 0:
+            raise ConfigError(f"sample (Gamma entries followed per layer) must be an integer >= 0, got {self.sample}")
 
 
 def lbi_train_config(lbi: LBIOptions | None = None, **config: Any) -> TrainConfig:
