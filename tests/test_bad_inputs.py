@@ -130,6 +130,8 @@ CASES = [
     ("functa-train-negative-inner-lr", ["functa", "train", "--preset", "tiny", "--data", "mnist-5k", "--no-meta-sgd",
                                         "--inner-lr", "-1", "--out", "{root}/f5"], "inner_lr must be a positive"),
     ("lbi-train-negative-sample", ["lbi", "train", "--sample", "-3", "--out", "{root}/l5"], "must be an integer >= 0"),
+    ("prune-sweep-threshold-above-one", ["prune", "sweep", "--checkpoint", "{clf}", "--apvit-thresholds", "0.5,2",
+                                         "--out", "{root}/s5"], "--apvit-thresholds must be probabilities in [0, 1]"),
     ("recheck-zero-steps", ["recheck", "{clf}", "--max-steps", "0", "--out", "{root}/rc2"], "expected a number >= 1"),
 ]
 

@@ -91,6 +91,8 @@ class PruneSweepConfig:
                 raise ConfigError(f"--{flag} must be >= {low}, got {value}")
         if not 0 <= self.cpvit.head_share <= 1:
             raise ConfigError(f"--cpvit-head-share must be in [0, 1], got {self.cpvit.head_share}")
+        if not a.thresholds or any(not 0 <= t <= 1 for t in a.thresholds):  # drop probabilities of the agents
+            raise ConfigError(f"--apvit-thresholds must be probabilities in [0, 1], got {a.thresholds}")
         for flag, value in (("pvit-gate-lr", p.gate_lr), ("pvit-gate-gate-lr", p.gate_gate_lr),
                             ("pvit-finetune-lr", p.finetune_lr), ("apvit-lr", a.lr), ("pvit-l1-weight", p.l1_weight),
                             ("apvit-joint-lr", a.joint_lr)):
