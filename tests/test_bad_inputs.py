@@ -132,6 +132,8 @@ CASES = [
     ("lbi-train-negative-sample", ["lbi", "train", "--sample", "-3", "--out", "{root}/l5"], "must be an integer >= 0"),
     ("prune-sweep-threshold-above-one", ["prune", "sweep", "--checkpoint", "{clf}", "--apvit-thresholds", "0.5,2",
                                          "--out", "{root}/s5"], "--apvit-thresholds must be probabilities in [0, 1]"),
+    ("functa-reconstruct-size-zero", ["functa", "reconstruct", "{functa}", "--data", "mnist-5k", "--size", "0",
+                                      "--out", "{root}/r3"], "render size must be a positive number of pixels"),
     ("recheck-zero-steps", ["recheck", "{clf}", "--max-steps", "0", "--out", "{root}/rc2"], "expected a number >= 1"),
 ]
 

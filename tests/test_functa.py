@@ -119,6 +119,22 @@ def test_coordinate_grid_pixel_centres_any_size():
     assert img.shape == (2, 1, 13, 13)
 
 
+def test_render_in_pixel_chunks_equals_one_pass_and_refuses_bad_sizes():
+    """render splits the pixels into chunks (bounded memory): the image must be the network's
+    one-pass output at the same pixel centres, put back in row-major order."""
+    model = tiny(modulate_scale=True)
+    z = torch.randn(3, 8, dtype=torch.float64)
+    whole = model(z, coordinate_grid((5, 7), dtype=torch.float64))         # (3, 35, 1)
+    for chunk in (1, 4, 35, 1000):
+        img = model.render(z, (5, 7), chunk_pixels=chunk)
+        assert img.shape == (3, 1, 5, 7)
+        assert torch.allclose(img.flatten(2).transpose(1, 2), whole, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ConfigError, match="positive number of pixels"):
+        model.render(z, 0)
+    with pytest.raises(ConfigError, match="choose a smaller --size"):
+        model.render(z, 100_000)  # 240 GB of output: refused before any allocation
+
+
 def test_meta_sgd_rates_are_clipped():
     model = tiny(meta_sgd=True)
     with torch.no_grad():

@@ -304,6 +304,10 @@ def test_sample_command_renders_any_size_and_class(tiny_functa, tmp_path, capsys
     assert Image.open(tmp_path / "s.png").size == (2 * 42 + 2, 2 * 42 + 2)
     code, err = _cli(capsys, "functa", "sample", tmp_path / "g", "--class", 12, "--out", tmp_path / "t.png")
     assert code == 2 and err.count("\n") == 1 and "class must be in 0..9" in err
+    for size, fragment in ((0, "positive number of pixels"), (100_000, "choose a smaller --size")):
+        code, err = _cli(capsys, "functa", "sample", tmp_path / "g", "--size", size, "--out", tmp_path / "u.png")
+        assert code == 2 and err.count("\n") == 1 and fragment in err, err  # --size 0 drew the data's size
+    assert not (tmp_path / "t.png").exists() and not (tmp_path / "u.png").exists()
 
 
 def test_generate_bad_inputs_are_one_line_errors(tiny_functa, tmp_path, capsys):

@@ -91,6 +91,9 @@ def coordinate_grid(size: int | tuple[int, ...], dims: int = 2, device=None,
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(sizes))
 
 
+RENDER_MAX_BYTES = 2**31  # 2 GiB of rendered output: beyond it a render is refused, not an allocation error
+
+
 class LatentMap(nn.Module):
     """Latent (B, latent_dim) -> modulations (B, modulation_dim): linear, or an MLP with ReLUs."""
 
@@ -164,12 +167,24 @@ class LatentModulatedSiren(nn.Module):
             h = torch.sin(self.config.w0 * a)
         return self.out(h) + 0.5
 
-    def render(self, z: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-        """z (B, latent_dim) -> images (B, C, H, W) at any resolution (values not clamped)."""
+    def render(self, z: torch.Tensor, size: int | tuple[int, int], chunk_pixels: int | None = None) -> torch.Tensor:
+        """z (B, latent_dim) -> images (B, C, H, W) at any resolution (values not clamped).
+
+        The pixels go through the network ``chunk_pixels`` at a time (default: about 2**24 hidden
+        activations per chunk), so a large render needs memory for its output, not for B x H x W x
+        width activations. An output above RENDER_MAX_BYTES is refused with a ConfigError."""
         hw = (size, size) if isinstance(size, int) else tuple(size)
-        coords = coordinate_grid(hw, device=z.device, dtype=z.dtype)
-        out = self(z, coords)                                       # (B, H*W, C)
-        return out.transpose(1, 2).reshape(z.shape[0], -1, *hw)
+        if len(hw) != 2 or any(int(n) < 1 for n in hw):
+            raise ConfigError(f"render size must be a positive number of pixels (or H, W), got {size}")
+        b, c = z.shape[0], self.config.out_channels
+        need = b * c * hw[0] * hw[1] * z.element_size()
+        if need > RENDER_MAX_BYTES:
+            raise ConfigError(f"rendering {b} image(s) at {hw[0]}x{hw[1]} needs {need / 2**30:.1f} GiB; "
+                              "choose a smaller --size or fewer images")
+        coords = coordinate_grid(hw, device=z.device, dtype=z.dtype)       # (H*W, in_dims)
+        step = chunk_pixels or max(1, 2**24 // max(1, b * self.config.width))
+        out = torch.cat([self(z, part) for part in coords.split(step)], dim=1)  # (B, H*W, C)
+        return out.transpose(1, 2).reshape(b, c, *hw)
 
 
 def config_hash(model: LatentModulatedSiren) -> str:

@@ -211,7 +211,7 @@ def sample_to_png(gen_dir: str | Path, out: str | Path, *, n: int = 64, klass: i
         raise ConfigError(f"--n must be at least 1, got {n}")
     y = None if klass is None else torch.full((n,), klass, dtype=torch.long)
     lat = gen.sample(n, y, seed=seed)
-    size = size or _data_size(gen_dir)
+    size = _data_size(gen_dir) if size is None else size
     return save_tiles(decode(siren, lat, size), max(1, round(n ** 0.5)), out)
 
 
