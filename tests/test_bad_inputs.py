@@ -134,6 +134,12 @@ CASES = [
                                          "--out", "{root}/s5"], "--apvit-thresholds must be probabilities in [0, 1]"),
     ("functa-reconstruct-size-zero", ["functa", "reconstruct", "{functa}", "--data", "mnist-5k", "--size", "0",
                                       "--out", "{root}/r3"], "render size must be a positive number of pixels"),
+    ("functa-classify-zero-epochs", ["functa", "classify", "{file}", "{file}", "--epochs", "0", "--out", "{root}/c3"],
+     "--epochs must be an integer >= 1, got 0"),
+    ("functa-classify-zero-batch", ["functa", "classify", "{file}", "{file}", "--batch-size", "0", "--out",
+                                    "{root}/c4"], "--batch-size must be an integer >= 1, got 0"),
+    ("functa-classify-nan-lr", ["functa", "classify", "{file}", "{file}", "--lr", "nan", "--out", "{root}/c5"],
+     "--lr must be a positive finite number, got nan"),
     ("recheck-zero-steps", ["recheck", "{clf}", "--max-steps", "0", "--out", "{root}/rc2"], "expected a number >= 1"),
 ]
 

@@ -1,6 +1,7 @@
 """Classification on functasets: an MLP on (normalised) latents, with a learning curve."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from tqdm import tqdm
 
 from nnlab.engine.metrics import MetricsLogger
 from nnlab.engine.runs import RunDir
-from nnlab.errors import DataError
+from nnlab.errors import ConfigError, DataError
 from nnlab.functa.functaset import Functaset, load_functaset
 from nnlab.models.mlp import MLP
 
@@ -26,6 +27,17 @@ class ClassifyConfig:
     latent_noise: float = 0.0          # std of Gaussian noise on normalised latents (augmentation)
     normalize: bool = True             # standardise each latent dimension with the train set's mean/std
     seed: int = 0                      # init and batch order
+
+    def __post_init__(self):
+        """A one-line ConfigError naming the first bad option (as its flag) and its range."""
+        finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+        checks = [("epochs", self.epochs >= 1, "an integer >= 1"), ("batch-size", self.batch_size >= 1, "an integer >= 1"),
+                  ("lr", finite(self.lr) and self.lr > 0, "a positive finite number"),
+                  ("weight-decay", finite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+                  ("latent-noise", finite(self.latent_noise) and self.latent_noise >= 0, "a finite number >= 0")]
+        for flag, ok, what in checks:
+            if not ok:
+                raise ConfigError(f"--{flag} must be {what}, got {getattr(self, flag.replace('-', '_'))}")
 
 
 @dataclass
