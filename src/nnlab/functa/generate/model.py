@@ -67,15 +67,18 @@ class GenerateConfig:
         if self.beta_schedule not in ("cosine", "linear"):
             raise ConfigError(f"unknown beta schedule {self.beta_schedule!r}; use cosine or linear")
         for name in ("steps", "batch_size", "width", "blocks", "flow_layers", "flow_hidden", "samples",
-                     "sample_steps", "log_every", "ckpt_every"):
+                     "sample_steps", "log_every", "ckpt_every", "feature_epochs"):  # 0 feature epochs: FID on noise
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.timesteps < 2:
             raise ConfigError(f"--timesteps must be at least 2, got {self.timesteps}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         for name in ("lr", "time_limit_min", "weight_decay", "grad_clip", "guidance", "p_uncond", "clip_x0"):
             v = getattr(self, name)
             if not (v == v and v >= 0 and v != float("inf")):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+                flag = "time-limit" if name == "time_limit_min" else name.replace("_", "-")
+                raise ConfigError(f"--{flag} must be a finite number >= 0, got {v}")
         if not 0 <= self.ema_decay < 1 or not 0 <= self.p_uncond < 1:
             raise ConfigError("--ema-decay and --p-uncond must lie in [0, 1)")
 
