@@ -140,6 +140,8 @@ CASES = [
                                     "{root}/c4"], "--batch-size must be an integer >= 1, got 0"),
     ("functa-classify-nan-lr", ["functa", "classify", "{file}", "{file}", "--lr", "nan", "--out", "{root}/c5"],
      "--lr must be a positive finite number, got nan"),
+    ("reproduce-data-dir-without-the-data", ["reproduce", "--preset", "cpu", "--data-dir", "{idx}", "--out",
+                                             "{root}/rp1"], "lacks celeba/ (celeba64), cifar10/ (cifar10), mnist/ (mnist)"),
     ("recheck-zero-steps", ["recheck", "{clf}", "--max-steps", "0", "--out", "{root}/rc2"], "expected a number >= 1"),
 ]
 

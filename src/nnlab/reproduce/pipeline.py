@@ -12,6 +12,7 @@ import yaml
 from nnlab.errors import ConfigError
 from nnlab.registry import Registry
 from nnlab.report import ReportFiles, Section, build_report
+from nnlab.reproduce.common import check_data_dir
 from nnlab.reproduce.stages import Stage, StageOutcome, run_stages, seed_stages
 
 # preset name -> builder() -> list of stages, in run order
@@ -58,6 +59,7 @@ def reproduce(preset: str, out: str | Path, *, data_dir: str | Path | None = Non
     stages = PRESETS.get(preset)()
     out = Path(out)
     selected = select_stages(stages, only) if only else stages
+    check_data_dir(selected, data_dir)
     if reuse is not None:
         seeded = seed_stages(selected, out, Path(reuse))
         print(f"nnlab reproduce: {len(seeded)} finished stage(s) copied from {reuse}"
