@@ -142,6 +142,13 @@ CASES = [
      "--lr must be a positive finite number, got nan"),
     ("reproduce-data-dir-without-the-data", ["reproduce", "--preset", "cpu", "--data-dir", "{idx}", "--out",
                                              "{root}/rp1"], "lacks celeba/ (celeba64), cifar10/ (cifar10), mnist/ (mnist)"),
+    ("functa-plot-sweep-of-a-classifier-run", ["functa", "plot", "--sweep", "{clf}", "--out", "{root}/p1"],
+     "is not a finished 'nnlab functa train' run"),
+    ("functa-plot-missing-classify-run", ["functa", "plot", "--classify-run", "{root}/nosuch", "--out", "{root}/p2"],
+     "metrics.jsonl does not exist; pass a run folder"),
+    ("landscape-plot-of-a-functa-run", ["landscape", "plot", "{functa}", "--out", "{root}/p3"],
+     "is not a landscape sweep's log"),
+    ("lbi-plot-of-a-functa-run", ["lbi", "plot", "{functa}", "--out", "{root}/p4"], "logs no finished epoch"),
     ("recheck-zero-steps", ["recheck", "{clf}", "--max-steps", "0", "--out", "{root}/rc2"], "expected a number >= 1"),
 ]
 

@@ -49,9 +49,15 @@ class MetricsLogger:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All complete records of a JSONL file (a torn last line from a kill is skipped)."""
+    """All complete records of a JSONL file (a torn last line from a kill is skipped); a missing
+    file is a one-line CheckpointError naming it."""
+    from nnlab.errors import CheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; pass a run folder that nnlab wrote (it logs metrics.jsonl)")
     records = []
-    for line in Path(path).read_text().splitlines():
+    for line in path.read_text().splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

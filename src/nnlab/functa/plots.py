@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nnlab.engine.io import read_json
 from nnlab.engine.metrics import read_jsonl
+from nnlab.engine.runs import RunDir
+from nnlab.errors import CheckpointError
 from nnlab.functa.functaset import load_functaset
 from nnlab.report import write_csv
 from nnlab.report.figures import plt, save_figure
@@ -42,9 +43,18 @@ def plot_learning_curves(classify_run: str | Path | None, baseline_run: str | Pa
     return save_figure(fig, out / "learning-curves.png")
 
 
+def _train_summary(run: str | Path) -> dict:
+    """summary.json of a finished functa train run; a one-line CheckpointError for anything else."""
+    summary = RunDir(run, create=False).read_summary() if Path(run).is_dir() else None
+    if summary is None or "latent_dim" not in summary or "test_psnr" not in summary:
+        raise CheckpointError(f"{run} is not a finished 'nnlab functa train' run (no summary.json with latent_dim "
+                              "and test_psnr); pass the train runs of the sweep")
+    return summary
+
+
 def plot_sweep(runs: list[str | Path], out: Path) -> list[Path]:
     """Test PSNR against latent size from train runs' summary.json; also writes sweep.csv."""
-    rows = sorted((read_json(Path(r) / "summary.json") for r in runs), key=lambda s: s["latent_dim"])
+    rows = sorted((_train_summary(r) for r in runs), key=lambda s: s["latent_dim"])
     out.mkdir(parents=True, exist_ok=True)
     columns = ["latent_dim", "test_psnr", "steps", "train_minutes"]
     write_csv(out / "sweep.csv", columns, [[s[k] for k in columns] for s in rows])

@@ -31,7 +31,11 @@ def load_records(run: str | Path) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: run 'nnlab landscape run --out {run}' first")
-    return read_jsonl(path)
+    records = read_jsonl(path)
+    if any("bn" not in r or "lr_run" not in r for r in records):
+        raise CheckpointError(f"{path} is not a landscape sweep's log (records without bn and lr_run); pass the "
+                              "folder that 'nnlab landscape run' wrote")
+    return records
 
 
 def group(records: Sequence[dict]) -> dict[str, dict[float, list[dict]]]:

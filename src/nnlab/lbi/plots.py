@@ -15,11 +15,16 @@ from nnlab.report.figures import plt, save_figure
 
 
 def epoch_records(run: str | Path) -> list[dict]:
-    """The per-epoch records of a run (those with ``train_loss``), in order."""
+    """The per-epoch records of a run (those with ``train_loss`` and ``train_top1``), in order; a
+    one-line CheckpointError for a folder without any (another command's run, or no epoch yet)."""
     path = RunDir(run, create=False).metrics_path
     if not path.is_file():
         raise CheckpointError(f"{run} has no metrics.jsonl; pass run folders of `nnlab lbi train`")
-    return [r for r in read_jsonl(path) if "train_loss" in r]
+    records = [r for r in read_jsonl(path) if "train_loss" in r and "train_top1" in r]
+    if not records:
+        raise CheckpointError(f"{run} logs no finished epoch (no train_loss / train_top1 in metrics.jsonl); pass run "
+                              "folders of `nnlab lbi train` or `nnlab train` with at least one epoch done")
+    return records
 
 
 def run_label(run: str | Path) -> str:
