@@ -150,6 +150,31 @@ def test_cli_fit_reconstruct_classify(tmp_path, trained):
     assert (tmp_path / "fig" / "psnr-hist.png").is_file() and (tmp_path / "fig" / "latent-sweep.png").is_file()
 
 
+def test_plot_compare_tabulates_each_run_and_draws_its_validation_curve(tmp_path, trained, monkeypatch):
+    """--compare: one row per run, in the order given, with that run's own summary figures; the
+    figure holds one curve per run, through the run's logged validation PSNRs."""
+    import csv
+    import shutil
+
+    from nnlab.functa import plots
+
+    other = tmp_path / "other"
+    shutil.copytree(trained, other)
+    summary = json.loads((other / "summary.json").read_text())
+    (other / "summary.json").write_text(json.dumps({**summary, "test_psnr": 12.5, "steps": 99}))
+    drawn, real_save = [], plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: (drawn.append(fig), real_save(fig, path))[1])
+    plots.plot_compare([other, trained], tmp_path / "fig")
+    rows = list(csv.DictReader(open(tmp_path / "fig" / "compare.csv")))
+    assert [r["run"] for r in rows] == ["other", "run"]
+    assert float(rows[0]["test_psnr"]) == 12.5 and rows[0]["steps"] == "99"
+    assert abs(float(rows[1]["test_psnr"]) - summary["test_psnr"]) < 1e-9
+    val = [r["val_psnr"] for r in map(json.loads, (trained / "metrics.jsonl").read_text().splitlines()) if "val_psnr" in r]
+    lines = drawn[0].axes[0].get_lines()
+    assert len(lines) == 2 and all(list(line.get_ydata()) == val for line in lines)
+    assert "12.50 dB" in lines[0].get_label()
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["functa", "train", "--preset", "tiny", "--data", "cifar10", "--data-dir", str(tmp_path),
                  "--out", str(tmp_path / "r")]) == 2

@@ -100,6 +100,8 @@ def _register_extra(sub) -> None:
     p.add_argument("--classify-run", help="functa classifier run (learning curve)")
     p.add_argument("--baseline-run", help="pixel baseline run (learning curve)")
     p.add_argument("--sweep", nargs="+", help="train runs of a latent-size sweep (PSNR vs latent size)")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="train runs to compare: validation PSNR against "
+                   "minutes in one figure (compare.png) and their test PSNR (compare.csv)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run_plot, _parser=p)
     _register_generate(sub)
@@ -215,6 +217,6 @@ def run_plot(args) -> int:
     from nnlab.functa.plots import make_figures
 
     for path in make_figures(args.out, functaset=args.functaset, classify_run=args.classify_run,
-                             baseline_run=args.baseline_run, sweep=args.sweep):
+                             baseline_run=args.baseline_run, sweep=args.sweep, compare=args.compare):
         print(path)
     return 0

@@ -77,7 +77,27 @@ def plot_psnr_curve(run: str | Path, out: Path) -> Path:
     return save_figure(fig, out / f"psnr-{Path(run).name}.png")
 
 
-def make_figures(out: str | Path, *, functaset=None, classify_run=None, baseline_run=None, sweep=None) -> list[Path]:
+def plot_compare(runs: list[str | Path], out: Path) -> list[Path]:
+    """Validation PSNR against meta-training minutes of several train runs in one figure (a curve per
+    run, labelled with its folder name and test PSNR), and compare.csv with each run's summary."""
+    summaries = [_train_summary(r) for r in runs]  # refuse a wrong folder before drawing anything
+    out.mkdir(parents=True, exist_ok=True)
+    columns = ["run", "latent_dim", "steps", "train_minutes", "test_psnr"]
+    write_csv(out / "compare.csv", columns,
+              [[Path(r).name, *(s.get(k) for k in columns[1:])] for r, s in zip(runs, summaries)])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run, s in zip(runs, summaries):
+        pts = [(r["minutes"], r["val_psnr"]) for r in read_jsonl(Path(run) / "metrics.jsonl") if "val_psnr" in r]
+        if pts:
+            ax.plot(*zip(*pts), marker=".", label=f"{Path(run).name}: {s['test_psnr']:.2f} dB test")
+    ax.set(xlabel="meta-training minutes", ylabel="validation PSNR (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return [out / "compare.csv", save_figure(fig, out / "compare.png")]
+
+
+def make_figures(out: str | Path, *, functaset=None, classify_run=None, baseline_run=None, sweep=None,
+                 compare=None) -> list[Path]:
     out, paths = Path(out), []
     if functaset:
         paths += plot_histograms(functaset, out)
@@ -86,4 +106,6 @@ def make_figures(out: str | Path, *, functaset=None, classify_run=None, baseline
     if sweep:
         paths += plot_sweep(sweep, out)
         paths += [plot_psnr_curve(r, out) for r in sweep]
+    if compare:
+        paths += plot_compare(compare, out)
     return paths
