@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -148,6 +149,42 @@ def test_cli_fit_reconstruct_classify(tmp_path, trained):
     assert main(["functa", "plot", "--functaset", str(fs), "--classify-run", str(tmp_path / "cls"),
                  "--sweep", str(trained), "--out", str(tmp_path / "fig")]) == 0
     assert (tmp_path / "fig" / "psnr-hist.png").is_file() and (tmp_path / "fig" / "latent-sweep.png").is_file()
+
+
+def test_classifier_killed_after_an_epoch_resumes_bit_identical(tmp_path, trained, monkeypatch):
+    """A classify run killed right after epoch 2's checkpoint, then resumed, ends with the weights,
+    metrics and summary of an uninterrupted run (model, AdamW, one-cycle schedule, batch-order
+    generator and dropout RNG all restored); rerunning without --resume, or with other settings, is refused."""
+    from safetensors.torch import load_file
+
+    from nnlab.errors import CheckpointError, ConfigError
+    from nnlab.functa import classify
+
+    fs = tmp_path / "fs.safetensors"
+    assert main(["functa", "fit", str(trained), "--data", "mnist-5k", "--split", "test", "--out", str(fs)]) == 0
+    cfg = classify.ClassifyConfig(hidden=[32], epochs=4, batch_size=128, dropout=0.3, latent_noise=0.1)
+    full = classify.train_classifier(fs, fs, tmp_path / "full", cfg, progress=False)
+    real_save = classify._save
+
+    def killed(run, fit):
+        real_save(run, fit)
+        if fit.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(classify, "_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        classify.train_classifier(fs, fs, tmp_path / "cut", cfg, progress=False)
+    monkeypatch.setattr(classify, "_save", real_save)
+    with pytest.raises(CheckpointError, match="pass --resume"):
+        classify.train_classifier(fs, fs, tmp_path / "cut", cfg, progress=False)
+    with pytest.raises(ConfigError, match="epochs: 4 -> 5"):
+        classify.train_classifier(fs, fs, tmp_path / "cut", replace(cfg, epochs=5), progress=False, resume=True)
+    resumed = classify.train_classifier(fs, fs, tmp_path / "cut", cfg, progress=False, resume=True)
+    assert resumed == full
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+    a, b = load_file(tmp_path / "cut" / "model.safetensors"), load_file(tmp_path / "full" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["normalizer.mean"].shape == (16,)
 
 
 def test_plot_compare_tabulates_each_run_and_draws_its_validation_curve(tmp_path, trained, monkeypatch):

@@ -84,6 +84,7 @@ def register(subparsers) -> None:
 
     add_dataclass_options(c, ClassifyConfig)
     c.add_argument("--out", required=True)
+    c.add_argument("--resume", action="store_true", help="continue the killed run in --out from its last epoch")
     c.set_defaults(func=run_classify, _parser=c)
     _register_extra(sub)
 
@@ -94,6 +95,7 @@ def _register_extra(sub) -> None:
     b.add_argument("--data-dir")
     b.add_argument("--epochs", type=int, default=10)
     b.add_argument("--out", required=True)
+    b.add_argument("--resume", action="store_true", help="continue the killed run in --out from its checkpoint")
     b.set_defaults(func=run_baseline, _parser=b)
     p = sub.add_parser("plot", help="figures: PSNR/inner-MSE histograms, learning curves, latent sweep")
     p.add_argument("--functaset", help="functaset for the PSNR and inner-MSE histograms")
@@ -202,14 +204,15 @@ def run_classify(args) -> int:
     from nnlab.functa.classify import ClassifyConfig, train_classifier
 
     config = dataclass_from_args(ClassifyConfig, args)
-    print(json.dumps(train_classifier(args.train_set, args.test_set, args.out, config), indent=1))
+    print(json.dumps(train_classifier(args.train_set, args.test_set, args.out, config, resume=args.resume), indent=1))
     return 0
 
 
 def run_baseline(args) -> int:
     from nnlab.functa.classify import pixel_baseline
 
-    print(json.dumps(pixel_baseline(args.data, args.out, data_dir=args.data_dir, epochs=args.epochs), indent=1))
+    summary = pixel_baseline(args.data, args.out, data_dir=args.data_dir, epochs=args.epochs, resume=args.resume)
+    print(json.dumps(summary, indent=1))
     return 0
 
 

@@ -63,7 +63,8 @@ class FunctaConfig:
             raise ConfigError(f"functa inner_lr must be a positive finite number, got {self.inner_lr}")
         lo, hi = self.meta_sgd_init
         if not (positive(lo) and positive(hi) and lo <= hi):
-            raise ConfigError(f"functa meta_sgd_init must be (low, high) with 0 < low <= high, got {self.meta_sgd_init}")
+            raise ConfigError("functa meta_sgd_init must be (low, high) with 0 < low <= high, "
+                              f"got {self.meta_sgd_init}")
         if self.meta_sgd_steps < 0:
             raise ConfigError(f"functa meta_sgd_steps must be >= 0 (0 = one set of rates for every inner step), "
                               f"got {self.meta_sgd_steps}")

@@ -151,7 +151,7 @@ def _classify(ctx: StageContext) -> StageResult:
     sets = ctx.results["functa-fit"].dir / "functasets"
     c = ctx.config["classify"]
     s = train_classifier(sets / "train.safetensors", sets / "test.safetensors", work_dir(ctx, "run"),
-                         replace(ClassifyConfig(), **c))
+                         replace(ClassifyConfig(), **c), resume=ctx.resume)
     notes = [f"Classifier: MLP with hidden widths {c['hidden']} for {c.get('epochs', 30)} epochs instead "
              "of 3 x 1024."] if c.get("hidden") else []
     return StageResult(metrics={"functa_mlp_top1": s["test_top1"]}, notes=notes)
