@@ -105,6 +105,32 @@ def test_prune_with_masked_finetuning_keeps_pruned_filters_zero(lbi_run, tmp_pat
     assert len(read_table(out / "results.csv")) == 1
 
 
+def test_prune_with_finetuning_killed_mid_table_resumes_to_the_same_table(lbi_run, tmp_path, monkeypatch, capsys):
+    """lbi prune --finetune-epochs: killed after the first ratio's fine-tuning, a rerun without --resume
+    is refused in one line naming --resume (which the command takes), and --resume ends with the
+    table of an uninterrupted run (the finished ratio reloaded from its checkpoint, the next trained)."""
+    from nnlab.lbi import gamma_prune
+
+    args = ["lbi", "prune", str(lbi_run), "--layer", "conv3", "--ratios", "0.5,0.8", "--finetune-epochs", "1"]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    real, calls = gamma_prune.finetune_pruned, []
+
+    def killed(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(gamma_prune, "finetune_pruned", killed)
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    monkeypatch.setattr(gamma_prune, "finetune_pruned", real)
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    assert read_table(tmp_path / "cut" / "results.csv") == read_table(tmp_path / "full" / "results.csv")
+
+
 def test_layer_lam_groups_and_errors(tmp_path, capsys):
     from nnlab.errors import ConfigError
     from nnlab.lbi import param_groups

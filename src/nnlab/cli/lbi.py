@@ -85,6 +85,8 @@ def _register_prune(sub) -> None:
     p.add_argument("run", help="run folder of `nnlab lbi train --optimizer slbi|slbi-adam`")
     p.add_argument("--out", required=True, help="folder for results.csv and results.md")
     add_dataclass_options(p, GammaPruneConfig)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the fine-tuning runs already in --out (after a kill, or to rerun the table)")
     p.set_defaults(func=run_prune, _parser=p)
 
 
@@ -92,7 +94,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from nnlab.config import dataclass_from_args
     from nnlab.lbi.gamma_prune import GammaPruneConfig, prune_run
 
-    table = prune_run(args.run, args.out, dataclass_from_args(GammaPruneConfig, args))
+    table = prune_run(args.run, args.out, dataclass_from_args(GammaPruneConfig, args), resume=args.resume)
     print(table.markdown)
     print(f"results in {args.out}/results.csv and results.md")
     return 0

@@ -130,11 +130,12 @@ class _KeepPruned(Callback):
 
 
 def finetune_pruned(loaded: LoadedRun, module: nn.Module, keep: torch.Tensor, out: Path, *,
-                    epochs: int, lr: float) -> EvalResult:
-    """Fine-tune the pruned model with SGD for ``epochs`` keeping pruned units at zero."""
+                    epochs: int, lr: float, resume: bool = False) -> EvalResult:
+    """Fine-tune the pruned model with SGD for ``epochs`` keeping pruned units at zero; ``resume``
+    continues (or, when it finished, reloads) the fine-tuning run already in ``out``."""
     cfg = dataclasses.replace(loaded.config, optimizer="sgd", optimizer_options={}, lr=lr, epochs=epochs,
                               weight_decay=0.0, max_steps=None, progress=False)
-    train(cfg, out, model=loaded.model, data=loaded.data, callbacks=[_KeepPruned(module, keep)])
+    train(cfg, out, model=loaded.model, data=loaded.data, callbacks=[_KeepPruned(module, keep)], resume=resume)
     return evaluate(loaded.model, _test_loader(loaded), next(loaded.model.parameters()).device)
 
 
@@ -149,9 +150,11 @@ class GammaPruneConfig:
     finetune_lr: float = 0.01        # learning rate of that fine-tuning
 
 
-def prune_run(run: str | Path, out: str | Path, config: GammaPruneConfig | None = None) -> PruneTable:
+def prune_run(run: str | Path, out: str | Path, config: GammaPruneConfig | None = None, *,
+              resume: bool = False) -> PruneTable:
     """Prune ``config.layer`` of ``run`` at each ratio (no fine-tuning unless ``finetune_epochs``),
-    evaluate on the test split, write ``out/results.csv`` (layer,ratio,top1,top5) and ``results.md``."""
+    evaluate on the test split, write ``out/results.csv`` (layer,ratio,top1,top5) and ``results.md``.
+    ``resume``: the fine-tuning runs already in ``out`` (``finetune-<ratio>/``) are continued, not refused."""
     c = config or GammaPruneConfig()
     layer, ratios, finetune_epochs, finetune_lr = c.layer, c.ratios, c.finetune_epochs, c.finetune_lr
     loaded = load_run(run, c.data_dir)
@@ -168,7 +171,7 @@ def prune_run(run: str | Path, out: str | Path, config: GammaPruneConfig | None 
         apply_keep(module, keep)
         if finetune_epochs > 0:
             ev = finetune_pruned(loaded, module, keep, out / f"finetune-{ratio:g}",
-                                 epochs=finetune_epochs, lr=finetune_lr)
+                                 epochs=finetune_epochs, lr=finetune_lr, resume=resume)
         else:
             ev = evaluate(loaded.model, _test_loader(loaded))
         rows.append((layer, float(ratio), ev.top1, ev.top5))
