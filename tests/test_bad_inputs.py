@@ -149,6 +149,8 @@ CASES = [
     ("landscape-plot-of-a-functa-run", ["landscape", "plot", "{functa}", "--out", "{root}/p3"],
      "is not a landscape sweep's log"),
     ("lbi-plot-of-a-functa-run", ["lbi", "plot", "{functa}", "--out", "{root}/p4"], "logs no finished epoch"),
+    ("functa-train-over-a-run-without-resume", ["functa", "train", "--preset", "tiny", "--data", "mnist-5k", "--steps",
+                                                "2", "--out", "{functa}"], "already holds a functa run with a checkpoint; pass --resume"),
     ("recheck-zero-steps", ["recheck", "{clf}", "--max-steps", "0", "--out", "{root}/rc2"], "expected a number >= 1"),
 ]
 

@@ -210,6 +210,9 @@ def _train_functa(preset: Preset, data: str, splits, run: RunDir, info, resume: 
     train = splits.train.subset(slice(0, len(splits.train) - cfg.val_images))
     val = splits.train.images[len(splits.train) - cfg.val_images:]
     state = build_state(preset, info.device)
+    if not resume and has_checkpoint(run.checkpoint_dir):  # never train over a run a kill left behind
+        raise CheckpointError(f"{run.path} already holds a functa run with a checkpoint; pass --resume to continue "
+                              "it, or choose a new --out folder")
     if resume and has_checkpoint(run.checkpoint_dir):
         check_resume_config(run, preset, data)
         resume_state(state, run.checkpoint_dir)
