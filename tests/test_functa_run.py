@@ -120,8 +120,13 @@ def test_functaset_chunks_shards_and_resume(tmp_path):
     labels = torch.arange(10)
     whole = fit_functaset(model, images, labels, tmp_path / "whole.safetensors", chunk_size=3)
     assert fit_functaset(model, images, labels, tmp_path / "s.safetensors", chunk_size=3, shard=(0, 2)) is None
-    assert len(list((tmp_path / "s.safetensors.parts").iterdir())) == 2
+    assert len(list((tmp_path / "s.safetensors.parts").glob("chunk-*"))) == 2
+    other = LatentModulatedSiren(FunctaConfig(width=16, depth=3, latent_dim=8)).eval()  # other weights
+    for model_, size, fragment in ((other, 3, "model_hash: "), (model, 4, "chunk_size: 3 -> 4")):
+        with pytest.raises(ConfigError, match=fragment):  # a killed fit's chunks are never mixed into another
+            fit_functaset(model_, images, labels, tmp_path / "s.safetensors", chunk_size=size)
     done = fit_functaset(model, images, labels, tmp_path / "s.safetensors", chunk_size=3, shard=(1, 2))
+    assert not (tmp_path / "s.safetensors.parts").exists()
     a, b = load_functaset(whole), load_functaset(done)
     assert torch.allclose(a.latents, b.latents) and torch.equal(a.labels, labels)
     assert a.latents.shape == (10, 8) and a.inner_mse.shape == (10, 3)

@@ -21,7 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from nnlab.engine.io import atomic_write
+from nnlab.engine.checkpoint import tensors_sha256
+from nnlab.engine.io import atomic_write, read_json, write_json
 from nnlab.errors import CheckpointError, ConfigError, DataError
 from nnlab.functa import meta
 from nnlab.functa.model import LatentModulatedSiren, config_hash
@@ -105,6 +106,24 @@ def _chunk_path(parts: Path, i: int) -> Path:
     return parts / f"chunk-{i:05d}.safetensors"
 
 
+def _claim_parts(parts: Path, key: dict[str, str]) -> None:
+    """``FILE.parts/fit.json`` records what the chunks there are fitted with (model hash, inner steps,
+    chunk size, the images' labels): chunks a killed fit left with other settings are refused, never
+    mixed into this fit's file. The first shard to start writes it (the same bytes from any shard)."""
+    record = parts / "fit.json"
+    if record.is_file():
+        old = read_json(record)
+        diff = [f"{k}: {old.get(k)} -> {key.get(k)}" for k in sorted(set(old) | set(key)) if old.get(k) != key.get(k)]
+        if diff:
+            raise ConfigError(f"{parts} holds the chunks of another fit ({', '.join(diff)}); fit with those settings "
+                              "to finish it, or delete that folder to start over")
+    elif any(parts.glob("chunk-*.safetensors")):
+        raise ConfigError(f"{parts} holds chunks without a record of their settings (an older nnlab); delete that "
+                          "folder to start over")
+    else:
+        write_json(record, key)
+
+
 def fit_functaset(model: LatentModulatedSiren, images: torch.Tensor, labels: torch.Tensor,
                   out: str | Path, *, steps: int = 3, chunk_size: int = 1000,
                   shard: tuple[int, int] = (0, 1), meta_info: dict | None = None,
@@ -118,6 +137,8 @@ def fit_functaset(model: LatentModulatedSiren, images: torch.Tensor, labels: tor
         raise ConfigError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
+    _claim_parts(parts, {"model_hash": config_hash(model), "inner_steps": str(steps), "chunk_size": str(chunk_size),
+                         "images": str(len(images)), "labels_sha256": tensors_sha256({"labels": labels})})
     n_chunks = -(-len(images) // chunk_size)
     todo = [i for i in range(index, n_chunks, count) if not _chunk_path(parts, i).exists()]
     for i in tqdm(todo, desc=f"functaset {out.name}", disable=None):
@@ -136,6 +157,7 @@ def fit_functaset(model: LatentModulatedSiren, images: torch.Tensor, labels: tor
     atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=info))
     for i in range(n_chunks):
         _chunk_path(parts, i).unlink()
+    (parts / "fit.json").unlink()
     parts.rmdir()
     return out
 
