@@ -151,6 +151,8 @@ CASES = [
     ("lbi-plot-of-a-functa-run", ["lbi", "plot", "{functa}", "--out", "{root}/p4"], "logs no finished epoch"),
     ("functa-train-over-a-run-without-resume", ["functa", "train", "--preset", "tiny", "--data", "mnist-5k", "--steps",
                                                 "2", "--out", "{functa}"], "already holds a functa run with a checkpoint; pass --resume"),
+    ("landscape-model-without-bn-switch", ["landscape", "run", "--data", "mnist-5k", "--model", "lenet5", "--out",
+                                           "{root}/l6"], "has no BatchNorm switch"),
     ("recheck-zero-steps", ["recheck", "{clf}", "--max-steps", "0", "--out", "{root}/rc2"], "expected a number >= 1"),
 ]
 

@@ -108,6 +108,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "--eta-range takes LOW,HIGH" in capsys.readouterr().err
 
 
+def test_a_sweep_that_cannot_load_its_data_records_no_settings(tmp_path, capsys):
+    """A first run with a wrong --data-dir must not write sweep.yaml: the corrected command, even
+    with other learning rates, then starts the sweep instead of being refused as another sweep's."""
+    base = ["landscape", "run", "--data", "cifar10", "--bn", "off", "--out", str(tmp_path / "sweep")]
+    assert main([*base, "--data-dir", str(tmp_path / "nosuch"), "--lrs", "0.1"]) == 2
+    assert "nosuch does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "sweep" / "sweep.yaml").exists()
+    assert main(["landscape", "run", "--data", "mnist-5k", "--bn", "off", "--lrs", "0.05", "--epochs", "1",
+                 "--max-steps", "2", "--train-subset", "64", "--test-subset", "32", "--every", "1", "--eta-count",
+                 "2", "--no-progress", "--out", str(tmp_path / "sweep")]) == 0
+    assert (tmp_path / "sweep" / "sweep.yaml").is_file()
+
+
 def test_diverged_pair_is_recorded_and_the_sweep_goes_on(tmp_path):
     result = run_landscape(tiny_sweep(bn="off", lrs=[0.05, 1e4]), tmp_path, data=synthetic())
     runs = {r["lr"]: r for r in result.summary["runs"]}

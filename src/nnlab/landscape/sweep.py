@@ -108,7 +108,26 @@ class LandscapeConfig:
         if self.eta_count < 1 or not 0 < self.eta_low <= self.eta_high:
             raise ConfigError(f"step sizes need eta_count >= 1 and 0 < eta_low <= eta_high, got "
                               f"{self.eta_count}, {self.eta_low}, {self.eta_high}")
+        self._check_bn_switch()
         return self
+
+    def _check_bn_switch(self) -> None:
+        """bn on/both needs a model with a BatchNorm variant (``NAME-bn`` or a ``bn`` option): built on
+        the meta device (no memory, no init work) to ask the model itself."""
+        import torch
+
+        from nnlab.models import MODELS
+
+        name = self.model[:-3] if self.model.endswith("-bn") else self.model
+        model, options = model_for(name, "on")
+        if self.bn == "off" or not options:
+            return
+        try:
+            with torch.device("meta"):
+                MODELS.get(model)(**options)
+        except ConfigError:
+            raise ConfigError(f"model {self.model} has no BatchNorm switch (no {name}-bn model, no bn option), so "
+                              f"--bn {self.bn} cannot run; choose vgg-a, or --bn off") from None
 
     def pairs(self) -> list[tuple[str, float]]:
         """(bn, lr) pairs in run order: no-BN first, lrs ascending."""
@@ -147,18 +166,23 @@ def train_config(cfg: LandscapeConfig, bn: str, lr: float):
                        threads=cfg.threads)
 
 
+def _sweep_record(cfg: LandscapeConfig) -> dict[str, Any]:
+    return yaml.safe_load(yaml.safe_dump(to_jsonable(dataclasses.asdict(cfg))))
+
+
 def _check_same_sweep(run: Path, cfg: LandscapeConfig) -> None:
-    path = run / "sweep.yaml"
-    current = yaml.safe_load(yaml.safe_dump(to_jsonable(dataclasses.asdict(cfg))))
+    """A rerun on ``run`` must have the settings its ``sweep.yaml`` records (but for MAY_DIFFER)."""
+    from nnlab.config import load_yaml
+
+    path, current = run / "sweep.yaml", _sweep_record(cfg)
     if path.is_file():
-        saved = yaml.safe_load(path.read_text()) or {}
+        saved = load_yaml(path)
         diff = sorted(k for k in set(saved) | set(current)
                       if k not in MAY_DIFFER and saved.get(k) != current.get(k))
         if diff:
             detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
             raise ConfigError(f"{run} holds a sweep with other settings ({detail}); rerun with the "
                               "original settings to continue it, or choose a new --out folder")
-    atomic_write_text(path, yaml.safe_dump(current, sort_keys=False))
 
 
 @dataclass
@@ -223,13 +247,14 @@ def _run_sweep_locked(cfg: LandscapeConfig, run: Path, data) -> LandscapeResult:
     pairs = cfg.pairs()
     skipped = [pair for pair in pairs if finished(pair_dir(run, *pair))]
     todo = [pair for pair in pairs if pair not in skipped]
+    loaded = load_dataset(cfg.data, cfg.data_dir) if todo and data is None else data  # bad data: nothing written
+    atomic_write_text(run / "sweep.yaml", yaml.safe_dump(_sweep_record(cfg), sort_keys=False))
     if todo and cfg.jobs > 1:
-        _run_parallel(cfg, run, todo, data)
+        _run_parallel(cfg, run, todo, data)  # the workers load the data themselves unless it was given
     for i, (bn, lr) in enumerate(todo if cfg.jobs == 1 else []):
         if cfg.progress:
             tqdm.write(f"[{i + 1}/{len(todo)}] bn {bn}, lr {lr:g} -> {pair_dir(run, bn, lr)}", file=sys.stderr)
-        data = load_dataset(cfg.data, cfg.data_dir) if data is None else data
-        _train_pair(cfg, run, bn, lr, data)
+        _train_pair(cfg, run, bn, lr, loaded)
         collect(run, cfg)
     return LandscapeResult(collect(run, cfg), todo, skipped)
 
