@@ -192,6 +192,16 @@ def test_classifier_killed_after_an_epoch_resumes_bit_identical(tmp_path, traine
     assert a["normalizer.mean"].shape == (16,)
 
 
+def test_classifier_nan_loss_is_a_one_line_divergence_error(tmp_path, trained):
+    from nnlab.functa import classify
+
+    fs = tmp_path / "fs.safetensors"
+    assert main(["functa", "fit", str(trained), "--data", "mnist-5k", "--split", "test", "--out", str(fs)]) == 0
+    with pytest.raises(DivergenceError, match="diverged in epoch 1 .*lower --lr"):
+        classify.train_classifier(fs, fs, tmp_path / "c", classify.ClassifyConfig(hidden=[16], epochs=1, lr=1e12),
+                                  progress=False)
+
+
 def test_plot_compare_tabulates_each_run_and_draws_its_validation_curve(tmp_path, trained, monkeypatch):
     """--compare: one row per run, in the order given, with that run's own summary figures; the
     figure holds one curve per run, through the run's logged validation PSNRs."""

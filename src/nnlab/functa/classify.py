@@ -15,7 +15,7 @@ from nnlab.engine.checkpoint import has_checkpoint, load_checkpoint, rng_state, 
 from nnlab.engine.io import atomic_write, to_jsonable
 from nnlab.engine.metrics import MetricsLogger
 from nnlab.engine.runs import RunDir, check_out
-from nnlab.errors import CheckpointError, ConfigError, DataError
+from nnlab.errors import CheckpointError, ConfigError, DataError, DivergenceError
 from nnlab.functa.functaset import Functaset, load_functaset
 from nnlab.models.mlp import MLP
 
@@ -138,6 +138,9 @@ def _epoch(fit: _Fit, x: torch.Tensor, y: torch.Tensor, config: ClassifyConfig) 
         fit.opt.step()
         fit.sched.step()
         total += loss.item() * len(idx)
+        if not math.isfinite(total):
+            raise DivergenceError(f"classifier training diverged in epoch {fit.epoch + 1} (loss {loss.item()}); "
+                                  "start again with a lower --lr")
     return total / len(x)
 
 
