@@ -120,6 +120,26 @@ def test_the_sweep_runs_ap_vit_joint_with_its_unpruned_row(tiny_run, tmp_path):
     assert "AP-ViT (joint, APT)" in (out / "results.md").read_text()
 
 
+@pytest.mark.parametrize("method, flags, fragment", [
+    ("p-vit", ["--pvit-gate-lr", "1e12", "--pvit-gate-gate-lr", "1e12"], "lower --pvit-gate-lr"),
+    ("p-vit", ["--pvit-finetune-epochs", "1", "--pvit-finetune-lr", "1e12"], "--pvit-finetune-lr"),
+    ("ap-vit", ["--apvit-lr", "1e12"], "lower --apvit-lr"),
+    ("ap-vit-joint", ["--apvit-joint-lr", "1e12", "--apvit-lr", "1e12"], "lower --apvit-joint-lr")])
+def test_a_diverged_method_training_is_a_one_line_error_not_a_row(tiny_run, tmp_path, capsys, method, flags,
+                                                                   fragment):
+    """A training inside the sweep that blows up (NaN loss, NaN weights, or NaN logits at evaluation)
+    stops the sweep with the flag to lower, instead of writing rows of a broken model."""
+    out = tmp_path / "sweep"
+    assert main(["prune", "sweep", "--checkpoint", str(tiny_run), "--methods", method, "--ratios", "0.5",
+                 "--test-limit", "32", "--calib-size", "16", "--timing-repeats", "1", "--batch-size", "8",
+                 "--pvit-train-limit", "64", "--apvit-joint-train-limit", "64", "--no-save-models", *flags,
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "diverged" in err and fragment in err and err.count("\n") == 1, err
+    rows = (out / "results.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["base"]  # no row of the diverged method
+
+
 def test_a_base_trained_with_patch_dropout_is_pruned_with_every_token(tmp_path):
     """Patch dropout is the base's training regulariser only: load_base turns it off, so AP-ViT's joint
     training (the model in training mode under the agents' masks) sees all tokens and runs."""

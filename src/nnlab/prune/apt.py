@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from nnlab.models.vit import ViT
 from nnlab.prune import apvit
-from nnlab.prune.common import model_device
+from nnlab.prune.common import check_loss, check_weights, model_device
 from nnlab.prune.methods import tokens_at, true_prob
 from nnlab.prune.runners import APViTRunner
 
@@ -115,8 +115,10 @@ def train_jointly(vit: ViT, batches, options, epochs: int, seed: int = 0
     for epoch in range(epochs):
         for x, y in tqdm(batches(epoch), desc=f"ap-vit joint {epoch + 1}/{epochs}", leave=False, disable=None):
             backbone, agent = joint_step(model, agents, positions, x.to(device), y.to(device), g)
+            check_loss(backbone + agent, "ap-vit joint training", "--apvit-joint-lr / --apvit-lr")
             opt.zero_grad(set_to_none=True)
             (backbone + agent).backward()
             torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(agents.parameters()), 1.0)
             opt.step()
+    check_weights([*model.parameters(), *agents.parameters()], "ap-vit joint training", "--apvit-joint-lr / --apvit-lr")
     return model.eval(), agents.eval(), positions

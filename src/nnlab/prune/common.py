@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from nnlab.data import BatchLoader, DatasetSplits, ImageSet
 from nnlab.data.transforms import Compose, Normalize, Resize
-from nnlab.errors import ConfigError
+from nnlab.errors import ConfigError, DivergenceError
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Accuracy:
     top1: float
     top5: float
     n: int
+    nonfinite: int = 0  # images whose logits hold a NaN or an infinity (a diverged model)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -45,16 +46,17 @@ def accuracy(model: nn.Module, images: ImageSet, transform, batch_size: int = 25
     model.eval()
     device = model_device(model)
     loader = BatchLoader(images, batch_size, transform=transform)
-    top1 = top5 = n = 0
+    top1 = top5 = n = nonfinite = 0
     for x, y in tqdm(loader, desc=desc, leave=False, disable=None):
         x, y = x.to(device), y.to(device)
         logits = model(x)
+        nonfinite += int((~torch.isfinite(logits)).any(-1).sum())
         k = min(5, logits.shape[-1])
         top = logits.topk(k, dim=-1).indices
         top1 += int((top[:, 0] == y).sum())
         top5 += int((top == y[:, None]).any(-1).sum())
         n += len(y)
-    return Accuracy(top1 / max(n, 1), top5 / max(n, 1), n)
+    return Accuracy(top1 / max(n, 1), top5 / max(n, 1), n, nonfinite)
 
 
 @torch.no_grad()
@@ -78,12 +80,26 @@ def throughput(model: nn.Module, x: torch.Tensor, *, warmup: int = 2, repeats: i
     return x.shape[0] / min(times)
 
 
+def check_loss(loss: torch.Tensor, what: str, flags: str) -> None:
+    """A one-line DivergenceError naming the training (``what``) and the option(s) to lower (``flags``)
+    when ``loss`` is NaN or infinite, instead of pruning with garbage weights."""
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise DivergenceError(f"{what} diverged (loss {float(loss.detach())}); start again with a lower {flags}")
+
+
+def check_weights(params: Iterable[torch.Tensor], what: str, flags: str) -> None:
+    """The same error when training ended with NaN or infinite weights (its last step's loss was still finite)."""
+    if not all(bool(torch.isfinite(p.detach()).all()) for p in params):
+        raise DivergenceError(f"{what} diverged (its weights are not finite); start again with a lower {flags}")
+
+
 def fit(model: nn.Module, params: Iterable[torch.nn.Parameter], batches: Callable[[int], Iterable],
         *, epochs: int, lr: float, loss_fn: Callable, weight_decay: float = 0.0, desc: str = "fit",
-        clip: float = 1.0) -> list[float]:
+        clip: float = 1.0, lr_flag: str = "learning rate") -> list[float]:
     """A small AdamW loop with cosine decay: ``loss_fn(model, x, y) -> scalar``; returns epoch losses.
 
-    batches(epoch) yields (x, y). Used for P-ViT gate training, fine-tuning and AP-ViT agents.
+    batches(epoch) yields (x, y). Used for P-ViT fine-tuning and AP-ViT agents; a NaN loss is a
+    DivergenceError naming ``lr_flag``.
     """
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -98,6 +114,7 @@ def fit(model: nn.Module, params: Iterable[torch.nn.Parameter], batches: Callabl
         for x, y in tqdm(batches(epoch), desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None):
             x, y = (v.to(device) if isinstance(v, torch.Tensor) else v for v in (x, y))
             loss = loss_fn(model, x, y)
+            check_loss(loss, desc, lr_flag)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, clip)
@@ -105,6 +122,7 @@ def fit(model: nn.Module, params: Iterable[torch.nn.Parameter], batches: Callabl
             sched.step()
             run, count = run + float(loss.detach()), count + 1
         losses.append(run / max(count, 1))
+    check_weights(params, desc, lr_flag)
     model.eval()
     return losses
 

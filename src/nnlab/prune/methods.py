@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from nnlab.models.vit import ViT
 from nnlab.prune import apvit, cpvit, pvit, tome
-from nnlab.prune.common import fit, model_device
+from nnlab.prune.common import check_loss, check_weights, fit, model_device
 from nnlab.prune.runners import APViTRunner, CPViTRunner, PViTRunner, ToMeRunner, TokenRunner
 from nnlab.prune.slim import Gates, attach_gates, slim_vit
 
@@ -110,9 +110,11 @@ def train_gates(vit: ViT, batches, options: PViTOptions) -> tuple[ViT, Gates]:
                          disable=None):
             x, y = x.to(device), y.to(device)
             loss = F.cross_entropy(model(x), y) + options.l1_weight * pvit.l1_penalty(gates.all())
+            check_loss(loss, "p-vit gate training", "--pvit-gate-lr / --pvit-gate-gate-lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    check_weights(model.parameters(), "p-vit gate training", "--pvit-gate-lr / --pvit-gate-gate-lr")
     return model.eval(), gates
 
 
@@ -124,7 +126,8 @@ def build_pvit(gated: ViT, gates: Gates, ratio: float, batches=None,
     options = options or PViTOptions()
     if batches is not None and options.finetune_epochs > 0:
         fit(slim, slim.parameters(), batches, epochs=options.finetune_epochs, lr=options.finetune_lr,
-            loss_fn=lambda m, x, y: F.cross_entropy(m(x), y), desc="p-vit finetune")
+            loss_fn=lambda m, x, y: F.cross_entropy(m(x), y), desc="p-vit finetune",
+            lr_flag="--pvit-finetune-lr")
     return PViTRunner(slim.eval(), [k.tolist() for k in attn_keep], [k.tolist() for k in mlp_keep])
 
 
@@ -203,7 +206,7 @@ def train_agents(vit: ViT, x: torch.Tensor, y: torch.Tensor, options: APViTOptio
             logits = model(tokens[idx]).gather(1, cand[idx])
             return F.binary_cross_entropy_with_logits(logits, targets[idx])
         fit(agent, agent.parameters(), batches, epochs=options.epochs, lr=options.lr, loss_fn=loss_fn,
-            desc=f"ap-vit agent @{pos}")
+            desc=f"ap-vit agent @{pos}", lr_flag="--apvit-lr")
         agents.append(agent.eval())
     return agents, positions
 

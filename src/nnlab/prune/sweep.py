@@ -33,7 +33,7 @@ from nnlab.engine.distributed import resolve_device
 from nnlab.engine.io import atomic_write, read_json, to_jsonable, write_json
 from nnlab.engine.runs import folder_lock
 from nnlab.engine.trained import load_trained_run
-from nnlab.errors import CheckpointError, ConfigError
+from nnlab.errors import CheckpointError, ConfigError, DivergenceError
 from nnlab.models.vit import ViT
 from nnlab.prune import apvit
 from nnlab.prune import methods as M
@@ -48,6 +48,14 @@ from nnlab.report import write_csv, write_records_csv
 METHODS = ("p-vit", "ap-vit", "cp-vit", "tome", "ap-vit-joint")
 DEFAULT_METHODS = METHODS[:4]  # ap-vit-joint trains a backbone copy (APT's three streams): asked for by name
 COLUMNS = ["method", "ratio", "top1", "top5", "gflops", "images_per_s", "achieved_ratio", "heads_kept"]
+
+
+# what to change when a method's model gives NaN logits (its training diverged)
+DIVERGED_FIX = {"base": "the base model itself is broken: check --checkpoint",
+                "p-vit": "its gate training or fine-tuning diverged: lower --pvit-gate-lr / --pvit-gate-gate-lr / "
+                         "--pvit-finetune-lr",
+                "ap-vit": "its agents' training diverged: lower --apvit-lr",
+                "ap-vit-joint": "its joint training diverged: lower --apvit-joint-lr / --apvit-lr"}
 
 
 @dataclass
@@ -184,6 +192,9 @@ class _Sweep:
     def measure(self, runner: TokenRunner, method: str, ratio: float) -> dict:
         runner.to(self.device).reset_stats()  # a slimmed P-ViT is built anew: bring it to the device
         acc = accuracy(runner, self.test, self.transform, self.c.eval_batch_size, desc=f"{method} {ratio}")
+        if acc.nonfinite:
+            raise DivergenceError(f"{method} at ratio {ratio:g} gives NaN or infinite logits on {acc.nonfinite} of "
+                                  f"{acc.n} test images; {DIVERGED_FIX.get(method, DIVERGED_FIX['base'])}")
         achieved = M.pvit_ratio_of(runner, self.vit) if method == "p-vit" else runner.achieved_ratio()
         macs = runner.macs()
         ips = throughput(runner, self.timing_x, repeats=self.c.timing_repeats)
