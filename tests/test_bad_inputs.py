@@ -28,6 +28,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     lbi = root / "lbi" / "lbi.safetensors"
     lbi.write_bytes(lbi.read_bytes()[: lbi.stat().st_size // 2])
     (root / "file").write_text("not a folder\n")
+    (root / "bad.tar.gz").write_text("not an archive\n")
     shutil.copytree(root / "functa", root / "functa_badcfg")
     (root / "functa_badcfg" / "config.yaml").write_text("model: [\n")  # an unclosed list
     shutil.copytree(root / "clf", root / "clf_badckpt")
@@ -153,6 +154,8 @@ CASES = [
                                                 "2", "--out", "{functa}"], "already holds a functa run with a checkpoint; pass --resume"),
     ("landscape-model-without-bn-switch", ["landscape", "run", "--data", "mnist-5k", "--model", "lenet5", "--out",
                                            "{root}/l6"], "has no BatchNorm switch"),
+    ("data-corrupt-archive", ["data", "info", "cifar10", "--data-dir", "{root}/bad.tar.gz"],
+     "is not a readable tar archive"),  # tarfile's message spans lines: still one line
     ("recheck-zero-steps", ["recheck", "{clf}", "--max-steps", "0", "--out", "{root}/rc2"], "expected a number >= 1"),
 ]
 

@@ -64,8 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             apply_config_defaults(args._parser, args.config)
             args = parser.parse_args(argv)
         result = args.func(args)
-    except NnlabError as exc:
-        print(f"nnlab: error: {exc}", file=sys.stderr)
+    except NnlabError as exc:  # one line, even when the message quotes a multi-line library error
+        print(f"nnlab: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("nnlab: interrupted; run again with --resume to continue", file=sys.stderr)
