@@ -192,6 +192,21 @@ def test_classifier_killed_after_an_epoch_resumes_bit_identical(tmp_path, traine
     assert a["normalizer.mean"].shape == (16,)
 
 
+def test_classifier_refuses_splits_fitted_by_different_models(tmp_path, trained, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    fs = tmp_path / "fs.safetensors"
+    assert main(["functa", "fit", str(trained), "--data", "mnist-5k", "--split", "test", "--out", str(fs)]) == 0
+    with safe_open(fs, "pt") as f:
+        meta = dict(f.metadata())
+    save_file(load_file(fs), tmp_path / "other.safetensors", metadata={**meta, "model_hash": "0" * 16})
+    capsys.readouterr()
+    assert main(["functa", "classify", str(fs), str(tmp_path / "other.safetensors"), "--out", str(tmp_path / "c")]) == 2
+    assert "fitted by different models" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 def test_classifier_nan_loss_is_a_one_line_divergence_error(tmp_path, trained):
     from nnlab.functa import classify
 

@@ -70,6 +70,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 
 def _check(train: Functaset, test: Functaset) -> None:
+    """Both splits fitted by one model (else the test latents mean something else), labelled train."""
+    hashes = (train.metadata.get("model_hash"), test.metadata.get("model_hash"))
+    if None not in hashes and hashes[0] != hashes[1]:
+        raise DataError(f"the train and test functasets were fitted by different models (model hash {hashes[0]} "
+                        f"against {hashes[1]}); fit both splits with the same run")
     if train.latents.shape[1] != test.latents.shape[1]:
         raise DataError(f"train latents have {train.latents.shape[1]} dims but test latents "
                         f"{test.latents.shape[1]}; fit both splits with the same run")
