@@ -156,6 +156,7 @@ CASES = [
                                            "{root}/l6"], "has no BatchNorm switch"),
     ("data-corrupt-archive", ["data", "info", "cifar10", "--data-dir", "{root}/bad.tar.gz"],
      "is not a readable tar archive"),  # tarfile's message spans lines: still one line
+    ("recheck-a-functa-run", ["recheck", "{functa}", "--out", "{root}/rc3"], "is not a run of nnlab train"),
     ("recheck-zero-steps", ["recheck", "{clf}", "--max-steps", "0", "--out", "{root}/rc2"], "expected a number >= 1"),
 ]
 

@@ -53,7 +53,11 @@ def recheck(run: str | Path, out: str | Path, *, max_steps: int = 60, data_dir: 
     if not (run / "config.yaml").is_file() or not (run / "metrics.jsonl").is_file():
         raise CheckpointError(f"{run} has no config.yaml and metrics.jsonl; pass one run folder written by "
                               "nnlab train, landscape run or lbi train (e.g. .../bn-on/lr-0.1)")
-    saved = from_dict(TrainConfig, load_yaml(run / "config.yaml"))
+    raw = load_yaml(run / "config.yaml")
+    if not isinstance(raw.get("model"), str) or "optimizer" not in raw:  # a functa or generator run, a sweep root
+        raise CheckpointError(f"{run} is not a run of nnlab train, landscape run or lbi train (its config.yaml "
+                              "names no model and optimizer); recheck reruns only those")
+    saved = from_dict(TrainConfig, raw)
     published = logged_losses(run / "metrics.jsonl", max_steps)
     if not published:
         raise ConfigError(f"{run}/metrics.jsonl logs no loss at steps <= {max_steps}; raise --max-steps to "
