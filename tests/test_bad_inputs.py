@@ -157,6 +157,8 @@ CASES = [
     ("data-corrupt-archive", ["data", "info", "cifar10", "--data-dir", "{root}/bad.tar.gz"],
      "is not a readable tar archive"),  # tarfile's message spans lines: still one line
     ("recheck-a-functa-run", ["recheck", "{functa}", "--out", "{root}/rc3"], "is not a run of nnlab train"),
+    ("train-unknown-data-option", ["train", "--data-option", "foo=1", "--out", "{root}/t6"],
+     "data set mnist-5k has no option(s) foo; valid options: cache, download"),
     ("recheck-zero-steps", ["recheck", "{clf}", "--max-steps", "0", "--out", "{root}/rc2"], "expected a number >= 1"),
 ]
 

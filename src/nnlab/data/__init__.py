@@ -12,6 +12,7 @@ from nnlab.data.embedded import load_mnist5k
 from nnlab.data.cifar import load_cifar10
 from nnlab.data.idx import load_mnist
 from nnlab.data.imagefolder import load_celeba64, load_imagefolder
+from nnlab.errors import ConfigError
 from nnlab.registry import Registry
 
 # name -> loader(data_dir: Path | None, **options) -> DatasetSplits
@@ -29,7 +30,22 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options) -> Da
     Options are passed to the loader (e.g. ``image_size`` for ``celeba64``, ``download``).
     """
     loader = DATASETS.get(name)
+    _check_options(name, loader, options)
     return loader(Path(data_dir) if data_dir is not None else None, **options)
+
+
+GENERIC_OPTIONS = ("download", "cache")  # any loader takes these (a no-op where they do not apply)
+
+
+def _check_options(name: str, loader, options: dict) -> None:
+    """A one-line ConfigError for an option the loader does not take (its ``**_`` would drop it silently)."""
+    import inspect
+
+    takes = [p.name for p in inspect.signature(loader).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(takes) - set(GENERIC_OPTIONS))
+    if unknown:
+        valid = sorted(set(takes) | set(GENERIC_OPTIONS))
+        raise ConfigError(f"data set {name} has no option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}")
 
 
 def dataset_summary(name: str) -> str:
