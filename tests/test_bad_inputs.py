@@ -159,6 +159,8 @@ CASES = [
     ("recheck-a-functa-run", ["recheck", "{functa}", "--out", "{root}/rc3"], "is not a run of nnlab train"),
     ("train-unknown-data-option", ["train", "--data-option", "foo=1", "--out", "{root}/t6"],
      "data set mnist-5k has no option(s) foo; valid options: cache, download"),
+    ("train-vit-without-blocks", ["train", "--model", "vit-test", "--model-option", "depth=0", "--out", "{root}/t7"],
+     "ViT depth must be an integer >= 1, got 0"),
     ("recheck-zero-steps", ["recheck", "{clf}", "--max-steps", "0", "--out", "{root}/rc2"], "expected a number >= 1"),
 ]
 

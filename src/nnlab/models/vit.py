@@ -63,6 +63,13 @@ class ViTConfig:
     stem: list[int] = field(default_factory=list)        # conv stem channels (one 3x3 stride-2 conv each); [] = none
 
     def __post_init__(self):
+        for name in ("image_size", "patch_size", "in_chans", "num_classes", "dim", "depth", "heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"ViT {name} must be an integer >= 1, got {value!r}")
+        if not self.mlp_ratio > 0 or not 0 <= self.dropout < 1 or not 0 <= self.drop_path < 1:
+            raise ConfigError(f"ViT needs mlp_ratio > 0 and dropout, drop_path in [0, 1); got {self.mlp_ratio}, "
+                              f"{self.dropout}, {self.drop_path}")
         if self.image_size % self.patch_size:
             raise ConfigError(f"ViT image_size {self.image_size} is not a multiple of patch_size "
                               f"{self.patch_size}; pick a patch size that divides it")
