@@ -308,6 +308,7 @@ def _faces_published(ctx: StageContext) -> StageResult:
     import shutil
 
     from nnlab.engine.io import read_json
+    from nnlab.functa.plots import plot_psnr_curve
     from nnlab.functa.reconstruct import reconstruct_run
 
     c, run = ctx.config, work_dir(ctx, "run")
@@ -318,6 +319,7 @@ def _faces_published(ctx: StageContext) -> StageResult:
     s = read_json(run / "summary.json")
     paths = reconstruct_run(run, "celeba64", ctx.dir / "figures", data_dir=data_dir_for(ctx, "celeba64"), count=8,
                             sizes=[64, 128])
+    paths.append(plot_psnr_curve(run, ctx.dir / "figures"))  # train / validation PSNR against minutes
     minutes = c["train"].get("time_limit_min")
     metrics = {f"celeba64_psnr_latent_{c['latent']}": s["test_psnr"], "celeba64_test_psnr": s["test_psnr"]}
     return StageResult(metrics=metrics,
@@ -330,6 +332,7 @@ def _faces_published(ctx: StageContext) -> StageResult:
 
 def _faces(ctx: StageContext) -> StageResult:
     """Meta-train on CelebA (aligned, 64x64; a stand-in for CelebA-HQ) and reconstruct test faces."""
+    from nnlab.functa.plots import plot_psnr_curve
     from nnlab.functa.presets import get_preset
     from nnlab.functa.reconstruct import reconstruct_run
     from nnlab.functa.trainer import train_functa
@@ -339,6 +342,7 @@ def _faces(ctx: StageContext) -> StageResult:
     s = train_functa(get_preset(c["preset"], latent_dim=c["latent"], **c["train"]), "celeba64", run,
                      data_dir=data_dir, resume=ctx.resume)
     paths = reconstruct_run(run, "celeba64", ctx.dir / "figures", data_dir=data_dir, count=8, sizes=[64, 128])
+    paths.append(plot_psnr_curve(run, ctx.dir / "figures"))
     metrics = {f"celeba64_psnr_latent_{c['latent']}": s["test_psnr"]}
     if c["main"]:
         metrics["celeba64_test_psnr"] = s["test_psnr"]
