@@ -18,7 +18,7 @@ def tiny_run(tmp_path_factory):
     return out
 
 
-def test_sweep_cli_writes_results_and_models(tiny_run, tmp_path):
+def test_sweep_cli_writes_results_and_models(tiny_run, tmp_path, capsys):
     out = tmp_path / "sweep"
     args = ["prune", "sweep", "--checkpoint", str(tiny_run), "--methods", "p-vit,ap-vit,cp-vit,tome",
             "--ratios", "0.3", "--out", str(out), "--test-limit", "64", "--calib-size", "16",
@@ -48,6 +48,15 @@ def test_sweep_cli_writes_results_and_models(tiny_run, tmp_path):
     assert main(["prune", "eval", "--model", str(out / "models" / "cp-vit-0.3"), "--data", "mnist-5k",
                  "--test-limit", "64"]) == 0
     assert main(["prune", "eval", "--model", str(out), "--data", "mnist-5k"]) == 2  # no pruned.json
+    from PIL import Image  # 3-channel images of 2 classes: another data set than the model's
+    for c in "ab":
+        (tmp_path / "rgb" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (28, 28), (40 * i, 90, 200)).save(tmp_path / "rgb" / c / f"{i}.png")
+    capsys.readouterr()
+    assert main(["prune", "eval", "--model", str(out / "models" / "cp-vit-0.3"), "--data", "imagefolder",
+                 "--data-dir", str(tmp_path / "rgb")]) == 2
+    assert "takes 1-channel images of 10 classes" in capsys.readouterr().err
     # resumable: a second run finds every row and adds none
     assert main(args) == 0
     with open(out / "results.csv") as f:

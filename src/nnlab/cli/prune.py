@@ -78,6 +78,7 @@ def run_prune_sweep(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from nnlab.data import load_dataset
+    from nnlab.errors import ConfigError
     from nnlab.prune.common import accuracy, eval_transform
     from nnlab.config import dataclass_from_args
     from nnlab.prune.io import load_pruned
@@ -85,6 +86,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
     runner = load_pruned(args.model)
     data = load_dataset(args.data, args.data_dir)
+    vc = runner.vit.config
+    if (data.shape[0], data.num_classes) != (vc.in_chans, vc.num_classes):
+        raise ConfigError(f"{args.model} takes {vc.in_chans}-channel images of {vc.num_classes} classes, but "
+                          f"{args.data} has {data.shape[0]} channel(s) and {data.num_classes} classes; pass the --data "
+                          "it was pruned on")
     c = dataclass_from_args(PruneSweepConfig, args, checkpoint=args.model, out="")  # the sweep's seed
     test = data.test.random_subset(c.test_limit, c.seed)
     acc = accuracy(runner, test, eval_transform(data, runner.vit.config.image_size))
