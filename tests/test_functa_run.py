@@ -136,6 +136,25 @@ def test_functaset_chunks_shards_and_resume(tmp_path):
     assert torch.allclose(direct.psnr, a.psnr, atol=1e-4)
 
 
+def test_functaset_throughput_sums_every_chunks_own_time_across_shards(tmp_path, monkeypatch):
+    """fit_seconds is the sum of each chunk's fitting time, whichever call fitted it: a fake clock that
+    advances 1 s per reading makes every chunk take exactly 1 s, so 4 chunks over two shard calls give
+    4 s (counting only the last call, or the wall time between calls, would not)."""
+    import safetensors.torch
+
+    from nnlab.functa import functaset
+
+    ticks = iter(range(1000))
+    monkeypatch.setattr(functaset, "_clock", lambda: float(next(ticks)))
+    model = LatentModulatedSiren(FunctaConfig(width=16, depth=3, latent_dim=8)).eval()
+    images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    out = tmp_path / "s.safetensors"
+    assert fit_functaset(model, images, torch.arange(10), out, chunk_size=3, shard=(0, 2)) is None
+    fs = load_functaset(fit_functaset(model, images, torch.arange(10), out, chunk_size=3, shard=(1, 2)))
+    assert float(fs.metadata["fit_seconds"]) == 4.0 and fs.images_per_s == 2.5
+    assert set(safetensors.torch.load_file(out)) == {"latents", "labels", "psnr", "inner_mse", "mse"}  # no chunk times
+
+
 def test_cli_fit_reconstruct_classify(tmp_path, trained):
     fs = tmp_path / "test.safetensors"
     assert main(["functa", "fit", str(trained), "--data", "mnist-5k", "--split", "test", "--out", str(fs)]) == 0

@@ -181,12 +181,17 @@ def run_train(args) -> int:
 
 
 def run_fit(args) -> int:
-    from nnlab.functa.functaset import fit_split
+    from nnlab.functa.functaset import fit_split, load_functaset
 
     path = fit_split(args.run, args.data, args.split, args.out, data_dir=args.data_dir,
                      chunk_size=args.chunk_size, shard=args.shard, inner_steps=args.inner_steps,
                      compile=args.compile)
-    print(path if path else "shard done; other shards still running", file=sys.stderr)
+    if path is None:
+        print("shard done; other shards still running", file=sys.stderr)
+        return 0
+    fs = load_functaset(path)
+    print(f"{path}: {len(fs.labels)} images, mean PSNR {fs.psnr.mean():.2f} dB, fitted in "
+          f"{float(fs.metadata['fit_seconds']):.1f} s ({fs.images_per_s:.0f} images/s)", file=sys.stderr)
     return 0
 
 

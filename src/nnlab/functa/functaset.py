@@ -5,6 +5,10 @@ File layout (one safetensors file; metadata holds the JSON model config and mode
     latents (N, latent_dim) float32    labels (N,) int64    psnr (N,) float32
     inner_mse (N, steps) before each inner step    mse (N,) after the last step
 
+The metadata also records ``fit_seconds`` (the fitting time summed over the chunks, whichever process or
+attempt fitted each; data loading and file writing excluded) and ``images_per_s`` (N / fit_seconds), the
+fitting throughput of one process.
+
 Fitting is resumable: finished chunks go to ``FILE.parts/chunk-XXXXX.safetensors`` (atomic), and
 the final file is assembled from them. ``shard=(i, n)`` fits only chunks ``i, i+n, ...`` into the
 shared parts folder, so n processes can split a split; the last one to finish (or a later call
@@ -13,6 +17,7 @@ with no shard) assembles the file.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +32,8 @@ from nnlab.errors import CheckpointError, ConfigError, DataError
 from nnlab.functa import meta
 from nnlab.functa.model import LatentModulatedSiren, config_hash
 from nnlab.functa.parallel import ChunkRunner, chunk_runner
+
+_clock = time.perf_counter  # a module attribute, so that tests can replace the clock
 
 
 @dataclass
@@ -138,22 +145,27 @@ def fit_functaset(model: LatentModulatedSiren, images: torch.Tensor, labels: tor
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
     _claim_parts(parts, {"model_hash": config_hash(model), "inner_steps": str(steps), "chunk_size": str(chunk_size),
-                         "images": str(len(images)), "labels_sha256": tensors_sha256({"labels": labels})})
+                         "images": str(len(images)), "labels_sha256": tensors_sha256({"labels": labels}),
+                         "chunk_format": "2"})  # 2: chunks record their fit_seconds
     n_chunks = -(-len(images) // chunk_size)
     todo = [i for i in range(index, n_chunks, count) if not _chunk_path(parts, i).exists()]
     for i in tqdm(todo, desc=f"functaset {out.name}", disable=None):
         sl = slice(i * chunk_size, (i + 1) * chunk_size)
+        t0 = _clock()
         r = fit_images(model, images[sl], steps, progress=False, compile=compile)
         tensors = {"latents": r.latents, "psnr": r.psnr, "inner_mse": r.inner_mse, "mse": r.mse,
-                   "labels": labels[sl]}
+                   "labels": labels[sl], "fit_seconds": torch.tensor([_clock() - t0], dtype=torch.float64)}
         atomic_write(_chunk_path(parts, i), lambda tmp, t=tensors: save_file(
             {k: v.contiguous().cpu() for k, v in t.items()}, tmp))
     if any(not _chunk_path(parts, i).exists() for i in range(n_chunks)):
         return None
     chunks = [load_file(_chunk_path(parts, i)) for i in range(n_chunks)]
+    seconds = float(sum(c.pop("fit_seconds").sum() for c in chunks))
     tensors = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
     info = {"model_config": json.dumps(asdict(model.config)), "model_hash": config_hash(model),
-            "inner_steps": str(steps), **{k: str(v) for k, v in (meta_info or {}).items()}}
+            "inner_steps": str(steps), "fit_seconds": f"{seconds:.3f}",
+            "images_per_s": f"{len(images) / max(seconds, 1e-9):.1f}",
+            **{k: str(v) for k, v in (meta_info or {}).items()}}
     atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=info))
     for i in range(n_chunks):
         _chunk_path(parts, i).unlink()
@@ -173,6 +185,11 @@ class Functaset:
     inner_mse: torch.Tensor
     mse: torch.Tensor
     metadata: dict
+
+    @property
+    def images_per_s(self) -> float | None:
+        """Fitting throughput of one process (images per second of fitting); None for older files."""
+        return float(self.metadata["images_per_s"]) if "images_per_s" in self.metadata else None
 
 
 def load_functaset(path: str | Path) -> Functaset:
