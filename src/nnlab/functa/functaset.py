@@ -142,6 +142,10 @@ def fit_functaset(model: LatentModulatedSiren, images: torch.Tensor, labels: tor
     index, count = shard
     if not (count >= 1 and 0 <= index < count):
         raise ConfigError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size (--chunk-size) must be >= 1 image, got {chunk_size}; the default is 1000")
+    if steps < 0:
+        raise ConfigError(f"inner steps (--inner-steps) must be >= 0, got {steps}; leave it out to use the run's own")
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
     _claim_parts(parts, {"model_hash": config_hash(model), "inner_steps": str(steps), "chunk_size": str(chunk_size),

@@ -11,6 +11,10 @@ from nnlab.errors import ConfigError
 from nnlab.functa.model import FunctaConfig
 
 
+# the CLI flags whose names are not the field's (errors name the flag the user typed)
+FLAGS = {"time_limit_min": "--time-limit", "use_checkpoint": "--checkpointing"}
+
+
 @dataclass
 class MetaTrainConfig:
     """Meta-training settings (the outer loop)."""
@@ -65,7 +69,7 @@ class MetaTrainConfig:
                   ("compile", not (self.compile and self.use_checkpoint), "off with --checkpointing (pick one)")]
         for name, ok, want in checks:
             if not ok:
-                flag = "--" + name.replace("_", "-")
+                flag = FLAGS.get(name, "--" + name.replace("_", "-"))
                 raise ConfigError(f"{flag} must be {want}, got {getattr(self, name)!r}")
         return self
 

@@ -10,7 +10,7 @@ from PIL import Image
 from nnlab.config import from_dict
 from nnlab.engine.runs import RunDir
 from nnlab.engine.trained import load_weights
-from nnlab.errors import CheckpointError
+from nnlab.errors import CheckpointError, ConfigError
 from nnlab.functa.functaset import fit_images
 from nnlab.functa.model import FunctaConfig, LatentModulatedSiren
 
@@ -77,6 +77,8 @@ def reconstruct_run(run: str | Path, data: str, out: str | Path, *, data_dir: st
     """Write ``out/reconstruction-{size}.png`` for each size: the first ``count`` images of a split."""
     from nnlab.data import load_dataset
 
+    if count < 1:  # images[:-2] would silently draw all but two images of the split
+        raise ConfigError(f"count (--count) must be >= 1 image, got {count}")
     model = load_model(run)
     steps = int(load_train_config(run).get("inner_steps", 3))
     images = getattr(load_dataset(data, data_dir), split).images[:count]
