@@ -79,8 +79,11 @@ class GenerateConfig:
             if not (v == v and v >= 0 and v != float("inf")):
                 flag = "time-limit" if name == "time_limit_min" else name.replace("_", "-")
                 raise ConfigError(f"--{flag} must be a finite number >= 0, got {v}")
-        if not 0 <= self.ema_decay < 1 or not 0 <= self.p_uncond < 1:
-            raise ConfigError("--ema-decay and --p-uncond must lie in [0, 1)")
+        if self.lr == 0:  # passes the check above, but trains nothing
+            raise ConfigError("--lr must be > 0, got 0.0 (a generator at lr 0 never moves from its initialisation)")
+        for name in ("ema_decay", "p_uncond"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(self, name)}")
 
     # fields that only change sampling or evaluation: a resumed run may change them
     EVAL_FIELDS = ("guidance", "sampler", "sample_steps", "clip_x0", "samples", "steps", "time_limit_min", "log_every",
