@@ -318,7 +318,7 @@ def test_generate_bad_inputs_are_one_line_errors(tiny_functa, tmp_path, capsys):
     cases = [
         (t / "train.safetensors", tmp_path / "x", ["--model", "vae"], "unknown generative model 'vae'"),
         (t / "train.safetensors", tmp_path / "x", ["--lr", "nan"], "--lr must be a finite number"),
-        (t / "train.safetensors", tmp_path / "x", ["--lr", "0"], "--lr must be > 0, got 0.0"),
+        (t / "train.safetensors", tmp_path / "x", ["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
         (t / "train.safetensors", tmp_path / "x", ["--p-uncond", "1.5"], "--p-uncond must lie in [0, 1), got 1.5"),
         (t / "train.safetensors", tmp_path / "x", ["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
         (t / "train.safetensors", tmp_path / "x", ["--feature-epochs", "0"], "--feature-epochs must be at least 1"),

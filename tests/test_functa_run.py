@@ -155,10 +155,12 @@ def test_functaset_throughput_sums_every_chunks_own_time_across_shards(tmp_path,
     assert set(safetensors.torch.load_file(out)) == {"latents", "labels", "psnr", "inner_mse", "mse"}  # no chunk times
 
 
-def test_cli_fit_reconstruct_classify(tmp_path, trained):
+def test_cli_fit_reconstruct_classify(tmp_path, trained, capsys):
     fs = tmp_path / "test.safetensors"
     assert main(["functa", "fit", str(trained), "--data", "mnist-5k", "--split", "test", "--out", str(fs)]) == 0
     f = load_functaset(fs)
+    assert f"1000 images, mean PSNR {f.psnr.mean():.2f} dB" in capsys.readouterr().err
+    assert f.images_per_s == pytest.approx(1000 / float(f.metadata["fit_seconds"]), rel=1e-3)
     summary = json.loads((trained / "summary.json").read_text())
     assert f.latents.shape == (1000, 16)
     assert abs(f.psnr.mean().item() - summary["test_psnr"]) < 1e-3

@@ -167,7 +167,7 @@ def fit_functaset(model: LatentModulatedSiren, images: torch.Tensor, labels: tor
     seconds = float(sum(c.pop("fit_seconds").sum() for c in chunks))
     tensors = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
     info = {"model_config": json.dumps(asdict(model.config)), "model_hash": config_hash(model),
-            "inner_steps": str(steps), "fit_seconds": f"{seconds:.3f}",
+            "inner_steps": str(steps), "fit_seconds": f"{seconds:.6f}",
             "images_per_s": f"{len(images) / max(seconds, 1e-9):.1f}",
             **{k: str(v) for k, v in (meta_info or {}).items()}}
     atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=info))

@@ -74,13 +74,13 @@ class GenerateConfig:
             raise ConfigError(f"--timesteps must be at least 2, got {self.timesteps}")
         if self.warmup_steps < 0:
             raise ConfigError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
-        for name in ("lr", "time_limit_min", "weight_decay", "grad_clip", "guidance", "p_uncond", "clip_x0"):
+        if not (self.lr == self.lr and 0 < self.lr < float("inf")):  # lr 0 would train nothing
+            raise ConfigError(f"--lr must be a finite number > 0, got {self.lr}")
+        for name in ("time_limit_min", "weight_decay", "grad_clip", "guidance", "p_uncond", "clip_x0"):
             v = getattr(self, name)
             if not (v == v and v >= 0 and v != float("inf")):
                 flag = "time-limit" if name == "time_limit_min" else name.replace("_", "-")
                 raise ConfigError(f"--{flag} must be a finite number >= 0, got {v}")
-        if self.lr == 0:  # passes the check above, but trains nothing
-            raise ConfigError("--lr must be > 0, got 0.0 (a generator at lr 0 never moves from its initialisation)")
         for name in ("ema_decay", "p_uncond"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(self, name)}")
