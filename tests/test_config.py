@@ -63,6 +63,25 @@ def test_functa_classify_and_train_flags():
     assert args.latent_hidden == [32]
 
 
+def test_functa_train_flags_come_from_meta_train_config_and_keep_the_presets_values():
+    """Every MetaTrainConfig field is a flag (old spellings kept as aliases); unset flags leave the preset's value."""
+    from nnlab.cli.functa import preset_from_args
+    from nnlab.functa.presets import PRESETS
+
+    args = parse("functa", "train", "--preset", "mnist-cpu", "--data", "mnist", "--out", "O")
+    assert {f: getattr(args, f) for f in MetaTrainConfig.__dataclass_fields__} == dict.fromkeys(
+        MetaTrainConfig.__dataclass_fields__)
+    args = parse("functa", "train", "--preset", "mnist-cpu", "--data", "mnist", "--out", "O", "--time-limit", "7",
+                 "--checkpointing", "--grad-clip", "0.5", "--seed", "3", "--latent-dim", "64")
+    preset = preset_from_args(args)
+    base = PRESETS["mnist-cpu"].train
+    assert (preset.train.time_limit_min, preset.train.use_checkpoint, preset.train.grad_clip, preset.train.seed) == (
+        7.0, True, 0.5, 3)
+    assert (preset.train.steps, preset.train.outer_lr, preset.train.meta_lr_mult) == (
+        base.steps, base.outer_lr, base.meta_lr_mult)
+    assert preset.model.latent_dim == 64 and preset.model.width == PRESETS["mnist-cpu"].model.width
+
+
 def _literal_defaults(path: Path):
     """(dest, default) of every add_argument call in ``path`` whose default is a literal."""
     for node in ast.walk(ast.parse(path.read_text())):

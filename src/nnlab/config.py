@@ -95,14 +95,15 @@ def field_help(cls: type) -> dict[str, str]:
 
 def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
                           prefix: str = "", aliases: dict[str, str] | None = None,
-                          only: tuple[str, ...] | None = None) -> list[str]:
+                          only: tuple[str, ...] | None = None, default_note: str | None = None) -> list[str]:
     """Add one ``--field-name`` flag per scalar or list field of dataclass ``cls`` (type, default and
     help from the dataclass itself: the one source of defaults; booleans get ``--x`` and ``--no-x``,
     ``list[float|int|str]`` fields take comma-separated values). Flags default to None, so only
     explicit ones override; :func:`dataclass_from_args` builds the dataclass. ``prefix`` (e.g.
     ``"pvit"``) names the flags ``--pvit-field`` with destination ``pvit_field``, for a nested
     options dataclass; ``aliases`` maps a field to one more flag spelling; ``only`` keeps just those
-    fields. Returns the fields added."""
+    fields; ``default_note`` (e.g. ``"the preset's"``) replaces the dataclass default in the help, for
+    flags that override a preset rather than the bare dataclass. Returns the fields added."""
     helps, names, aliases = field_help(cls), [], aliases or {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in skip or (only is not None and f.name not in only):
@@ -112,6 +113,8 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tupl
         spec = _flag_spec(f, helps.get(f.name, ""))
         if spec is None:
             continue  # dicts and nested dataclasses: set them in a config file (or their own flags)
+        if default_note:
+            spec["help"] = f"{helps.get(f.name, '')} (default: {default_note})".strip()
         parser.add_argument(*flags, dest=dest, default=None, **spec)
         names.append(f.name)
     return names

@@ -25,29 +25,15 @@ def register(subparsers) -> None:
     t.add_argument("--preset", required=True, choices=sorted(PRESETS))
     t.add_argument("--data", required=True, help="data set name (mnist, mnist-5k, celeba64, cifar10, ...)")
     t.add_argument("--data-dir", help="folder or .tar.gz of the data set")
-    t.add_argument("--steps", type=int, help="outer steps (default: the preset's)")
-    t.add_argument("--latent-dim", type=int, help="latent size (default: the preset's)")
-    t.add_argument("--batch-size", type=int, help="images per meta-step and process (under torchrun the step's "
-                   "batch is this times the processes)")
-    t.add_argument("--outer-lr", type=float)
-    t.add_argument("--hidden-lr-mult", type=float,
-                   help="outer-lr multiplier for the hidden sine layers' weights (default: the preset's)")
-    t.add_argument("--inner-steps", type=int)
-    t.add_argument("--time-limit", type=float, dest="time_limit_min", help="stop meta-training after MIN minutes")
-    t.add_argument("--schedule", choices=["constant", "cosine"],
-                   help="outer learning rate: constant, or cosine to 0 over --time-limit (else --steps)")
-    t.add_argument("--first-order", action="store_const", const=True, help="first-order meta-gradients")
-    t.add_argument("--checkpointing", action="store_const", const=True, dest="use_checkpoint",
-                   help="recompute inner steps in the backward pass (saves memory)")
-    t.add_argument("--compile", action="store_const", const=True,
-                   help="torch.compile each chunk's meta-loss: fused loops, faster steps after a first step that "
-                        "compiles (seconds to minutes); eager with a warning where it cannot")
-    t.add_argument("--val-every", type=int)
     from nnlab.config import add_dataclass_options
     from nnlab.functa.model import FunctaConfig
+    from nnlab.functa.presets import FLAGS, MetaTrainConfig
+
+    meta = t.add_argument_group("meta-training (override the preset's MetaTrainConfig)")
+    add_dataclass_options(meta, MetaTrainConfig, aliases=FLAGS, default_note="the preset's")
 
     arch = t.add_argument_group("model (override the preset's FunctaConfig)")
-    add_dataclass_options(arch, FunctaConfig, skip=("latent_dim", "in_dims", "out_channels"))
+    add_dataclass_options(arch, FunctaConfig, skip=("in_dims", "out_channels"), default_note="the preset's")
     t.add_argument("--device", default="auto")
     t.add_argument("--out", required=True)
     t.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint")
@@ -161,17 +147,22 @@ def run_sample(args) -> int:
     return 0
 
 
+def preset_from_args(args):
+    """The functa :class:`~nnlab.functa.presets.Preset` of ``functa train``'s parsed flags: the preset's values
+    with every flag that was given on top."""
+    from nnlab.functa.model import FunctaConfig
+    from nnlab.functa.presets import MetaTrainConfig, get_preset
+
+    model = {f: getattr(args, f) for f in FunctaConfig.__dataclass_fields__ if hasattr(args, f)}
+    return get_preset(args.preset, model_overrides=model,
+                      **{f: getattr(args, f) for f in MetaTrainConfig.__dataclass_fields__})
+
+
 def run_train(args) -> int:
     from nnlab.engine import distributed
-    from nnlab.functa.model import FunctaConfig
-    from nnlab.functa.presets import get_preset
     from nnlab.functa.trainer import train_functa
 
-    preset = get_preset(args.preset, latent_dim=args.latent_dim, steps=args.steps, batch_size=args.batch_size,
-                        outer_lr=args.outer_lr, hidden_lr_mult=args.hidden_lr_mult, inner_steps=args.inner_steps,
-                        time_limit_min=args.time_limit_min,
-                        first_order=args.first_order, use_checkpoint=args.use_checkpoint, compile=args.compile,
-                        val_every=args.val_every, schedule=args.schedule, model_overrides={f: getattr(args, f, None) for f in FunctaConfig.__dataclass_fields__})
+    preset = preset_from_args(args)
     summary = train_functa(preset, args.data, args.out, data_dir=args.data_dir, resume=args.resume, device=args.device,
                            progress=args.progress)
     if distributed.is_main():

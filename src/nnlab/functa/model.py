@@ -26,16 +26,16 @@ from nnlab.errors import ConfigError
 class FunctaConfig:
     """Architecture of a :class:`LatentModulatedSiren`."""
 
-    width: int = 64
+    width: int = 64                     # units per sine layer
     depth: int = 4                      # linear layers: depth-1 modulated sine layers + output
-    w0: float = 30.0
+    w0: float = 30.0                    # sine frequency factor: sin(w0 (W x + b))
     in_dims: int = 2                    # 2 for images, 3 for volumes
     out_channels: int = 1               # 1 grey, 3 RGB
-    latent_dim: int = 128
+    latent_dim: int = 128               # numbers per image (the functa latent)
     latent_hidden: list[int] = field(default_factory=list)  # hidden widths of the latent-map MLP; empty = linear map
-    modulate_shift: bool = True
-    modulate_scale: bool = False
-    meta_sgd: bool = False
+    modulate_shift: bool = True         # FiLM shifts of every sine layer
+    modulate_scale: bool = False        # FiLM scales of every sine layer
+    meta_sgd: bool = False              # learned per-parameter inner rates (Meta-SGD)
     meta_sgd_init: tuple[float, float] = (0.005, 0.1)
     meta_sgd_steps: int = 0             # Meta-SGD rates per inner step (MAML++'s per-step rates); 0 = one set for all
     inner_lr: float = 1e-2             # plain SGD inner rate (used when meta_sgd is False)

@@ -19,31 +19,31 @@ FLAGS = {"time_limit_min": "--time-limit", "use_checkpoint": "--checkpointing"}
 class MetaTrainConfig:
     """Meta-training settings (the outer loop)."""
 
-    steps: int = 2000
-    batch_size: int = 32
-    inner_steps: int = 3
-    outer_lr: float = 1e-3
-    weight_decay: float = 0.0
+    steps: int = 2000                  # outer (meta) steps
+    batch_size: int = 32               # images per meta-step and process (under torchrun: times the processes)
+    inner_steps: int = 3               # SGD steps that fit each latent
+    outer_lr: float = 1e-3             # Adam learning rate of the shared weights
+    weight_decay: float = 0.0          # Adam weight decay of the shared weights
     meta_lr_mult: float = 1.0          # outer learning-rate multiplier for the Meta-SGD rates
     hidden_lr_mult: float = 1.0        # outer learning-rate multiplier for the hidden sine layers' weights
                                        # (< 1 keeps them from growing into a collapse; see trainer)
     grad_clip: float = 0.0             # clip the meta-gradient's global norm (0 = off)
-    schedule: str = "constant"         # or "cosine": decay to 0 over time_limit_min (else over steps)
-    chunk: int = 8                     # max images per forward/backward (cache-sized; grads accumulate);
-                                       # a smaller batch is split evenly over the workers
+    schedule: str = "constant"         # constant, or cosine: decay to 0 over the time limit (else over steps)
+    chunk: int = 8                     # max images per forward/backward (cache-sized, grads accumulate)
+                                       # (a smaller batch is split evenly over the workers)
     workers: int = 0                   # threads running chunks, 1 torch thread each (0 = torch's count)
-    first_order: bool = False
-    use_checkpoint: bool = False
+    first_order: bool = False          # first-order meta-gradients (inner gradients as constants)
+    use_checkpoint: bool = False       # recompute the inner steps in the backward pass (saves memory)
     compile: bool = False              # torch.compile each chunk's meta-loss (fused loops; falls back to eager)
     time_limit_min: float = 0.0        # stop meta-training after this many minutes (0 = no limit)
-    log_every: int = 20
-    val_every: int = 200
+    log_every: int = 20                # steps between metrics lines
+    val_every: int = 200               # steps between validation PSNRs
     val_images: int = 500               # held out from the end of the train split
-    ckpt_every: int = 100
+    ckpt_every: int = 100              # steps between checkpoints
     eval_batch: int = 100               # images per batch when fitting the test split
     collapse_db: float = 6.0           # val PSNR this far below the best: roll back, halve the lr (0 = off)
-    max_rollbacks: int = 3             # then stop with a DivergenceError
-    seed: int = 0
+    max_rollbacks: int = 3             # collapse roll-backs before stopping with a DivergenceError
+    seed: int = 0                      # initialisation and batch order
 
     def validate(self) -> "MetaTrainConfig":
         """A one-line ConfigError naming the first bad setting and its valid range; returns self."""
