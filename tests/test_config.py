@@ -150,3 +150,19 @@ def test_every_config_file_parses_under_its_command():
         args = sub.parse_args(rest)
         for key, value in yaml.safe_load(path.read_text()).items():
             assert getattr(args, key.replace("-", "_")) == value, (path.name, key)
+
+
+@pytest.mark.parametrize("name,run", [("mnist-10min-64", "l64-w0-20-h0.5-scale-s24"),
+                                      ("mnist-10min-256", "l256-scale-steps-lr1e-3-s24")])
+def test_ten_minute_presets_are_the_published_runs_configs(name, run):
+    """The presets that name issue 17's 10-minute recipes resolve to exactly the config the published runs wrote."""
+    import yaml
+
+    from nnlab.functa.presets import get_preset
+
+    published = yaml.safe_load((Path(__file__).parent.parent / "docs/results/functa-mnist-10min" / run /
+                                "config.yaml").read_text())
+    preset = get_preset(name)
+    assert dataclasses.asdict(preset.model) == {**published["model"],
+                                                "meta_sgd_init": tuple(published["model"]["meta_sgd_init"])}
+    assert dataclasses.asdict(preset.train) == published["train"]
