@@ -143,6 +143,12 @@ def test_failing_stage_is_reported_and_only_selects_studies(tmp_path, capsys):
     assert (out / "stages/lbi-bad/error.txt").read_text().count("RuntimeError") >= 1
     assert main(["reproduce", "--preset", "fake-test", "--out", str(out), "--only", "bn"]) == 0  # old name of landscape
     assert main(["reproduce", "--preset", "fake-test", "--out", str(out), "--only", "bogus"]) == 2
+    capsys.readouterr()
+    assert main(["reproduce", "--preset", "fake-test", "--out", str(out), "--plan"]) == 0  # runs nothing
+    states = {line.split()[1]: line.split()[2] for line in capsys.readouterr().out.splitlines()}
+    assert states["lbi-after"] == "finished" and states["lbi-bad"] == "interrupted"  # failed: started, not done
+    assert {n: states[n] for n in states if n.startswith("landscape")} == dict.fromkeys(
+        [n for n in states if n.startswith("landscape")], "finished")
 
 
 @pytest.mark.parametrize("preset", ["quick", "cpu", "paper", "cpu-full"])

@@ -31,6 +31,27 @@ def test_killed_run_reuses_finished_stages_and_resumes_the_killed_one(tmp_path):
     assert log == [("b", True), ("c", False)]  # a not redone; b told to resume
 
 
+def test_stage_state_tells_finished_interrupted_outdated_and_to_run_apart(tmp_path):
+    from nnlab.reproduce.stages import stage_state
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(_make_stages([], kill_at="b"), tmp_path)
+    stages = _make_stages([])
+    assert [stage_state(s, tmp_path) for s in stages] == ["finished", "interrupted", "to run"]
+    stages[0].config["n"], stages[1].config["n"] = "changed", "changed"  # another config: both start afresh
+    assert [stage_state(s, tmp_path) for s in stages] == ["outdated", "outdated", "to run"]
+    run_stages(_make_stages([]), tmp_path)
+    assert [stage_state(s, tmp_path) for s in _make_stages([])] == ["finished"] * 3
+
+
+def test_time_limit_min_adds_every_nested_budget():
+    from nnlab.reproduce.stages import time_limit_min
+
+    config = {"train": {"time_limit_min": 10.0}, "models": [{"time_limit_min": 20}, {"time_limit_min": None}],
+              "steps": 5, "time_limit": 99}
+    assert time_limit_min(config) == 30.0 and time_limit_min({"steps": 5}) == 0.0
+
+
 def test_changed_config_reruns_and_failure_does_not_stop_others(tmp_path):
     log = []
     run_stages(_make_stages(log), tmp_path)

@@ -25,12 +25,18 @@ def register(subparsers) -> None:
                         "preset can be rebuilt over several sittings")
     p.add_argument("--resume", action="store_true",
                    help="accepted for symmetry: a rerun always reuses finished stages and resumes a killed one")
+    p.add_argument("--plan", action="store_true",
+                   help="list the stages, what --out holds for each (finished, interrupted, outdated, to run) and "
+                        "the minutes of the time-limited ones; run nothing")
     p.set_defaults(func=run, _parser=p)
 
 
 def run(args) -> int:
-    from nnlab.reproduce.pipeline import reproduce
+    from nnlab.reproduce.pipeline import plan, reproduce
 
+    if args.plan:
+        print("\n".join(plan(args.preset, args.out, only=args.only)))
+        return 0
     result = reproduce(args.preset, args.out, data_dir=args.data_dir, only=args.only, reuse=args.reuse)
     print(f"\nreport: {result.report.html}\n        {result.report.markdown}", file=sys.stderr)
     for o in result.failed:

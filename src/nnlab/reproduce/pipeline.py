@@ -72,6 +72,23 @@ def reproduce(preset: str, out: str | Path, *, data_dir: str | Path | None = Non
     return ReproduceResult(outcomes, report)
 
 
+def plan(preset: str, out: str | Path, only: Sequence[str] | None = None) -> list[str]:
+    """One line per stage of ``preset`` (those of ``only``, as :func:`reproduce` selects them): its number, name,
+    what ``out`` holds for it (:func:`~nnlab.reproduce.stages.stage_state`), its time-limited minutes if any, and
+    its title. Runs nothing."""
+    from nnlab.reproduce.stages import stage_state, time_limit_min
+
+    stages = PRESETS.get(preset)()
+    selected = select_stages(stages, only) if only else stages
+    width = max(len(s.name) for s in selected)
+    lines = []
+    for i, s in enumerate(selected, 1):
+        minutes = time_limit_min(s.config)
+        limit = f"{minutes:g} min" if minutes else ""
+        lines.append(f"{i:>3}. {s.name:<{width}}  {stage_state(s, Path(out)):<11}  {limit:>8}  {s.title}")
+    return lines
+
+
 def select_stages(stages: Sequence[Stage], only: Sequence[str]) -> list[Stage]:
     """The stages of the studies or stage names in ``only``, with the stages they need (transitively), in
     run order; the old study names ``vit`` and ``bn`` are accepted."""

@@ -85,6 +85,30 @@ def _finished_key(folder: Path) -> str | None:
     return read_json(path).get("key") if path.is_file() else None
 
 
+STATES = ("finished", "interrupted", "outdated", "to run")
+
+
+def stage_state(stage: Stage, out: Path) -> str:
+    """What ``out`` holds for ``stage`` (one of :data:`STATES`): ``finished`` (reused as it is), ``interrupted``
+    (killed or failed with this config: resumed), ``outdated`` (finished or started with another config: run again from scratch) or ``to run``."""
+    folder, key = out / "stages" / stage.name, stage.key()
+    if _finished_key(folder) == key:
+        return "finished"
+    started = folder / "started.json"
+    if started.is_file() and read_json(started).get("key") == key:
+        return "interrupted"
+    return "outdated" if (folder / "done.json").is_file() or started.is_file() else "to run"
+
+
+def time_limit_min(config: Any) -> float:
+    """The minutes of every ``time_limit_min`` in a stage's (nested) config: its time-limited work."""
+    if isinstance(config, dict):
+        return sum(float(v) if k == "time_limit_min" and v else time_limit_min(v) for k, v in config.items())
+    if isinstance(config, (list, tuple)):
+        return sum(time_limit_min(v) for v in config)
+    return 0.0
+
+
 def seed_stages(stages: Sequence[Stage], out: Path, source: Path) -> list[str]:
     """Copy into ``out/stages/`` each stage that ``source`` (a published run folder: its
     ``stages/<name>/done.json`` and files, checkpoints left out) finished with the config key of
