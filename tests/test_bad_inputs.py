@@ -107,6 +107,8 @@ CASES = [
                                            "--out", "{root}/r2"], "--count) must be >= 1 image, got -2"),
     ("functa-train-negative-time-limit", ["functa", "train", "--preset", "tiny", "--data", "mnist-5k", "--time-limit",
                                           "-1", "--out", "{root}/f3"], "error: --time-limit must be >= 0, got -1.0"),
+    ("functa-train-unknown-schedule", ["functa", "train", "--preset", "tiny", "--data", "mnist-5k", "--schedule",
+                                       "linear", "--out", "{root}/f4"], "error: --schedule must be constant or cosine"),
     ("functa-fit-chunk-size-0", ["functa", "fit", "{functa}", "--data", "mnist-5k", "--chunk-size", "0", "--out",
                                  "{root}/fs3.safetensors"], "--chunk-size) must be >= 1 image, got 0"),
     ("functa-fit-negative-inner-steps", ["functa", "fit", "{functa}", "--data", "mnist-5k", "--inner-steps", "-1",
