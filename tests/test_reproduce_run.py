@@ -145,7 +145,9 @@ def test_failing_stage_is_reported_and_only_selects_studies(tmp_path, capsys):
     assert main(["reproduce", "--preset", "fake-test", "--out", str(out), "--only", "bogus"]) == 2
     capsys.readouterr()
     assert main(["reproduce", "--preset", "fake-test", "--out", str(out), "--plan"]) == 0  # runs nothing
-    states = {line.split()[1]: line.split()[2] for line in capsys.readouterr().out.splitlines()}
+    *rows, total = capsys.readouterr().out.splitlines()
+    states = {line.split()[1]: line.split()[2] for line in rows}
+    assert total.startswith(f"{sum(v != 'finished' for v in states.values())} of {len(rows)} stage(s) to run")
     assert states["lbi-after"] == "finished" and states["lbi-bad"] == "interrupted"  # failed: started, not done
     assert {n: states[n] for n in states if n.startswith("landscape")} == dict.fromkeys(
         [n for n in states if n.startswith("landscape")], "finished")

@@ -80,12 +80,15 @@ def plan(preset: str, out: str | Path, only: Sequence[str] | None = None) -> lis
 
     stages = PRESETS.get(preset)()
     selected = select_stages(stages, only) if only else stages
-    width = max(len(s.name) for s in selected)
-    lines = []
+    width, left, lines = max(len(s.name) for s in selected), 0.0, []
     for i, s in enumerate(selected, 1):
-        minutes = time_limit_min(s.config)
+        minutes, state = time_limit_min(s.config), stage_state(s, Path(out))
+        left += minutes if state != "finished" else 0.0
         limit = f"{minutes:g} min" if minutes else ""
-        lines.append(f"{i:>3}. {s.name:<{width}}  {stage_state(s, Path(out)):<11}  {limit:>8}  {s.title}")
+        lines.append(f"{i:>3}. {s.name:<{width}}  {state:<11}  {limit:>8}  {s.title}")
+    todo = sum(stage_state(s, Path(out)) != "finished" for s in selected)
+    lines.append(f"{todo} of {len(selected)} stage(s) to run; at most {left:g} min of time-limited work among them "
+                 "(an interrupted stage resumes with what is left of its budget), plus the epoch-limited stages")
     return lines
 
 
