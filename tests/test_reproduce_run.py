@@ -216,3 +216,22 @@ def _notes_of(study, stage) -> list[str]:
     if study.__name__.endswith("study_prune") and stage.name == "prune-sweep":
         return study.notes_for(study.BASE["quick"], stage.config["sweep"])
     return []
+
+
+def test_plan_counts_time_limited_minutes_left_but_not_published_runs(tmp_path):
+    from nnlab.reproduce.pipeline import plan
+    from nnlab.reproduce.stages import Stage, StageResult
+
+    def stages():
+        def noop(ctx):
+            return StageResult()
+        return [Stage("train-a", "functa", "a", noop, {"train": {"time_limit_min": 10.0}}),
+                Stage("train-b", "functa", "b", noop, {"train": {"time_limit_min": 60.0}, "published": "docs/x"}),
+                Stage("figs", "functa", "c", noop, {})]
+
+    if "fake-plan" not in PRESETS:
+        PRESETS.register("fake-plan", stages)
+    *rows, total = plan("fake-plan", tmp_path)
+    assert [r.split()[2:4] for r in rows] == [["to", "run"]] * 3
+    assert "10 min" in rows[0] and "published" in rows[1]
+    assert total.startswith("3 of 3 stage(s) to run; at most 10 min of time-limited work")

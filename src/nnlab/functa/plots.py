@@ -53,14 +53,19 @@ def _train_summary(run: str | Path) -> dict:
 
 
 def plot_sweep(runs: list[str | Path], out: Path) -> list[Path]:
-    """Test PSNR against latent size from train runs' summary.json; also writes sweep.csv."""
+    """Test PSNR against latent size from train runs' summary.json; also writes sweep.csv. Each point is
+    labelled with its meta-training minutes, since a sweep may give its main size a longer budget."""
     rows = sorted((_train_summary(r) for r in runs), key=lambda s: s["latent_dim"])
     out.mkdir(parents=True, exist_ok=True)
     columns = ["latent_dim", "test_psnr", "steps", "train_minutes"]
     write_csv(out / "sweep.csv", columns, [[s[k] for k in columns] for s in rows])
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([s["latent_dim"] for s in rows], [s["test_psnr"] for s in rows], marker="o")
-    ax.set(xscale="log", xlabel="latent size", ylabel="test PSNR (dB)")
+    for s in rows:  # the budget beside each point: a longer-trained size must not pass for a better one
+        ax.annotate(f"{s['train_minutes']:.0f} min", (s["latent_dim"], s["test_psnr"]), textcoords="offset points",
+                    xytext=(5, -12), fontsize=8)
+    ax.set(xscale="log", xlabel="latent size", ylabel="test PSNR (dB)",
+           title="labels: minutes of meta-training")
     return [out / "sweep.csv", save_figure(fig, out / "latent-sweep.png")]
 
 

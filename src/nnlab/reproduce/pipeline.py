@@ -74,17 +74,19 @@ def reproduce(preset: str, out: str | Path, *, data_dir: str | Path | None = Non
 
 def plan(preset: str, out: str | Path, only: Sequence[str] | None = None) -> list[str]:
     """One line per stage of ``preset`` (those of ``only``, as :func:`reproduce` selects them): its number, name,
-    what ``out`` holds for it (:func:`~nnlab.reproduce.stages.stage_state`), its time-limited minutes if any, and
-    its title. Runs nothing."""
+    what ``out`` holds for it (:func:`~nnlab.reproduce.stages.stage_state`), its time-limited minutes if any
+    ("published" for a stage that shows a published run instead of training), and its title; then a total. Runs
+    nothing."""
     from nnlab.reproduce.stages import stage_state, time_limit_min
 
     stages = PRESETS.get(preset)()
     selected = select_stages(stages, only) if only else stages
     width, left, lines = max(len(s.name) for s in selected), 0.0, []
     for i, s in enumerate(selected, 1):
-        minutes, state = time_limit_min(s.config), stage_state(s, Path(out))
+        state = stage_state(s, Path(out))
+        minutes = 0.0 if s.config.get("published") else time_limit_min(s.config)  # a published run: trains nothing
         left += minutes if state != "finished" else 0.0
-        limit = f"{minutes:g} min" if minutes else ""
+        limit = "published" if s.config.get("published") else f"{minutes:g} min" if minutes else ""
         lines.append(f"{i:>3}. {s.name:<{width}}  {state:<11}  {limit:>8}  {s.title}")
     todo = sum(stage_state(s, Path(out)) != "finished" for s in selected)
     lines.append(f"{todo} of {len(selected)} stage(s) to run; at most {left:g} min of time-limited work among them "
