@@ -83,23 +83,23 @@ class Preset:
     description: str = ""
 
 
+# Issue 17's 10-minute recipes (docs/results/functa-mnist-10min, runs *-s24): mnist-cpu with a deeper SIREN,
+# FiLM scales, per-step Meta-SGD rates, batch 16 and a slower-learning hidden stack; 2 CPU cores.
+_TEN_MIN_MODEL = FunctaConfig(width=64, depth=5, modulate_scale=True, meta_sgd=True, meta_sgd_steps=3)
+_TEN_MIN_TRAIN = MetaTrainConfig(steps=100_000, batch_size=16, grad_clip=1.0, meta_lr_mult=10.0, schedule="cosine",
+                                 time_limit_min=10.0)
+
 PRESETS: dict[str, Preset] = {
     "mnist-cpu": Preset(
         FunctaConfig(width=64, depth=4, w0=30.0, latent_dim=256, meta_sgd=True),
         MetaTrainConfig(steps=100_000, batch_size=32, outer_lr=1e-3, grad_clip=1.0, meta_lr_mult=10.0,
                         schedule="cosine"),
         "small SIREN for 2 CPU cores: width 64, 3 sine layers, latent 256, Meta-SGD"),
-    # Issue 17's 10-minute recipes (docs/results/functa-mnist-10min, runs *-s24): mnist-cpu with a deeper SIREN,
-    # FiLM scales, per-step Meta-SGD rates, batch 16 and a slower-learning hidden stack; 2 CPU cores.
     "mnist-10min-64": Preset(
-        FunctaConfig(width=64, depth=5, w0=20.0, latent_dim=64, modulate_scale=True, meta_sgd=True, meta_sgd_steps=3),
-        MetaTrainConfig(steps=100_000, batch_size=16, outer_lr=1.5e-3, grad_clip=1.0, meta_lr_mult=10.0,
-                        hidden_lr_mult=0.5, schedule="cosine", time_limit_min=10.0),
+        replace(_TEN_MIN_MODEL, w0=20.0, latent_dim=64), replace(_TEN_MIN_TRAIN, outer_lr=1.5e-3, hidden_lr_mult=0.5),
         "latent 64 in 10 minutes on 2 CPU cores: 28.0 dB test PSNR on MNIST (width 64, 4 sine layers, w0 20)"),
     "mnist-10min-256": Preset(
-        FunctaConfig(width=64, depth=5, w0=30.0, latent_dim=256, modulate_scale=True, meta_sgd=True, meta_sgd_steps=3),
-        MetaTrainConfig(steps=100_000, batch_size=16, outer_lr=1e-3, grad_clip=1.0, meta_lr_mult=10.0,
-                        hidden_lr_mult=0.25, schedule="cosine", time_limit_min=10.0),
+        replace(_TEN_MIN_MODEL, w0=30.0, latent_dim=256), replace(_TEN_MIN_TRAIN, outer_lr=1e-3, hidden_lr_mult=0.25),
         "latent 256 in 10 minutes on 2 CPU cores: 31.1-31.3 dB test PSNR on MNIST (width 64, 4 sine layers)"),
     "tiny": Preset(
         FunctaConfig(width=16, depth=3, w0=30.0, latent_dim=16, meta_sgd=True),

@@ -81,14 +81,14 @@ def plan(preset: str, out: str | Path, only: Sequence[str] | None = None) -> lis
 
     stages = PRESETS.get(preset)()
     selected = select_stages(stages, only) if only else stages
-    width, left, lines = max(len(s.name) for s in selected), 0.0, []
+    width, left, todo, lines = max(len(s.name) for s in selected), 0.0, 0, []
     for i, s in enumerate(selected, 1):
-        state = stage_state(s, Path(out))
-        minutes = 0.0 if s.config.get("published") else time_limit_min(s.config)  # a published run: trains nothing
-        left += minutes if state != "finished" else 0.0
-        limit = "published" if s.config.get("published") else f"{minutes:g} min" if minutes else ""
+        state, published = stage_state(s, Path(out)), bool(s.config.get("published"))
+        minutes = 0.0 if published else time_limit_min(s.config)  # a published run: trains nothing
+        if state != "finished":
+            left, todo = left + minutes, todo + 1
+        limit = "published" if published else f"{minutes:g} min" if minutes else ""
         lines.append(f"{i:>3}. {s.name:<{width}}  {state:<11}  {limit:>8}  {s.title}")
-    todo = sum(stage_state(s, Path(out)) != "finished" for s in selected)
     lines.append(f"{todo} of {len(selected)} stage(s) to run; at most {left:g} min of time-limited work among them "
                  "(an interrupted stage resumes with what is left of its budget), plus the epoch-limited stages")
     return lines

@@ -90,7 +90,8 @@ STATES = ("finished", "interrupted", "outdated", "to run")
 
 def stage_state(stage: Stage, out: Path) -> str:
     """What ``out`` holds for ``stage`` (one of :data:`STATES`): ``finished`` (reused as it is), ``interrupted``
-    (killed or failed with this config: resumed), ``outdated`` (finished or started with another config: run again from scratch) or ``to run``."""
+    (killed or failed with this config: resumed), ``outdated`` (finished or started with another config: run
+    again from scratch) or ``to run``. :func:`run_stage` decides by it."""
     folder, key = out / "stages" / stage.name, stage.key()
     if _finished_key(folder) == key:
         return "finished"
@@ -145,15 +146,15 @@ def run_stage(stage: Stage, out: Path, data_dir: Path | None,
               results: dict[str, StageOutcome]) -> StageOutcome:
     """Run one stage unless a finished run with the same config key is there to reuse."""
     folder = out / "stages" / stage.name
-    key = stage.key()
+    key, state = stage.key(), stage_state(stage, out)
     done_path, started_path = folder / "done.json", folder / "started.json"
-    if done_path.is_file() and read_json(done_path).get("key") == key:
+    if state == "finished":
         return _outcome_from_done(stage, folder, "reused")
     missing = [n for n in stage.needs if n not in results or results[n].status == "failed"]
     if missing:
         return StageOutcome(stage.name, stage.study, stage.title, "skipped", 0.0, folder, StageResult(),
                             error=f"needs stage(s) {', '.join(missing)}, which did not finish")
-    resume = started_path.is_file() and read_json(started_path).get("key") == key
+    resume = state == "interrupted"
     folder.mkdir(parents=True, exist_ok=True)
     done_path.unlink(missing_ok=True)
     write_json(started_path, {"key": key, "config": stage.config})
