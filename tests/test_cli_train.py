@@ -46,7 +46,7 @@ def test_yaml_config_with_flag_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--model", "nope"], "unknown model 'nope'; choose one of: lenet5"),
+    (["--model", "nope"], "unknown model 'nope'; choose one of: cnn-fast-cifar, lenet5"),
     (["--epochs", "0"], "epochs must be >= 1, got 0"),
     (["--lr", "fast"], "invalid float value: 'fast'"),
     (["--bogus"], "unrecognized arguments: --bogus"),

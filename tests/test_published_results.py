@@ -76,33 +76,35 @@ def test_published_generative_readme_figures_resolve():
 
 
 VIT_BASE = RESULTS / "vit-cifar" / "base"
+VIT_TEACHER = RESULTS / "vit-cifar" / "teacher"   # the CNN that the distilled base learnt from
 needs_vit_base = pytest.mark.skipif(not (VIT_BASE / "model.safetensors").is_file(),
                                     reason="no published CIFAR-10 base ViT")
+PUBLISHED_MODELS = [pytest.param(f, id=f.name) for f in (VIT_BASE, VIT_TEACHER) if (f / "model.safetensors").is_file()]
 
 
-@needs_vit_base
-def test_published_base_vit_is_the_files_its_manifest_lists():
-    """Issue 13: every file of docs/results/vit-cifar/base has the SHA-256 that PUBLISHED.json lists."""
+@pytest.mark.parametrize("folder", PUBLISHED_MODELS)
+def test_published_cifar_model_is_the_files_its_manifest_lists(folder):
+    """Issue 13: every file of docs/results/vit-cifar/{base,teacher} has the SHA-256 that PUBLISHED.json lists."""
     from nnlab.engine.checkpoint import sha256
 
-    manifest = json.loads((VIT_BASE / "PUBLISHED.json").read_text())["files"]
+    manifest = json.loads((folder / "PUBLISHED.json").read_text())["files"]
     assert "model.safetensors" in manifest and "config.yaml" in manifest
-    changed = [name for name, entry in manifest.items() if sha256(VIT_BASE / name) != entry["sha256"]]
+    changed = [name for name, entry in manifest.items() if sha256(folder / name) != entry["sha256"]]
     assert not changed, f"published files differ from their manifest: {changed}"
 
 
-@needs_vit_base
-def test_published_base_vit_scores_what_its_summary_says(shared_data, one_thread):
+@pytest.mark.parametrize("folder", PUBLISHED_MODELS)
+def test_published_cifar_model_scores_what_its_summary_says(folder, shared_data, one_thread):
     """The published weights, loaded from the folder as it is, classify 2,000 seeded CIFAR-10 test images
     within 2.5 points of the full-test-set top-1 in summary.json (2,000 images: about 0.9 points of
     sampling noise), so the folder holds the model its numbers describe."""
     from nnlab.engine.trained import load_trained_run
     from nnlab.prune.common import accuracy, eval_transform
 
-    run = load_trained_run(VIT_BASE, data_dir=str(shared_data / "cifar10"))
+    run = load_trained_run(folder, data_dir=str(shared_data / "cifar10"))
     test = run.data.test.random_subset(2000, 0)
-    measured = accuracy(run.model, test, eval_transform(run.data, run.model.config.image_size)).top1
-    claimed = json.loads((VIT_BASE / "summary.json").read_text())["test_top1"]
+    measured = accuracy(run.model, test, eval_transform(run.data, run.data.shape[-1])).top1
+    claimed = json.loads((folder / "summary.json").read_text())["test_top1"]
     assert abs(measured - claimed) <= 0.025, (measured, claimed)
 
 

@@ -146,12 +146,18 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.iter_from(0)
 
+    def indices(self, i: int, order: torch.Tensor | None = None) -> torch.Tensor:
+        """The data set indices (b,) of this process's batch ``i`` of this epoch."""
+        order = self._order() if order is None else order
+        b = i * self.world_size + self.rank
+        return order[b * self.batch_size:(b + 1) * self.batch_size]
+
     def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches ``start, start+1, ...`` of this epoch (to resume mid-epoch)."""
         order = self._order()
         for i in range(start, len(self)):
             b = i * self.world_size + self.rank
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            idx = self.indices(i, order)
             x = self.data.images[idx].float().div_(255)
             if self.transform is not None:
                 g = torch.Generator().manual_seed(batch_key(self.seed, self.epoch, b))

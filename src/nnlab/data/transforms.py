@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from nnlab.data.base import Transform
+from nnlab.data.trivialaugment import TrivialAugment
 
 
 @dataclass
@@ -97,8 +98,9 @@ class Compose:
 
 
 def train_transform(mean, std, *, image_size: int, augment: bool, flip: bool,
-                    padding: int | None = None) -> Transform:
-    """Standard classifier training transform: [random crop + optional flip] + normalise.
+                    padding: int | None = None, trivial: bool = False) -> Transform:
+    """Standard classifier training transform: [random crop + optional flip + optional
+    TrivialAugment] + normalise.
 
     The crop pads by ``padding`` pixels (default: 4 for images of 28 pixels or more, else 2)."""
     steps: list[Transform] = []
@@ -107,5 +109,7 @@ def train_transform(mean, std, *, image_size: int, augment: bool, flip: bool,
         steps.append(RandomCrop(image_size, padding=pad))
         if flip:
             steps.append(RandomHorizontalFlip())
+        if trivial:
+            steps.append(TrivialAugment())
     steps.append(Normalize(mean, std))
     return Compose(steps)

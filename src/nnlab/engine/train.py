@@ -48,6 +48,7 @@ from nnlab.data.mix import mix_batch
 from nnlab.data.transforms import Normalize, train_transform
 from nnlab.engine import distributed as D
 from nnlab.engine.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from nnlab.engine.distill import distill_loss, load_teacher, teacher_logits
 from nnlab.engine.io import to_jsonable
 from nnlab.engine.metrics import MetricsLogger
 from nnlab.engine.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
@@ -108,9 +109,13 @@ class TrainConfig:
     mixup_alpha: float = 0.0               # Mixup, lam ~ Beta(alpha, alpha) per batch (DeiT: 0.8); 0 = off
     cutmix_alpha: float = 0.0              # CutMix, likewise (DeiT: 1.0); with Mixup each batch uses one of the two
     grad_clip: float = 0.0                 # max gradient norm; 0 = off
+    distill_from: str | None = None        # a trained teacher run folder: distil from its logits (nnlab.engine.distill)
+    distill_alpha: float = 0.5             # weight of the distillation term (1 - alpha: the labels' cross-entropy)
+    distill_temperature: float = 0.0       # 0: hard distillation (DeiT); > 0: soft, at this temperature (Hinton)
     augment: bool = False                  # random crop with padding (and --flip)
     crop_padding: int | None = None        # padding of the random crop (unset: 4 for 28+ pixel images, else 2)
     flip: bool = False                     # random horizontal flips with --augment (not for digits)
+    trivial_augment: bool = False          # TrivialAugment (wide) after crop and flip, with --augment
     seed: int = 0                          # model init, batch order, augmentation
     log_every: int = 50                    # steps between metric records
     checkpoint_every: int = 0              # steps between checkpoints; 0 = epoch ends only
@@ -150,6 +155,14 @@ class TrainConfig:
         for name, ok, want in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {want}, got {getattr(self, name)!r}")
+        if not 0 <= self.distill_alpha <= 1 or not self.distill_temperature >= 0:
+            raise ConfigError(f"distill_alpha must be in [0, 1] and distill_temperature >= 0 (0: hard labels), "
+                              f"got {self.distill_alpha!r} and {self.distill_temperature!r}")
+        if self.distill_from and (self.mixup_alpha or self.cutmix_alpha):
+            raise ConfigError("distillation targets are per image, so they do not mix with Mixup / CutMix; "
+                              "drop --mixup-alpha / --cutmix-alpha or --distill-from")
+        if self.trivial_augment and not self.augment:
+            raise ConfigError("trivial_augment acts after the random crop; add --augment (or drop --trivial-augment)")
         for name in ("model_options", "data_options", "optimizer_options", "schedule_options"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name} must be a mapping of option: value, got {getattr(self, name)!r}")
@@ -269,6 +282,7 @@ class _Trainer:
                                          weight_decay=config.weight_decay, **config.optimizer_options)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.train_loader, self.test_loader = self._loaders()
+        self.teacher, self.teacher_s = self._teacher_logits()
         self.total_steps = config.epochs * len(self.train_loader)  # max_steps never shortens it
         self.scheduler = build_scheduler(self.optimizer, config.schedule, total_steps=self.total_steps,
                                          warmup_steps=config.warmup_steps, **config.schedule_options)
@@ -308,7 +322,7 @@ class _Trainer:
     def _loaders(self) -> tuple[BatchLoader, BatchLoader]:
         c, d, ws, r = self.config, self.data, self.dist.world_size, self.dist.rank
         tf = train_transform(d.mean, d.std, image_size=d.shape[1], augment=c.augment, flip=c.flip,
-                             padding=c.crop_padding)
+                             padding=c.crop_padding, trivial=c.trivial_augment)
         train = BatchLoader(d.train, c.batch_size, shuffle=True, transform=tf, seed=c.seed, rank=r,
                             world_size=ws)
         if len(train) == 0:
@@ -317,6 +331,18 @@ class _Trainer:
         test = BatchLoader(d.test.subset(slice(r, None, ws)), c.eval_batch_size,
                            transform=Normalize(d.mean, d.std))
         return train, test
+
+    def _teacher_logits(self) -> tuple[torch.Tensor | None, float]:
+        """With distill_from: the teacher's logits (N_train, K) and the seconds they took (counted
+        as training time; recomputed on resume, about 2 minutes for cnn-fast-cifar on CIFAR-10)."""
+        c, d = self.config, self.data
+        if not c.distill_from:
+            return None, 0.0
+        start = time.perf_counter()
+        teacher = load_teacher(c.distill_from, d).to(self.dist.device)
+        logits = teacher_logits(teacher, d.train, d.mean, d.std, batch_size=c.eval_batch_size,
+                                device=self.dist.device)
+        return logits, time.perf_counter() - start
 
     # ---- checkpoints
 
@@ -393,6 +419,7 @@ class _Trainer:
             self._restore()
         elif self.main:
             self.run_dir.save_config(self.config)
+        self.p.train_time += self.teacher_s
         self.logger = MetricsLogger(self.run_dir.metrics_path, self.p.step if self.resuming else None) \
             if self.main else None
         self.ctx = self._context()
@@ -494,7 +521,7 @@ class _Trainer:
         x, target = self._mixed(x, y)  # callbacks keep seeing the unmixed batch in ctx
         with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext():
             logits = self.net(x)
-            loss = self.loss_fn(logits.float(), target)
+            loss = self._loss(logits.float(), target)
         ctx.loss = loss
         local = float(loss.detach())
         value = local if self.dist.world_size == 1 else float(D.all_reduce_mean(loss.detach().clone()))
@@ -518,6 +545,16 @@ class _Trainer:
             self._log({"loss": value, "lr": ctx.lr})
         ctx.x = ctx.y = ctx.loss = None
         return value
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The run's loss on this batch: cross-entropy, or with a teacher :func:`distill_loss`
+        against the teacher's logits of the batch's images (batch ``p.batch`` of the epoch)."""
+        c = self.config
+        if self.teacher is None:
+            return self.loss_fn(logits, target)
+        t = self.teacher[self.train_loader.indices(self.p.batch)].to(logits.device)
+        return distill_loss(logits, target, t, alpha=c.distill_alpha, temperature=c.distill_temperature,
+                            label_smoothing=c.label_smoothing)
 
     def _mixed(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch to train on and its target: x, y as they are, or with Mixup / CutMix the mixed
