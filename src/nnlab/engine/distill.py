@@ -28,7 +28,7 @@ from nnlab.config import from_dict
 from nnlab.data import DatasetSplits
 from nnlab.data.base import ImageSet
 from nnlab.engine.runs import RunDir
-from nnlab.engine.trained import build_model, load_weights
+from nnlab.engine.trained import trained_model
 from nnlab.errors import CheckpointError, ConfigError
 
 
@@ -45,13 +45,7 @@ def load_teacher(path: str | Path, data: DatasetSplits) -> nn.Module:
     if config.data != data.name:
         raise ConfigError(f"the teacher in {path} was trained on {config.data}, this run trains on "
                           f"{data.name}; distil from a teacher of the same data set")
-    model = build_model(config, data)
-    try:
-        model.load_state_dict(load_weights(run))
-    except RuntimeError as exc:
-        raise CheckpointError(f"the weights in {path} do not fit its config.yaml "
-                              f"({str(exc).splitlines()[0]})") from None
-    return model.eval()
+    return trained_model(run, config, data)
 
 
 @torch.no_grad()

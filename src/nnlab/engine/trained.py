@@ -121,10 +121,15 @@ def load_trained_run(path: str | Path, *, data: str | None = None, data_dir: str
     config = from_dict(TrainConfig, run.load_config())
     config = dataclasses.replace(config, data=data or config.data, data_dir=data_dir or config.data_dir)
     splits = run_data(config, subsets=subsets)
-    model = build_model(config, splits)
+    return TrainedRun(run, config, splits, trained_model(run, config, splits))
+
+
+def trained_model(run: RunDir, config: "TrainConfig", data: DatasetSplits) -> nn.Module:
+    """Run ``run``'s model (eval mode), built from its ``config`` for ``data``, with its weights."""
+    model = build_model(config, data)
     try:
         model.load_state_dict(load_weights(run))
     except RuntimeError as exc:
-        raise CheckpointError(f"the weights in {path} do not fit model {config.model} of its config.yaml "
+        raise CheckpointError(f"the weights in {run.path} do not fit model {config.model} of its config.yaml "
                               f"({str(exc).splitlines()[0]}); use the run's own files") from None
-    return TrainedRun(run, config, splits, model.eval())
+    return model.eval()
