@@ -127,16 +127,19 @@ class BatchLoader:
         self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
         self.transform, self.drop_last, self.seed = transform, drop_last, seed
         self.rank, self.world_size, self.epoch = rank, world_size, 0
+        self._cached: tuple = (None, None)   # ((epoch, size), that epoch's order)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _order(self) -> torch.Tensor:
-        n = len(self.data)
-        if not self.shuffle:
-            return torch.arange(n)
-        g = torch.Generator().manual_seed(epoch_key(self.seed, self.epoch))
-        return torch.randperm(n, generator=g)
+        """This epoch's permutation of the data set, drawn once per epoch (``indices`` asks every step)."""
+        key = (self.epoch, len(self.data))
+        if self._cached[0] != key:
+            n = len(self.data)
+            g = torch.Generator().manual_seed(epoch_key(self.seed, self.epoch))
+            self._cached = (key, torch.randperm(n, generator=g) if self.shuffle else torch.arange(n))
+        return self._cached[1]
 
     def __len__(self) -> int:
         n = len(self.data)
