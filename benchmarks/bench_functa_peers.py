@@ -20,6 +20,9 @@ Implementations (both include the Adam step on the shared weights):
   torch.compile, :class:`nnlab.functa.meta.CompiledMetaLoss`); its compile time is printed apart
   and not counted in the step time.
 
+An nnlab implementation name may end in ``@N`` to run chunks of at most N images instead of the
+trainer's default (``--impls peer,nnlab,nnlab@4,nnlab@2``).
+
 With ``--fit`` it also times fitting (functaset writing: 3 inner steps, no meta-gradient) on a
 batch of ``--fit-batch`` images: the peer's batched autograd
 (:func:`nnlab.functa.reference.fit_latents_batched_autograd`) against nnlab's
@@ -100,6 +103,7 @@ def child(name: str, impl: str, repeat: int) -> dict:
 
     model, x = _model_and_batch(name)
     opt = torch.optim.Adam(model.parameters(), lr=1e-6)
+    impl, _, chunk = impl.partition("@")  # "nnlab@4": chunks of at most 4 images
     if impl == "peer":
         def step():
             opt.zero_grad()
@@ -112,6 +116,7 @@ def child(name: str, impl: str, repeat: int) -> dict:
 
         state = TrainState(model, opt)
         cfg = MetaTrainConfig(batch_size=len(x), inner_steps=3, compile=impl == "nnlab-compiled")
+        cfg.chunk = int(chunk) if chunk else cfg.chunk
         runner_cm = chunk_runner(0)
         runner = runner_cm.__enter__()
 
@@ -186,7 +191,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--policy", choices=["default", "passive", "both"], default="default")
     ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--impls", default=",".join(IMPLS), help=f"which of {', '.join(IMPLS)} to time")
+    ap.add_argument("--impls", default=",".join(IMPLS),
+                    help=f"which of {', '.join(IMPLS)} to time (an nnlab one may end in @N: chunks of N images)")
     ap.add_argument("--json", help="also write the figures here")
     ap.add_argument("--_child", nargs=3, metavar=("CONFIG", "IMPL", "REPEAT"), help=argparse.SUPPRESS)
     ap.add_argument("--_flops", metavar="CONFIG", help=argparse.SUPPRESS)
@@ -240,7 +246,7 @@ def _step_rounds(name: str, policy: str | None, fp: dict, args) -> dict:
 
 def _fit_rounds(name: str, args) -> dict:
     """Interleaved fitting rounds (peer, nnlab, ...), each in a fresh process, OMP policy unset."""
-    ips = {k: [] for k in args.impls.split(",")}
+    ips = {k: [] for k in args.impls.split(",") if "@" not in k}  # fitting has no chunk setting to vary
     for _ in range(args.rounds):
         for impl in ips:
             ips[impl].append(_spawn(["--_fit_child", name, impl, str(args.repeat), str(args.fit_batch)],

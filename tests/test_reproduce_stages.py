@@ -278,3 +278,20 @@ def test_the_cpu_preset_shows_the_published_60_minute_faces_when_they_match(tmp_
     cfg["train"]["outer_lr"] = 2e-3  # another recipe: not the stage's run
     (dest / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert faces()["functa-faces-256"].fn.__name__ == "_faces"
+
+
+def test_the_pruning_notes_say_when_the_base_was_distilled_and_from_what():
+    """The published base (session 27) learnt from a CNN teacher: the report must say so, with the
+    teacher and the kind of targets, and say nothing of it for a base trained on labels alone."""
+    from nnlab.reproduce import study_prune
+
+    base = {"model": "vit-cifar-cpu", "data": "cifar10", "epochs": 46}
+    plain = study_prune.notes_for(base, study_prune.CIFAR_SWEEP)
+    assert not [n for n in plain if "distilled" in n]
+    soft = study_prune.notes_for({**base, "distill_from": "runs/cnn-fast-cifar", "distill_alpha": 0.9,
+                                  "distill_temperature": 4.0}, study_prune.CIFAR_SWEEP)
+    (note,) = [n for n in soft if "distilled" in n]
+    assert "T = 4" in note and "weight 0.9" in note and "runs/cnn-fast-cifar" in note
+    hard = study_prune.notes_for({**base, "distill_from": "t", "distill_alpha": 0.5, "distill_temperature": 0.0},
+                                 study_prune.CIFAR_SWEEP)
+    assert any("hard teacher labels" in n for n in hard)

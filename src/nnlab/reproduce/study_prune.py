@@ -81,6 +81,11 @@ def notes_for(base: dict[str, Any], sweep: dict[str, Any]) -> list[str]:
         notes.append(f"Model: {base['model']} trained from scratch for {base.get('epochs')} epochs instead of "
                      "ViT-B/16 pre-trained on ImageNet-21k and fine-tuned at 224 px (Google's weights "
                      "cannot be downloaded here).")
+    if base.get("distill_from"):
+        t = base.get("distill_temperature") or 0
+        how = f"soft targets at T = {t:g}" if t else "hard teacher labels"
+        notes.append(f"Training: distilled ({how}, weight {base.get('distill_alpha', 0.5):g}) from a CNN teacher "
+                     f"trained from scratch on the same data ({base['distill_from']}).")
     if sweep.get("test_limit"):
         notes.append(f"Evaluation: the first {sweep['test_limit']:,} test images.")
     if sweep["ratios"] != RATIOS:
@@ -204,7 +209,8 @@ def _published_stages(path: Path) -> list[Stage]:
     from nnlab.engine.checkpoint import sha256
 
     cfg = yaml.safe_load((path / "config.yaml").read_text())
-    base = {"model": cfg["model"], "data": cfg["data"], "epochs": cfg.get("epochs")}
+    base = {"model": cfg["model"], "data": cfg["data"], "epochs": cfg.get("epochs"),
+            **{k: cfg[k] for k in ("distill_from", "distill_alpha", "distill_temperature") if k in cfg}}
     use = Stage("prune-base", "prune", f"base ViT (the published {cfg['model']} on {cfg['data']})", _use_published,
                 {"checkpoint": str(path), "model": cfg["model"], "sha256": sha256(path / "model.safetensors")})
     published = path.parent / PUBLISHED_SWEEP.name
