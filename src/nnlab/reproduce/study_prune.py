@@ -84,8 +84,8 @@ def notes_for(base: dict[str, Any], sweep: dict[str, Any]) -> list[str]:
     if base.get("distill_from"):
         t = base.get("distill_temperature") or 0
         how = f"soft targets at T = {t:g}" if t else "hard teacher labels"
-        notes.append(f"Training: distilled ({how}, weight {base.get('distill_alpha', 0.5):g}) from a CNN teacher "
-                     f"trained from scratch on the same data ({base['distill_from']}).")
+        notes.append(f"Training: distilled ({how}, weight {base.get('distill_alpha', 0.5):g}) from the teacher "
+                     f"model of the run {base['distill_from']}, not trained on the labels alone.")
     if sweep.get("test_limit"):
         notes.append(f"Evaluation: the first {sweep['test_limit']:,} test images.")
     if sweep["ratios"] != RATIOS:
