@@ -26,7 +26,8 @@ from torch import nn
 
 from nnlab.config import from_dict
 from nnlab.data import DatasetSplits
-from nnlab.data.base import ImageSet
+from nnlab.data.base import BatchLoader, ImageSet
+from nnlab.data.transforms import Normalize
 from nnlab.engine.runs import RunDir
 from nnlab.engine.trained import trained_model
 from nnlab.errors import CheckpointError, ConfigError
@@ -53,11 +54,9 @@ def teacher_logits(teacher: nn.Module, images: ImageSet, mean, std, *, batch_siz
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """The teacher's logits (N, K) on every image of ``images`` (uint8 (N, C, H, W)), normalised
     by ``mean`` / ``std``: the mean of its logits on the image and on its mirror image."""
-    mean = torch.tensor(mean).view(1, -1, 1, 1)
-    std = torch.tensor(std).view(1, -1, 1, 1)
     out = []
-    for start in range(0, len(images), batch_size):
-        x = ((images.images[start:start + batch_size].float() / 255 - mean) / std).to(device)
+    for x, _ in BatchLoader(images, batch_size, transform=Normalize(mean, std)):   # in order, normalised
+        x = x.to(device)
         out.append(((teacher(x) + teacher(x.flip(-1))) / 2).float().cpu())
     return torch.cat(out)
 
