@@ -1,13 +1,17 @@
 """Knowledge distillation (nnlab.engine.distill) and the CNN teacher (cnn-fast-cifar): the loss against
 a per-image loop of its definition and against the closed-form gradient of the soft term, the
-teacher's targets against a hand-made flip average, and a run that must learn its teacher's labels."""
+teacher's targets against a hand-made flip average, a run that must learn its teacher's labels, and
+online distillation's targets against the teacher on the student's own augmented batch."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
 from nnlab.data.base import BatchLoader, ImageSet
+from nnlab.engine.callbacks import Callback
 from nnlab.engine.distill import distill_loss, distill_loss_reference, teacher_logits
 from nnlab.engine.train import TrainConfig, train
 from nnlab.engine.trained import load_trained_run
@@ -111,3 +115,44 @@ def test_bad_distillation_options_are_one_line_errors(tmp_path):
         _tiny(distill_from="x", mixup_alpha=0.8).validate()
     with pytest.raises(CheckpointError, match="not a run folder"):
         train(_tiny(distill_from=str(tmp_path / "missing")), tmp_path / "s")
+
+
+class _OnlineTargets(Callback):
+    """Before each step, the loss that online distillation must give: the student and the teacher on
+    the step's own augmented batch ctx.x; after the backward, the loss the trainer computed."""
+
+    def __init__(self, teacher: nn.Module, **loss_options):
+        self.teacher, self.options, self.pairs = teacher, loss_options, []
+
+    def on_step_start(self, ctx) -> None:
+        with torch.no_grad():
+            self.expected = distill_loss(ctx.model(ctx.x), ctx.y, self.teacher(ctx.x), **self.options)
+
+    def on_after_backward(self, ctx) -> None:
+        self.pairs.append((ctx.loss.item(), self.expected.item()))
+
+
+def test_online_distillation_runs_the_teacher_on_the_students_augmented_view(tmp_path):
+    """With distill_online the targets are the teacher's logits on the very crop the student sees;
+    precomputed targets on the un-augmented images (the offline mode) would not match them."""
+    train(_tiny(epochs=2), tmp_path / "teacher")
+    teacher = load_trained_run(tmp_path / "teacher").model.eval()
+    options = dict(alpha=0.7, temperature=2.0, label_smoothing=0.1)
+    probe = _OnlineTargets(teacher, **options)
+    student = _tiny(distill_from=str(tmp_path / "teacher"), distill_online=True, distill_alpha=0.7,
+                    distill_temperature=2.0, label_smoothing=0.1, augment=True, crop_padding=3)
+    train(student, tmp_path / "online", callbacks=[probe])
+    got, expected = torch.tensor(probe.pairs).T
+    assert len(got) == 8 and torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    offline = _OnlineTargets(teacher, **options)
+    train(dataclasses.replace(student, distill_online=False), tmp_path / "offline", callbacks=[offline])
+    got, expected = torch.tensor(offline.pairs).T
+    assert not torch.allclose(got, expected, rtol=1e-3, atol=1e-4)   # the probe tells the two modes apart
+
+
+def test_online_distillation_allows_mixing_and_needs_a_teacher():
+    _tiny(distill_from="x", distill_online=True, mixup_alpha=0.8).validate()
+    with pytest.raises(ConfigError, match="distill-from"):
+        _tiny(distill_online=True).validate()
+    with pytest.raises(ConfigError, match="distill-from"):
+        _tiny(distill_bf16=True).validate()

@@ -333,7 +333,10 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, digits):
     assert load_checkpoint(tmp_path / "s" / "checkpoint").step == 2
 
 
-def test_max_steps_eval_every_and_bf16_on_cpu_warns(tmp_path, digits):
+def test_max_steps_eval_every_and_bf16_on_cpu_warns(tmp_path, digits, monkeypatch):
+    from nnlab.engine import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)  # a CPU without AMX / AVX512-BF16
     was = torch.are_deterministic_algorithms_enabled()
     try:
         with pytest.warns(UserWarning, match="bf16"):

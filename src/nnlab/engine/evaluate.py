@@ -2,7 +2,6 @@
 torchrun), with the plain top-k reference beside the fast count."""
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -11,6 +10,7 @@ from torch import nn
 
 from nnlab.data import BatchLoader
 from nnlab.engine import distributed as D
+from nnlab.engine.precision import bf16_autocast
 
 
 @dataclass
@@ -54,8 +54,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, device: str | torch.device =
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, count
-    use_bf16 = autocast and device.type == "cuda"
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    ctx = bf16_autocast(autocast, device)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with ctx:
