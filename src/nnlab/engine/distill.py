@@ -21,7 +21,7 @@ augmented (and mixed) images, as DeiT does and as Beyer et al. (2022, "Knowledge
 good teacher is patient and consistent") recommend: the same view for teacher and student. With
 ``distill_bf16`` on a CPU with AMX its forward costs little: cnn-fast-cifar's forward in bf16 and
 channels-last memory runs at 3,672 images/s on 2 cores, against about 280 images/s for the
-vit-cifar-cpu student's training step (measured with ``runs/bf16/teacher.py``).
+vit-cifar-cpu student's training step (``benchmarks/bench_precision.py``).
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Training precision: bf16 autocast where the hardware runs it natively, float32 elsewhere.
 
 GPUs run bf16 natively. On CPUs, bf16 matrix products are fast only with AMX or AVX512-BF16
-(measured on a 2-core Intel Xeon with AMX, ``runs/bf16/teacher.py``: a 1024^3 matmul at 1,137
-GFLOP/s in bf16 against 250 in float32; cnn-fast-cifar's training step 818 images/s in bf16 with
-channels-last memory against 247 in float32). Without them PyTorch emulates bf16 and is slower
+(``benchmarks/bench_precision.py`` on a 2-core Intel Xeon with AMX: a 1024^3 matmul at about 1,150
+GFLOP/s in bf16 against 150-250 in float32; cnn-fast-cifar's training step 3.3x float32's speed in
+bf16 with channels-last memory; BENCHMARKS.md, "Session 28"). Without them PyTorch emulates bf16 and is slower
 than float32, so nnlab then keeps float32 and says so. Small ViTs gain nothing even with AMX (the
 vit-cifar-cpu step: 0.85x), because their time goes to casts and non-matmul work.
 """
