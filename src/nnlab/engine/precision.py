@@ -5,7 +5,7 @@ GPUs run bf16 natively. On CPUs, bf16 matrix products are fast only with AMX or 
 GFLOP/s in bf16 against 150-250 in float32; cnn-fast-cifar's training step 3.3x float32's speed in
 bf16 with channels-last memory; BENCHMARKS.md, "Session 28"). Without them PyTorch emulates bf16 and is slower
 than float32, so nnlab then keeps float32 and says so. Small ViTs gain nothing even with AMX (the
-vit-cifar-cpu step: 0.85x), because their time goes to casts and non-matmul work.
+vit-cifar-cpu training step: 0.85-0.90x), because their time goes to casts and non-matmul work.
 """
 from __future__ import annotations
 
