@@ -4,8 +4,8 @@
     python benchmarks/bench_precision.py --models cnn-fast-cifar --json runs/bench/precision.json
     python benchmarks/bench_precision.py --rounds 1 --steps 1 --batch-size 8   # quick check of the script
 
-For each model, images/s of the eval forward and of a training step (SGD with nesterov momentum for the
-CNN, AdamW for the ViT; cross-entropy; random data, batch 128) in four variants: float32, float32 in
+For each model, images/s of the eval forward and of a training step (SGD with momentum, cross-entropy,
+random data, batch 128) in four variants: float32, float32 in
 channels-last memory, bf16 autocast, bf16 autocast in channels-last memory. The reference is float32,
 measured in the same process; the variants run in interleaved rounds and each figure is the median over
 rounds, with the ratio to float32 of the same round. It also times a 1024^3 matmul in both precisions.
@@ -15,10 +15,10 @@ bf16 pays only where the CPU computes it natively (AMX or AVX512-BF16,
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from nnlab.engine.io import write_json
 from nnlab.engine.precision import bf16_autocast, native_bf16
 from nnlab.models import create_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_zoo_throughput import machine_info, matmul_gflops  # noqa: E402  (the zoo benchmark's machine and peak)
 
 VARIANTS = {"fp32": (False, False), "fp32-cl": (False, True), "bf16": (True, False), "bf16-cl": (True, True)}
 OPTIONS = {"vit-cifar-cpu": {"stem": [64, 128], "patch_dropout": 0.5}}   # the distilled base's student
@@ -40,16 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     return p.parse_args(argv)
-
-
-def matmul_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
-    """GFLOP/s of an n^3 matmul in ``dtype``."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
 
 
 def images_per_s(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool, train: bool,
@@ -97,9 +90,9 @@ def bench_model(name: str, args) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "threads": args.threads, "native_bf16": native_bf16("cpu"), "torch": torch.__version__},
-              "matmul_gflops": {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}}
+    cpu = torch.device("cpu")
+    result = {"machine": {**machine_info(cpu), "native_bf16": native_bf16(cpu)},
+              "matmul_gflops": {"fp32": matmul_gflops(cpu), "bf16": matmul_gflops(cpu, dtype=torch.bfloat16)}}
     print(f"{result['machine']}\n1024^3 matmul: {result['matmul_gflops']['fp32']:.0f} GFLOP/s float32, "
           f"{result['matmul_gflops']['bf16']:.0f} bf16")
     for name in args.models.split(","):

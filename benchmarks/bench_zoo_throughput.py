@@ -83,9 +83,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 5) -> float:
-    """Reference: best GFLOP/s of an (n, n) @ (n, n) fp32 matmul over ``repeats`` timings."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Reference: best GFLOP/s of an (n, n) @ (n, n) matmul in ``dtype`` over ``repeats`` timings."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):

@@ -278,6 +278,7 @@ class _Trainer:
         self.overrides: dict[str, tuple] = {}  # resume-time changes of RESUME_OVERRIDES: key -> (old, new)
         self.resuming = self._check_resume(resume)
         self.autocast = use_bf16(config.bf16, self.dist.device)
+        self.teacher_bf16 = use_bf16(config.distill_bf16, self.dist.device, "--distill-bf16")
         _seed_everything(config.seed, config.deterministic)
         self.data = run_data(config, data)
         self.model = (model if model is not None else build_model(config, self.data)).to(self.dist.device)
@@ -350,7 +351,6 @@ class _Trainer:
             return None, None, 0.0
         start = time.perf_counter()
         teacher = load_teacher(c.distill_from, d).to(self.dist.device)
-        self.teacher_bf16 = use_bf16(c.distill_bf16, self.dist.device, "--distill-bf16")
         if c.distill_online:
             return teacher.to(memory_format=torch.channels_last), None, time.perf_counter() - start
         with bf16_autocast(self.teacher_bf16, self.dist.device):
