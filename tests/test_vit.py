@@ -42,6 +42,21 @@ def test_fast_attention_matches_reference():
     assert p.shape == (2, 2, 9, 9)
 
 
+def test_bf16_attention_on_cpu_runs_in_float32_under_autocast():
+    """bf16 q, k, v on a CPU (as a bf16-autocast qkv projection gives them) are attended in float32,
+    the output cast back: exactly float32 attention of the upcast inputs, not the bf16 kernel, whose
+    backward was 7x slower. Gradients reach the bf16 inputs."""
+    q, k, v = (t.bfloat16().requires_grad_() for t in torch.randn(3, 2, 4, 33, 8).unbind(0))
+    bias = torch.randn(2, 1, 1, 33)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention_fast(q, k, v, 0.3, bias)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias,
+                                                                scale=0.3).bfloat16()
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+
+
 def test_blocks_run_on_fewer_tokens():
     m = tiny()
     x = m.embed(torch.randn(2, 3, 16, 16))

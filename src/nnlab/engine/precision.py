@@ -4,8 +4,9 @@ GPUs run bf16 natively. On CPUs, bf16 matrix products are fast only with AMX or 
 (``benchmarks/bench_precision.py`` on a 2-core Intel Xeon with AMX: a 1024^3 matmul at about 1,150
 GFLOP/s in bf16 against 150-250 in float32; cnn-fast-cifar's training step 3.3x float32's speed in
 bf16 with channels-last memory; BENCHMARKS.md, "Session 28"). Without them PyTorch emulates bf16 and is slower
-than float32, so nnlab then keeps float32 and says so. Small ViTs gain nothing even with AMX (the
-vit-cifar-cpu training step: 0.85-0.90x), because their time goes to casts and non-matmul work.
+than float32, so nnlab then keeps float32 and says so. The vit-cifar-cpu training step runs 1.5x
+float32's speed in bf16 on that host, once its attention runs in float32 (``nnlab.models.vit.attention_fast``:
+torch's bf16 CPU flash-attention backward is 7x slower than float32's, and made the step 0.85-0.90x).
 """
 from __future__ import annotations
 

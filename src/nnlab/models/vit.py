@@ -116,7 +116,15 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 
 def attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Fused attention, numerically equal to :func:`attention_reference`'s out: (B, H, T, d)."""
+    """Fused attention, numerically equal to :func:`attention_reference`'s out: (B, H, T, d).
+
+    bf16 q, k, v on a CPU are attended in float32 (the output cast back to bf16): torch's bf16 CPU
+    flash-attention kernel took 32 ms per backward call against 4.6 ms in float32 (vit-cifar-cpu,
+    batch 128, 33 tokens, 2 threads, an AMX host), which made a bf16 training step slower than a
+    float32 one; its forward was slower too (BENCHMARKS.md, "Session 29")."""
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        with torch.autocast("cpu", enabled=False):   # else autocast would cast the inputs back to bf16
+            return attention_fast(q.float(), k.float(), v.float(), scale, bias).to(q.dtype)
     if bias is not None:
         bias = bias.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
