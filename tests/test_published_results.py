@@ -129,7 +129,8 @@ def test_published_sweep_is_of_the_published_base_and_its_tables_come_from_its_c
     assert ident["base_sha256"] == tensors_sha256(load_file(VIT_BASE / "model.safetensors"))
     rows = read_rows(VIT_SWEEP / "results.csv")
     base = next(r for r in rows if r["method"] == "base")
-    assert base["top1"] == pytest.approx(json.loads((VIT_BASE / "summary.json").read_text())["test_top1"], abs=1e-4)
+    # within 3 of the 10,000 images: a base trained in bf16 was evaluated under bf16 autocast, the sweep runs float32
+    assert base["top1"] == pytest.approx(json.loads((VIT_BASE / "summary.json").read_text())["test_top1"], abs=3e-4)
     config = yaml.safe_load((REPO / "configs" / "prune-cifar.yaml").read_text())  # the sweep's own settings
     for method in config["methods"]:
         ratios = sorted(round(r["ratio"], 4) for r in rows if r["method"] == method and r["ratio"] > 0)
