@@ -77,14 +77,17 @@ def test_published_generative_readme_figures_resolve():
 
 VIT_BASE = RESULTS / "vit-cifar" / "base"
 VIT_TEACHER = RESULTS / "vit-cifar" / "teacher"   # the CNN that the distilled base learnt from
+VIT_STAGE1 = RESULTS / "vit-cifar" / "base-kd56" / "base"  # the 56-epoch student the base started from (init_from)
 needs_vit_base = pytest.mark.skipif(not (VIT_BASE / "model.safetensors").is_file(),
                                     reason="no published CIFAR-10 base ViT")
-PUBLISHED_MODELS = [pytest.param(f, id=f.name) for f in (VIT_BASE, VIT_TEACHER) if (f / "model.safetensors").is_file()]
+PUBLISHED_MODELS = [pytest.param(f, id=f.relative_to(RESULTS / "vit-cifar").as_posix())
+                    for f in (VIT_BASE, VIT_TEACHER, VIT_STAGE1) if (f / "model.safetensors").is_file()]
 
 
 @pytest.mark.parametrize("folder", PUBLISHED_MODELS)
 def test_published_cifar_model_is_the_files_its_manifest_lists(folder):
-    """Issue 13: every file of docs/results/vit-cifar/{base,teacher} has the SHA-256 that PUBLISHED.json lists."""
+    """Issue 13: every file of docs/results/vit-cifar/{base,teacher,base-kd56/base} has the SHA-256 that PUBLISHED.json
+    lists."""
     from nnlab.engine.checkpoint import sha256
 
     manifest = json.loads((folder / "PUBLISHED.json").read_text())["files"]
@@ -129,8 +132,9 @@ def test_published_sweep_is_of_the_published_base_and_its_tables_come_from_its_c
     assert ident["base_sha256"] == tensors_sha256(load_file(VIT_BASE / "model.safetensors"))
     rows = read_rows(VIT_SWEEP / "results.csv")
     base = next(r for r in rows if r["method"] == "base")
-    # within 3 of the 10,000 images: a base trained in bf16 was evaluated under bf16 autocast, the sweep runs float32
-    assert base["top1"] == pytest.approx(json.loads((VIT_BASE / "summary.json").read_text())["test_top1"], abs=3e-4)
+    # within 10 of the 10,000 images: a base trained in bf16 was evaluated under bf16 autocast, the sweep runs
+    # float32 (the 56-epoch base: 1 image apart; the current one: 6)
+    assert base["top1"] == pytest.approx(json.loads((VIT_BASE / "summary.json").read_text())["test_top1"], abs=1e-3)
     config = yaml.safe_load((REPO / "configs" / "prune-cifar.yaml").read_text())  # the sweep's own settings
     for method in config["methods"]:
         ratios = sorted(round(r["ratio"], 4) for r in rows if r["method"] == method and r["ratio"] > 0)

@@ -295,3 +295,22 @@ def test_the_pruning_notes_say_when_the_base_was_distilled_and_from_what():
     hard = study_prune.notes_for({**base, "distill_from": "t", "distill_alpha": 0.5, "distill_temperature": 0.0},
                                  study_prune.CIFAR_SWEEP)
     assert any("hard teacher labels" in n for n in hard)
+
+
+def test_the_pruning_notes_give_both_stages_of_a_base_started_from_another_runs_weights(tmp_path):
+    """The published base (session 31) trained 2 epochs from the 56-epoch run's weights (init_from): the
+    report must not call it "trained from scratch for 2 epochs", and it names the earlier run and its epochs."""
+    import yaml
+
+    from nnlab.reproduce import study_prune
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": "vit-cifar-cpu", "epochs": 56}))
+    base = {"model": "vit-cifar-cpu", "data": "cifar10", "epochs": 2}
+    (scratch,) = [n for n in study_prune.notes_for(base, study_prune.CIFAR_SWEEP) if n.startswith("Model:")]
+    assert "from scratch for 2 epochs" in scratch
+    tuned = study_prune.notes_for({**base, "init_from": str(tmp_path)}, study_prune.CIFAR_SWEEP)
+    (note,) = [n for n in tuned if n.startswith("Model:")]
+    assert f"for 2 epochs from the weights of {tmp_path} (56 epochs from scratch)" in note
+    assert "from scratch for 2" not in note
+    gone = study_prune.notes_for({**base, "init_from": str(tmp_path / "moved")}, study_prune.CIFAR_SWEEP)
+    assert any(f"for 2 epochs from the weights of {tmp_path / 'moved'} instead" in n for n in gone)

@@ -243,7 +243,7 @@ def test_npz_errors(tmp_path):
         config_from_npz(dict(np.load(tmp_path / "other.npz")))
 
 
-@pytest.mark.parametrize("name", ["vit-cifar", "vit-cifar-cpu", "vit-cifar-cpu-pd", "vit-cifar-cpu-kd", "vit-mnist", "vit-b16-finetune"])
+@pytest.mark.parametrize("name", ["vit-cifar", "vit-cifar-cpu", "vit-cifar-cpu-pd", "vit-cifar-cpu-kd", "vit-cifar-cpu-kd-tune", "vit-mnist", "vit-b16-finetune"])
 def test_training_configs_are_valid(name, tmp_path):
     from pathlib import Path
 

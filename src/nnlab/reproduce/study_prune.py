@@ -67,6 +67,25 @@ SWEEP: dict[str, dict[str, Any]] = {
 }
 
 
+def _schedule(base: dict[str, Any]) -> str:
+    """How the base run config ``base`` trained: "from scratch for 56 epochs", or for a run that started from
+    another run's weights (``init_from``) "for 2 epochs from the weights of DIR (56 epochs from scratch)", the
+    earlier run's epochs read from its config.yaml where it is readable (one step back)."""
+    from nnlab.config import load_yaml
+    from nnlab.errors import ConfigError
+
+    epochs, init = base.get("epochs"), base.get("init_from")
+    if not init:
+        return f"from scratch for {epochs} epochs"
+    try:
+        before = load_yaml(Path(init) / "config.yaml")
+    except ConfigError:  # not a run folder here (a .safetensors file, or moved): name it only
+        before = {}
+    prior = f" ({before['epochs']} epochs{'' if before.get('init_from') else ' from scratch'})" \
+        if before.get("epochs") else ""
+    return f"for {epochs} epochs from the weights of {init}{prior}"
+
+
 def notes_for(base: dict[str, Any], sweep: dict[str, Any]) -> list[str]:
     """One sentence per difference from the seed's set-up (ViT-B/16 fine-tuned on CIFAR-10, 224 px)."""
     from nnlab.prune.methods import CPViTOptions, PViTOptions
@@ -78,9 +97,8 @@ def notes_for(base: dict[str, Any], sweep: dict[str, Any]) -> list[str]:
         notes.append(f"Data: {what} as a stand-in for CIFAR-10, so accuracies are not comparable with "
                      "the seed's.")
     if base["model"] != "vit-b16":
-        notes.append(f"Model: {base['model']} trained from scratch for {base.get('epochs')} epochs instead of "
-                     "ViT-B/16 pre-trained on ImageNet-21k and fine-tuned at 224 px (Google's weights "
-                     "cannot be downloaded here).")
+        notes.append(f"Model: {base['model']} trained {_schedule(base)} instead of ViT-B/16 pre-trained on "
+                     "ImageNet-21k and fine-tuned at 224 px (Google's weights cannot be downloaded here).")
     if base.get("distill_from"):
         t = base.get("distill_temperature") or 0
         how = f"soft targets at T = {t:g}" if t else "hard teacher labels"
@@ -210,7 +228,7 @@ def _published_stages(path: Path) -> list[Stage]:
 
     cfg = yaml.safe_load((path / "config.yaml").read_text())
     base = {"model": cfg["model"], "data": cfg["data"], "epochs": cfg.get("epochs"),
-            **{k: cfg[k] for k in ("distill_from", "distill_alpha", "distill_temperature") if k in cfg}}
+            **{k: cfg[k] for k in ("distill_from", "distill_alpha", "distill_temperature", "init_from") if k in cfg}}
     use = Stage("prune-base", "prune", f"base ViT (the published {cfg['model']} on {cfg['data']})", _use_published,
                 {"checkpoint": str(path), "model": cfg["model"], "sha256": sha256(path / "model.safetensors")})
     published = path.parent / PUBLISHED_SWEEP.name
