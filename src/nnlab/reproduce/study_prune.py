@@ -71,19 +71,20 @@ def _schedule(base: dict[str, Any]) -> str:
     """How the base run config ``base`` trained: "from scratch for 56 epochs", or for a run that started from
     another run's weights (``init_from``) "for 2 epochs from the weights of DIR (56 epochs from scratch)", the
     earlier run's epochs read from its config.yaml where it is readable (one step back)."""
-    from nnlab.config import load_yaml
-    from nnlab.errors import ConfigError
+    from nnlab.engine.runs import RunDir
+    from nnlab.errors import CheckpointError
 
     epochs, init = base.get("epochs"), base.get("init_from")
     if not init:
         return f"from scratch for {epochs} epochs"
+    here = f"for {epochs} epochs from the weights of {init}"
     try:
-        before = load_yaml(Path(init) / "config.yaml")
-    except ConfigError:  # not a run folder here (a .safetensors file, or moved): name it only
-        before = {}
-    prior = f" ({before['epochs']} epochs{'' if before.get('init_from') else ' from scratch'})" \
-        if before.get("epochs") else ""
-    return f"for {epochs} epochs from the weights of {init}{prior}"
+        before = RunDir(init, create=False).load_config()
+    except CheckpointError:  # not a run folder here (a .safetensors file, or moved): name it only
+        return here
+    if not before.get("epochs"):
+        return here
+    return f"{here} ({before['epochs']} epochs{'' if before.get('init_from') else ' from scratch'})"
 
 
 def notes_for(base: dict[str, Any], sweep: dict[str, Any]) -> list[str]:
